@@ -1,0 +1,238 @@
+//! Content digests as the OCI image spec defines them: `algorithm ":" encoded`.
+//!
+//! Only `sha256` and `sha512` are accepted; both are registered algorithms of the
+//! image spec and the only ones registries are asked to support. Encoded parts must
+//! be lowercase hex of the exact length, so that one piece of content has exactly one
+//! spelling and can safely name a file.
+
+use std::fmt;
+use std::str::FromStr;
+
+use sha2::Digest as _;
+
+/// A digest algorithm sluice understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Algorithm {
+    Sha256,
+    Sha512,
+}
+
+impl Algorithm {
+    /// The name used in digest strings and storage paths.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha512 => "sha512",
+        }
+    }
+
+    /// Length of the hex-encoded digest.
+    pub fn hex_len(self) -> usize {
+        match self {
+            Algorithm::Sha256 => 64,
+            Algorithm::Sha512 => 128,
+        }
+    }
+
+    /// A fresh streaming hasher for this algorithm.
+    pub fn hasher(self) -> Hasher {
+        match self {
+            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a string is not a digest sluice accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DigestError {
+    #[error("digest {0:?} has no ':' between algorithm and encoded part")]
+    MissingSeparator(String),
+    #[error("digest algorithm {0:?} is not supported (sha256 and sha512 are)")]
+    UnsupportedAlgorithm(String),
+    #[error("digest {digest:?}: {algorithm} needs {expected} lowercase hex characters")]
+    BadEncoding {
+        digest: String,
+        algorithm: Algorithm,
+        expected: usize,
+    },
+}
+
+/// A validated content digest.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest {
+    algorithm: Algorithm,
+    hex: String,
+}
+
+impl Digest {
+    /// Builds a digest from an algorithm and hex string, validating both.
+    pub fn new(algorithm: Algorithm, hex: &str) -> Result<Self, DigestError> {
+        let valid = hex.len() == algorithm.hex_len()
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !valid {
+            return Err(DigestError::BadEncoding {
+                digest: format!("{algorithm}:{hex}"),
+                algorithm,
+                expected: algorithm.hex_len(),
+            });
+        }
+        Ok(Digest {
+            algorithm,
+            hex: hex.to_owned(),
+        })
+    }
+
+    /// Digest of a byte slice held in memory.
+    pub fn of(algorithm: Algorithm, data: &[u8]) -> Self {
+        let mut h = algorithm.hasher();
+        h.update(data);
+        h.finish()
+    }
+
+    /// SHA-256 digest of a byte slice, the common case.
+    pub fn sha256(data: &[u8]) -> Self {
+        Self::of(Algorithm::Sha256, data)
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The lowercase hex encoded part.
+    pub fn hex(&self) -> &str {
+        &self.hex
+    }
+}
+
+impl FromStr for Digest {
+    type Err = DigestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (alg, hex) = s
+            .split_once(':')
+            .ok_or_else(|| DigestError::MissingSeparator(s.to_owned()))?;
+        let algorithm = match alg {
+            "sha256" => Algorithm::Sha256,
+            "sha512" => Algorithm::Sha512,
+            other => return Err(DigestError::UnsupportedAlgorithm(other.to_owned())),
+        };
+        Digest::new(algorithm, hex)
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.algorithm, self.hex)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A streaming hasher for either supported algorithm.
+#[derive(Clone)]
+pub enum Hasher {
+    Sha256(sha2::Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(data),
+            Hasher::Sha512(h) => h.update(data),
+        }
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        match self {
+            Hasher::Sha256(_) => Algorithm::Sha256,
+            Hasher::Sha512(_) => Algorithm::Sha512,
+        }
+    }
+
+    pub fn finish(self) -> Digest {
+        let (algorithm, hex) = match self {
+            Hasher::Sha256(h) => (Algorithm::Sha256, hex::encode(h.finalize())),
+            Hasher::Sha512(h) => (Algorithm::Sha512, hex::encode(h.finalize())),
+        };
+        Digest { algorithm, hex }
+    }
+}
+
+impl std::io::Write for Hasher {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_both_algorithms() {
+        let d256 = Digest::sha256(b"");
+        assert_eq!(
+            d256.to_string(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(d256.to_string().parse::<Digest>().unwrap(), d256);
+        let d512 = Digest::of(Algorithm::Sha512, b"abc");
+        assert!(d512.to_string().starts_with("sha512:ddaf35a1"));
+        assert_eq!(d512.to_string().parse::<Digest>().unwrap(), d512);
+    }
+
+    #[test]
+    fn rejects_bad_digests() {
+        for bad in [
+            "",
+            "sha256",
+            "md5:d41d8cd98f00b204e9800998ecf8427e",
+            "sha256:abc",
+            "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
+            "sha256:../../../../etc/passwd0000000000000000000000000000000000000000000",
+            "sha512:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        ] {
+            assert!(bad.parse::<Digest>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn streaming_equals_one_shot() {
+        let mut h = Algorithm::Sha512.hasher();
+        h.update(b"ab");
+        h.update(b"c");
+        assert_eq!(h.finish(), Digest::of(Algorithm::Sha512, b"abc"));
+    }
+}

@@ -1,0 +1,60 @@
+//! Test support shared by sluice's integration tests, benchmarks and demo.
+//!
+//! Everything here drives *real* components: the `sluice-registry` binary, the
+//! CNCF `docker-registry`, containerd, skopeo. Nothing is mocked. A missing tool
+//! is reported with the command that installs it, never silently skipped.
+
+pub mod http;
+pub mod images;
+pub mod process;
+
+use std::path::Path;
+
+/// Fails the test with a clear message if `tool` is not on PATH.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is not installed: run `cargo xtask setup` (or `apt-get install {package}`); \
+         `cargo xtask test` installs everything the tests need"
+    );
+}
+
+/// True when running as root (containerd, mounts and FUSE need it).
+pub fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// Runs a command, failing the test with its output if it does not succeed.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Path of a workspace binary built by cargo (tests of other crates use this
+/// to find `sluice-registry`).
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{name} is not built: run `cargo build --workspace` first");
+}

@@ -1,0 +1,235 @@
+//! Real services started for a test and stopped when their handle drops.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed (and reaped) on drop.
+pub struct Service {
+    child: Child,
+    name: String,
+    stopped: bool,
+}
+
+impl Service {
+    fn spawn(name: &str, cmd: &mut Command) -> Self {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Service {
+            child,
+            name: name.to_owned(),
+            stopped: false,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails the test if the process has already exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited early with {status}", self.name);
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// A free TCP port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral port")
+        .port()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not become ready within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `sluice-registry serve`.
+pub struct SluiceRegistry {
+    pub service: Service,
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+}
+
+impl SluiceRegistry {
+    /// Starts the registry binary on a free port with storage under `root`.
+    pub fn start(binary: &Path, root: &Path, extra_args: &[&str]) -> Self {
+        let mut cmd = Command::new(binary);
+        cmd.args(["serve", "--addr", "127.0.0.1:0", "--root"])
+            .arg(root)
+            .args(extra_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut service = Service::spawn("sluice-registry", &mut cmd);
+        let stdout = service.child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading the registry's first line");
+        let addr = line
+            .trim()
+            .rsplit("http://")
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("registry did not announce its address, said {line:?}"));
+        SluiceRegistry {
+            service,
+            addr,
+            root: root.to_owned(),
+        }
+    }
+
+    /// `127.0.0.1:port`, as image references spell it.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// A running CNCF distribution registry (Debian's `docker-registry`).
+pub struct DistributionRegistry {
+    pub service: Service,
+    pub addr: SocketAddr,
+}
+
+impl DistributionRegistry {
+    pub fn start(root: &Path) -> Self {
+        crate::require_tool("docker-registry", "docker-registry");
+        let port = free_port();
+        let config = root.join("config.yml");
+        std::fs::create_dir_all(root.join("data")).expect("registry data dir");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                root.join("data").display()
+            ),
+        )
+        .expect("writing registry config");
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let service = Service::spawn("docker-registry", &mut cmd);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        wait_until("docker-registry", Duration::from_secs(20), || {
+            TcpStream::connect(addr).is_ok()
+        });
+        DistributionRegistry { service, addr }
+    }
+}
+
+/// A private containerd with its own root, state and socket.
+pub struct Containerd {
+    pub service: Service,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Containerd {
+    /// Starts containerd with `extra_config` appended to a minimal config
+    /// (CRI disabled; add `[proxy_plugins…]` sections here).
+    pub fn start(dir: &Path, extra_config: &str) -> Self {
+        crate::require_tool("containerd", "containerd");
+        crate::require_tool("ctr", "containerd");
+        assert!(crate::is_root(), "containerd tests need root");
+        let socket = dir.join("containerd.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n{extra_config}\n",
+                root = dir.join("root").display(),
+                state = dir.join("state").display(),
+                sock = socket.display(),
+            ),
+        )
+        .expect("writing containerd config");
+        let log = std::fs::File::create(dir.join("containerd.log")).expect("containerd log");
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut service = Service::spawn("containerd", &mut cmd);
+        wait_until("containerd", Duration::from_secs(30), || {
+            service.assert_running();
+            socket.exists()
+                && Command::new("ctr")
+                    .arg("--address")
+                    .arg(&socket)
+                    .arg("version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+        });
+        Containerd {
+            service,
+            dir: dir.to_owned(),
+            socket,
+        }
+    }
+
+    /// A `ctr` command bound to this containerd.
+    pub fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(&self.socket);
+        c
+    }
+
+    /// containerd's own log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+}
