@@ -182,6 +182,7 @@ impl Containerd {
         crate::require_tool("containerd", "containerd");
         crate::require_tool("ctr", "containerd");
         assert!(crate::is_root(), "containerd tests need root");
+        std::fs::create_dir_all(dir).expect("containerd test dir");
         let socket = dir.join("containerd.sock");
         let config = dir.join("config.toml");
         std::fs::write(
