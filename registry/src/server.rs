@@ -22,6 +22,7 @@ pub async fn serve<S: Storage>(
 ) -> std::io::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
     let tracker = tokio_util::task::TaskTracker::new();
+    let stopping = tokio_util::sync::CancellationToken::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -37,19 +38,29 @@ pub async fn serve<S: Storage>(
         };
         let _ = stream.set_nodelay(true);
         let registry = registry.clone();
+        let stopping = stopping.clone();
         tracker.spawn(async move {
             let service = service_fn(move |req| {
                 let registry = registry.clone();
                 async move { Ok::<_, Infallible>(registry.handle(req).await) }
             });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopping.cancelled() => {
+                    // Finish the request in flight, then close idle keep-alives.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
+    stopping.cancel();
     tracker.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;
     Ok(())

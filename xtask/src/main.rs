@@ -1,1 +1,65 @@
-fn main() {}
+//! `cargo xtask …`: everything that is not plain `cargo build`/`cargo test`.
+//!
+//! - `setup`: install what the demo and tests need (apt packages), idempotently.
+//! - `demo`: the main job, end to end on this machine.
+//! - `test`: setup, build, and run every test (what `.ci/run` calls).
+//! - `bench registry`: sluice-registry against the CNCF distribution registry.
+
+mod bench;
+mod demo;
+mod setup;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "sluice development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the system packages the demo and tests need (idempotent).
+    Setup,
+    /// Run the demo: registry up, image pushed, pulled back, digests verified.
+    Demo,
+    /// Install what is needed, build, and run the whole test suite.
+    Test {
+        /// Extra arguments passed to `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks; each prints a table and writes JSON under target/bench/.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::ensure(),
+        Command::Demo => {
+            setup::ensure()?;
+            demo::run()
+        }
+        Command::Test { args } => {
+            setup::ensure()?;
+            run_tests(&args)
+        }
+        Command::Bench { which } => {
+            setup::ensure()?;
+            bench::run(which)
+        }
+    }
+}
+
+fn run_tests(args: &[String]) -> anyhow::Result<()> {
+    setup::step("building the workspace");
+    setup::cargo(&["build", "--workspace", "--all-targets"])?;
+    setup::step("running the tests (real registry, skopeo, containerd, podman)");
+    let mut test_args = vec!["test", "--workspace"];
+    test_args.extend(args.iter().map(String::as_str));
+    setup::cargo(&test_args)
+}

@@ -9,7 +9,7 @@ use http::{header, Method, Request, StatusCode};
 use sluice_format::Digest;
 
 use super::{header_str, response, set, unsupported, ApiResult, Registry};
-use crate::body::{self, ReaderBody};
+use crate::body::{self, Counted};
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::name::RepoName;
@@ -131,13 +131,13 @@ impl<S: Storage> Registry<S> {
         let body = if req.method() == Method::HEAD || len == 0 {
             body::empty()
         } else {
-            let reader = self.storage.read_blob(digest, first, len).await?;
+            let blob = self.storage.read_blob(digest, first, len).await?;
             let counter = self
                 .metrics
                 .blob_bytes
                 .get_or_create(&Metrics::repo(repo.as_str()))
                 .clone();
-            http_body_util::BodyExt::boxed_unsync(ReaderBody::new(reader, len, move |n| {
+            http_body_util::BodyExt::boxed_unsync(Counted::new(blob, move |n| {
                 counter.inc_by(n);
             }))
         };

@@ -20,17 +20,17 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use sluice_format::{Algorithm, Digest, Hasher};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::{
-    BlobReader, ManifestReferences, Reference, Result, Storage, StorageError, StoredManifest,
+    BlobBody, ManifestReferences, Reference, Result, Storage, StorageError, StoredManifest,
     UploadStatus,
 };
 use crate::name::RepoName;
@@ -357,20 +357,44 @@ impl Storage for FsStorage {
         }
     }
 
-    async fn read_blob(&self, digest: &Digest, offset: u64, len: u64) -> Result<BlobReader> {
+    async fn read_blob(&self, digest: &Digest, offset: u64, len: u64) -> Result<BlobBody> {
         let path = FsStorage::blob_path(&self.root, digest);
-        let mut f = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if not_found(&e) => return Err(StorageError::BlobUnknown(digest.clone())),
-            Err(e) => return Err(io_ctx("open", &path)(e)),
-        };
-        if offset > 0 {
-            f.seek(SeekFrom::Start(offset))
-                .await
-                .map_err(io_ctx("seek", &path))?;
-        }
-        f.set_max_buf_size(1 << 20);
-        Ok(Box::pin(f.take(len)))
+        let digest = digest.clone();
+        blocking(move || {
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if not_found(&e) => return Err(StorageError::BlobUnknown(digest)),
+                Err(e) => return Err(io_ctx("open", &path)(e)),
+            };
+            let size = file.metadata().map_err(io_ctx("stat", &path))?.len();
+            if offset.checked_add(len).is_none_or(|end| end > size) {
+                return Err(StorageError::Corrupt(format!(
+                    "blob {digest} is {size} bytes, cannot read {len} at {offset}"
+                )));
+            }
+            if len == 0 {
+                return Ok(crate::body::empty());
+            }
+            // Map from the page boundary at or below `offset`.
+            let page = 4096u64;
+            let map_start = offset - offset % page;
+            let skip = (offset - map_start) as usize;
+            // SAFETY: blob files are immutable once renamed into place: nothing
+            // writes or truncates them (GC only unlinks, which leaves mappings
+            // valid), and the range was checked against the file size above.
+            let map = unsafe {
+                memmap2::MmapOptions::new()
+                    .offset(map_start)
+                    .len(skip + len as usize)
+                    .map(&file)
+            }
+            .map_err(io_ctx("mmap", &path))?;
+            let _ = map.advise(memmap2::Advice::Sequential);
+            Ok(http_body_util::BodyExt::boxed_unsync(
+                crate::body::MappedBody::new(map, skip, len as usize),
+            ))
+        })
+        .await
     }
 
     async fn blob_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {

@@ -19,7 +19,6 @@ pub mod fs;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
-use std::pin::Pin;
 
 use bytes::Bytes;
 use sluice_format::Digest;
@@ -29,8 +28,8 @@ use crate::name::RepoName;
 
 pub use fs::FsStorage;
 
-/// A byte stream of (a range of) a blob.
-pub type BlobReader = Pin<Box<dyn AsyncRead + Send>>;
+/// A byte stream of (a range of) a blob, as an HTTP body of data frames.
+pub type BlobBody = crate::body::ResponseBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -89,7 +88,7 @@ pub trait Storage: Send + Sync + 'static {
         digest: &Digest,
         offset: u64,
         len: u64,
-    ) -> impl Future<Output = Result<BlobReader>> + Send;
+    ) -> impl Future<Output = Result<BlobBody>> + Send;
 
     /// Whether `repo` may serve the blob (it was pushed or mounted there).
     fn blob_linked(

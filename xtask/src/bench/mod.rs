@@ -1,0 +1,37 @@
+//! Benchmarks. Each runs the systems it compares side by side in one run on this
+//! machine, prints a table of numbers and ratios, and writes JSON under
+//! `target/bench/`. Absolute numbers vary with the machine; ratios are the result.
+
+mod load;
+mod registry;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum Which {
+    /// sluice-registry vs the CNCF distribution registry (Debian's docker-registry).
+    Registry(registry::Options),
+}
+
+pub fn run(which: Which) -> anyhow::Result<()> {
+    match which {
+        Which::Registry(opts) => registry::run(opts),
+    }
+}
+
+/// Where benchmark results go.
+pub fn output_dir() -> std::path::PathBuf {
+    crate::setup::workspace().join("target/bench")
+}
+
+/// Resident set size of a process in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}

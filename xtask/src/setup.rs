@@ -1,0 +1,116 @@
+//! Installing what sluice's demo and tests need on a Debian 12 machine.
+//!
+//! Idempotent: a package already installed is not touched, and `apt-get update`
+//! runs only when something is missing. Each step says what it does.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+/// Debian packages and why sluice needs each.
+const PACKAGES: &[(&str, &str)] = &[
+    ("containerd", "the container runtime sluice plugs into"),
+    ("runc", "runs the demo and test containers"),
+    ("skopeo", "pushes and copies images"),
+    ("podman", "a second real registry client in tests"),
+    (
+        "docker-registry",
+        "the CNCF distribution registry, the benchmark's reference",
+    ),
+    ("busybox-static", "the root filesystem of test images"),
+    ("zstd", "zstd tooling for layer checks"),
+    ("curl", "the benchmark's streaming client"),
+    ("fuse3", "FUSE mounts for lazy layers"),
+];
+
+/// Prints a step header.
+pub fn step(what: &str) {
+    println!("==> {what}");
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    sluice_testkit::is_root()
+}
+
+/// Installs missing packages.
+pub fn ensure() -> anyhow::Result<()> {
+    step("checking system packages");
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(p, _)| !installed(p))
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        println!("    all {} packages present", PACKAGES.len());
+        return Ok(());
+    }
+    for (p, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        println!("    missing {p}: {why}");
+    }
+    if !is_root() {
+        bail!(
+            "packages missing and not running as root; install them with:\n  sudo apt-get install -y {}",
+            missing.join(" ")
+        );
+    }
+    step("apt-get update");
+    let status = Command::new("apt-get")
+        .args(["update", "-q"])
+        .status()
+        .context("running apt-get update")?;
+    if !status.success() {
+        bail!("apt-get update failed ({status}); check the machine's Debian sources");
+    }
+    step(&format!("apt-get install {}", missing.join(" ")));
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get install")?;
+    if !status.success() {
+        bail!("apt-get install {} failed ({status})", missing.join(" "));
+    }
+    Ok(())
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// Runs cargo in the workspace with the given arguments.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Builds the release binaries and returns the target directory's release path.
+pub fn build_release(packages: &[&str]) -> anyhow::Result<PathBuf> {
+    let mut args = vec!["build", "--release"];
+    for p in packages {
+        args.extend(["-p", p]);
+    }
+    cargo(&args)?;
+    Ok(workspace().join("target/release"))
+}
