@@ -5,7 +5,10 @@
 //!   media-type constants for both OCI and Docker v2.
 //! - [`layout`]: building images as OCI image layouts from a root filesystem tree,
 //!   deterministically (used by fixtures, tests and the demo).
+//! - [`chunked`]: the lazy layer format (zstd:chunked): TOC, footer, tar-split,
+//!   conversion from any tar, and the validated index nodes mount from.
 
+pub mod chunked;
 pub mod digest;
 pub mod layout;
 pub mod oci;

@@ -59,7 +59,19 @@ fn run_tests(args: &[String]) -> anyhow::Result<()> {
     setup::step("building the workspace");
     setup::cargo(&["build", "--workspace", "--all-targets"])?;
     setup::step("running the tests (real registry, skopeo, containerd, podman)");
-    let mut test_args = vec!["test", "--workspace"];
+    let mut test_args = vec!["test", "--workspace", "--no-fail-fast"];
     test_args.extend(args.iter().map(String::as_str));
-    setup::cargo(&test_args)
+    let totals = setup::cargo_test(&test_args)?;
+    // One closing line for the whole run, whatever crate ran last.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if totals.failed > 0 || !totals.success {
+        anyhow::bail!("{} test(s) failed", totals.failed.max(1));
+    }
+    if totals.passed == 0 {
+        anyhow::bail!("no test ran");
+    }
+    Ok(())
 }

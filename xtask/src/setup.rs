@@ -114,3 +114,50 @@ pub fn build_release(packages: &[&str]) -> anyhow::Result<PathBuf> {
     cargo(&args)?;
     Ok(workspace().join("target/release"))
 }
+
+/// Test counts summed over every test binary of a `cargo test` run.
+#[derive(Debug, Default)]
+pub struct TestTotals {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+    pub success: bool,
+}
+
+/// Runs `cargo test …`, echoing its output, and sums its `test result:` lines.
+pub fn cargo_test(args: &[&str]) -> anyhow::Result<TestTotals> {
+    use std::io::BufRead;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    let mut totals = TestTotals::default();
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |label: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(label)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            totals.passed += count("passed");
+            totals.failed += count("failed");
+            totals.ignored += count("ignored");
+        }
+    }
+    totals.success = child.wait()?.success();
+    Ok(totals)
+}
