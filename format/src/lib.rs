@@ -7,8 +7,10 @@
 //!   deterministically (used by fixtures, tests and the demo).
 //! - [`chunked`]: the lazy layer format (zstd:chunked): TOC, footer, tar-split,
 //!   conversion from any tar, and the validated index nodes mount from.
+//! - [`convert`]: converting layers and whole images to zstd:chunked.
 
 pub mod chunked;
+pub mod convert;
 pub mod digest;
 pub mod layout;
 pub mod oci;

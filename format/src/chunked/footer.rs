@@ -14,6 +14,12 @@ pub const FOOTER_MAGIC: [u8; 8] = *b"GNUlInUx";
 /// Footer content size; with the skippable frame header it is 72 bytes.
 pub const FOOTER_CONTENT_LEN: usize = 64;
 pub const FOOTER_LEN: usize = FOOTER_CONTENT_LEN + 8;
+/// The footer of layers written before tar-split was added (containers/storage
+/// < 1.43, e.g. Debian 12's skopeo 1.9): 40 bytes of content, no tar-split,
+/// and a magic of different case.
+pub const LEGACY_FOOTER_MAGIC: [u8; 8] = *b"GnUlInUx";
+pub const LEGACY_FOOTER_CONTENT_LEN: usize = 40;
+pub const LEGACY_FOOTER_LEN: usize = LEGACY_FOOTER_CONTENT_LEN + 8;
 /// The only TOC type (the CRFS-style JSON manifest).
 pub const MANIFEST_TYPE_CRFS: u64 = 1;
 
@@ -67,6 +73,9 @@ impl Footer {
     /// Parses the footer from the last bytes of a blob (any suffix of at least
     /// [`FOOTER_LEN`] bytes).
     pub fn from_suffix(suffix: &[u8]) -> Result<Self, FooterError> {
+        if let Some(legacy) = Self::legacy_from_suffix(suffix) {
+            return legacy;
+        }
         if suffix.len() < FOOTER_LEN {
             return Err(FooterError::NoFooter);
         }
@@ -96,6 +105,30 @@ impl Footer {
             tarsplit: (tarsplit.compressed_len > 0).then_some(tarsplit),
             toc_digest: None,
         })
+    }
+
+    fn legacy_from_suffix(suffix: &[u8]) -> Option<Result<Self, FooterError>> {
+        let f = suffix.get(suffix.len().checked_sub(LEGACY_FOOTER_LEN)?..)?;
+        if f[..4] != SKIPPABLE_MAGIC
+            || f[4..8] != (LEGACY_FOOTER_CONTENT_LEN as u32).to_le_bytes()
+            || f[LEGACY_FOOTER_LEN - 8..] != LEGACY_FOOTER_MAGIC
+        {
+            return None;
+        }
+        let c = &f[8..];
+        let kind = le(c, 3);
+        if kind != MANIFEST_TYPE_CRFS {
+            return Some(Err(FooterError::TocType(kind)));
+        }
+        Some(Ok(Footer {
+            toc: MetadataLocation {
+                offset: le(c, 0),
+                compressed_len: le(c, 1),
+                uncompressed_len: le(c, 2),
+            },
+            tarsplit: None,
+            toc_digest: None,
+        }))
     }
 
     /// The 72 footer bytes.
@@ -262,5 +295,16 @@ mod tests {
         a.insert(MANIFEST_POSITION.into(), "1:2:3:2".into());
         assert_eq!(Footer::from_annotations(&a), Err(FooterError::TocType(2)));
         assert_eq!(Footer::from_annotations(&BTreeMap::new()), Ok(None));
+
+        // The 48-byte footer of older writers (skopeo 1.9).
+        let mut legacy = vec![0x50, 0x2a, 0x4d, 0x18, 40, 0, 0, 0];
+        for v in [1059992u64, 2462, 10584, 1] {
+            legacy.extend_from_slice(&v.to_le_bytes());
+        }
+        legacy.extend_from_slice(b"GnUlInUx");
+        let f = Footer::from_suffix(&legacy).unwrap();
+        assert_eq!(f.toc.offset, 1059992);
+        assert_eq!(f.toc.compressed_len, 2462);
+        assert_eq!(f.tarsplit, None);
     }
 }
