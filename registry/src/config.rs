@@ -8,6 +8,20 @@
 //! # Largest manifest accepted, in bytes (the spec suggests at least 4 MiB).
 //! max_manifest_bytes = 4194304
 //!
+//! [convert]
+//! # Convert pushed images with plain (tar, gzip, zstd) layers into lazy
+//! # zstd:chunked twins in the background. The pushed image is never changed.
+//! on_push = true
+//! # Average chunk size in KiB (content-defined: minimum 1/4, maximum 4x).
+//! chunk_kib = 64
+//! # zstd level of converted layers.
+//! level = 3
+//! # Layers converted at once (conversion is CPU-bound).
+//! workers = 1
+//! # Scratch space for converted layers before they are stored
+//! # (default: ROOT/tmp).
+//! # work_dir = "/var/lib/sluice-registry/tmp"
+//!
 //! [auth]
 //! # htpasswd file with bcrypt hashes (`htpasswd -B`). No file: no auth.
 //! htpasswd = "/etc/sluice/htpasswd"
@@ -31,6 +45,29 @@ pub struct Config {
     pub root: PathBuf,
     pub max_manifest_bytes: usize,
     pub auth: AuthConfig,
+    pub convert: ConvertConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConvertConfig {
+    pub on_push: bool,
+    pub chunk_kib: u32,
+    pub level: i32,
+    pub workers: usize,
+    pub work_dir: Option<PathBuf>,
+}
+
+impl Default for ConvertConfig {
+    fn default() -> Self {
+        ConvertConfig {
+            on_push: true,
+            chunk_kib: 64,
+            level: 3,
+            workers: 1,
+            work_dir: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +85,7 @@ impl Default for Config {
             root: PathBuf::from("/var/lib/sluice-registry"),
             max_manifest_bytes: 4 * 1024 * 1024,
             auth: AuthConfig::default(),
+            convert: ConvertConfig::default(),
         }
     }
 }

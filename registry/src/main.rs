@@ -41,6 +41,9 @@ enum Command {
         /// With --htpasswd: allow anonymous pulls.
         #[arg(long)]
         anonymous_read: bool,
+        /// Do not convert pushed images into lazy zstd:chunked twins.
+        #[arg(long)]
+        no_convert_on_push: bool,
     },
     /// Convert an image in an OCI layout to zstd:chunked layers (lazy-capable).
     Convert {
@@ -88,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             root,
             htpasswd,
             anonymous_read,
+            no_convert_on_push,
         } => {
             let mut cfg = match &config {
                 Some(p) => Config::load(p)?,
@@ -103,6 +107,9 @@ fn main() -> anyhow::Result<()> {
                 cfg.auth.htpasswd = htpasswd;
             }
             cfg.auth.anonymous_read |= anonymous_read;
+            if no_convert_on_push {
+                cfg.convert.on_push = false;
+            }
             serve(cfg)
         }
         Command::Convert {
@@ -195,6 +202,7 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         println!("sluice-registry listening on http://{local}");
         tracing::info!(addr = %local, root = %cfg.root.display(), auth = auth.is_some(), "serving");
         let registry: Arc<Registry<FsStorage>> = Registry::new(storage, auth, cfg);
+        registry.start_converter();
         server::serve(registry, listener, server::shutdown_signal()).await?;
         Ok(())
     })

@@ -14,6 +14,11 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RepoLabels {
     pub repository: String,
 }
@@ -27,6 +32,8 @@ pub struct Metrics {
     pub blob_bytes: Family<RepoLabels, Counter>,
     pub blobs: Gauge,
     pub manifests: Gauge,
+    pub conversions: Family<ResultLabels, Counter>,
+    pub converted_bytes: Counter,
 }
 
 impl Default for Metrics {
@@ -77,8 +84,22 @@ impl Metrics {
             "Manifests stored (counted once per repository)",
             manifests.clone(),
         );
+        let conversions = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "conversions",
+            "Images converted to lazy zstd:chunked twins, by result (ok, failed)",
+            conversions.clone(),
+        );
+        let converted_bytes = Counter::default();
+        registry.register(
+            "converted_bytes",
+            "Bytes of zstd:chunked layers produced by conversion",
+            converted_bytes.clone(),
+        );
         Metrics {
             registry,
+            conversions,
+            converted_bytes,
             requests,
             duration,
             response_bytes,

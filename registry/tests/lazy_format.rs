@@ -48,8 +48,13 @@ async fn range(reg: &SluiceRegistry, repo: &str, digest: &Digest, first: u64, le
 
 /// Reads every regular file of every layer of `repo:tag` through its TOC, with
 /// Range requests only, and compares it with the directory it was built from.
-async fn verify_lazily(reg: &SluiceRegistry, repo: &str, tag: &str, roots: &[&Path]) -> (u64, u64) {
-    let m = get(&reg.url(&format!("/v2/{repo}/manifests/{tag}"))).await;
+async fn verify_lazily(
+    reg: &SluiceRegistry,
+    repo: &str,
+    reference: &str,
+    roots: &[&Path],
+) -> (u64, u64) {
+    let m = get(&reg.url(&format!("/v2/{repo}/manifests/{reference}"))).await;
     let manifest = Manifest::parse(&m.body).unwrap();
     let layers = manifest.layers.unwrap();
     assert_eq!(layers.len(), roots.len());
@@ -175,4 +180,168 @@ async fn converted_images_read_lazily_and_run_in_containerd() {
         .ctr()
         .args(["run", "--rm", &reference, "sluice-convert-test"]));
     assert_eq!(out.trim(), "sluice test app ready");
+}
+
+/// Waits for the registry's background conversion to publish a twin.
+async fn wait_for_twin(reg: &SluiceRegistry, repo: &str, subject: &Digest) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let r = get(&reg.url(&format!(
+            "/v2/{repo}/referrers/{subject}?artifactType=application/vnd.sluice.image.lazy.v1"
+        )))
+        .await;
+        let list = r.json();
+        if let Some(m) = list["manifests"].as_array().and_then(|a| a.first()) {
+            return m.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lazy twin of {subject} after 120 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn convert_on_push_publishes_a_lazy_twin_and_keeps_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(&dir.path().join("img"), Compression::Gzip);
+    let reg = SluiceRegistry::start(Path::new(BIN), &dir.path().join("root"), &[]);
+    let reference = format!("docker://{}/cop/busybox:v1", reg.host());
+    run(skopeo(dir.path()).args([
+        "copy",
+        "--dest-tls-verify=false",
+        &image.oci_ref(),
+        &reference,
+    ]));
+
+    let twin_desc = wait_for_twin(&reg, "cop/busybox", &image.manifest.digest).await;
+    let twin_digest: Digest = twin_desc["digest"].as_str().unwrap().parse().unwrap();
+
+    // The original is untouched.
+    let original = get(&reg.url("/v2/cop/busybox/manifests/v1")).await;
+    assert_eq!(Digest::sha256(&original.body), image.manifest.digest);
+
+    // The twin: same config, zstd:chunked layers, subject = original.
+    let twin = get(&reg.url(&format!("/v2/cop/busybox/manifests/{twin_digest}"))).await;
+    let twin_json = twin.json();
+    let original_json = original.json();
+    assert_eq!(twin_json["config"], original_json["config"]);
+    assert_eq!(
+        twin_json["subject"]["digest"],
+        image.manifest.digest.to_string()
+    );
+    assert_eq!(
+        twin_json["artifactType"],
+        "application/vnd.sluice.image.lazy.v1"
+    );
+
+    // Each original layer maps to its twin through the twin endpoint.
+    for (orig, converted) in original_json["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(twin_json["layers"].as_array().unwrap())
+    {
+        let r = get(&reg.url(&format!(
+            "/v2/cop/busybox/_sluice/twins/{}",
+            orig["digest"].as_str().unwrap()
+        )))
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.json(), *converted);
+        assert_eq!(
+            converted["annotations"]["dev.sluice.layer.converted-from"],
+            orig["digest"]
+        );
+    }
+    let r = get(&reg.url(&format!(
+        "/v2/cop/busybox/_sluice/twins/{}",
+        Digest::sha256(b"none")
+    )))
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "BLOB_UNKNOWN")
+    );
+
+    // The twin reads lazily, file by file, and runs in containerd by digest.
+    let rootfs = dir.path().join("img/rootfs");
+    verify_lazily(
+        &reg,
+        "cop/busybox",
+        &twin_digest.to_string(),
+        &[&rootfs.join("base"), &rootfs.join("app")],
+    )
+    .await;
+    let ctrd = Containerd::start(&dir.path().join("containerd"), "");
+    let by_digest = format!("{}/cop/busybox@{twin_digest}", reg.host());
+    let out = ctrd
+        .ctr()
+        .args(["image", "pull", "--plain-http", &by_digest])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(ctrd
+        .ctr()
+        .args(["run", "--rm", &by_digest, "sluice-twin-test"]));
+    assert_eq!(out.trim(), "sluice test app ready");
+
+    let metrics = String::from_utf8(get(&reg.url("/metrics")).await.body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("sluice_registry_conversions_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+
+    // Pushing the same layers under another tag converts nothing new.
+    run(skopeo(dir.path()).args([
+        "copy",
+        "--dest-tls-verify=false",
+        &image.oci_ref(),
+        &format!("docker://{}/cop/busybox:v2", reg.host()),
+    ]));
+}
+
+#[tokio::test]
+async fn lazy_images_and_disabled_conversion_get_no_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(&dir.path().join("img"), Compression::Gzip);
+    let reg = SluiceRegistry::start(Path::new(BIN), &dir.path().join("root"), &[]);
+    run(skopeo(dir.path()).args([
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-compress-format",
+        "zstd:chunked",
+        &image.oci_ref(),
+        &format!("docker://{}/lazy/busybox:v1", reg.host()),
+    ]));
+    let pushed = get(&reg.url("/v2/lazy/busybox/manifests/v1")).await;
+    let digest = Digest::sha256(&pushed.body);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let r = get(&reg.url(&format!("/v2/lazy/busybox/referrers/{digest}"))).await;
+    assert_eq!(r.json()["manifests"], serde_json::json!([]));
+    drop(reg);
+
+    let reg = SluiceRegistry::start(
+        Path::new(BIN),
+        &dir.path().join("root2"),
+        &["--no-convert-on-push"],
+    );
+    run(skopeo(dir.path()).args([
+        "copy",
+        "--dest-tls-verify=false",
+        &image.oci_ref(),
+        &format!("docker://{}/plain/busybox:v1", reg.host()),
+    ]));
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let r = get(&reg.url(&format!(
+        "/v2/plain/busybox/referrers/{}",
+        image.manifest.digest
+    )))
+    .await;
+    assert_eq!(r.json()["manifests"], serde_json::json!([]));
 }

@@ -147,6 +147,32 @@ impl<S: Storage> Registry<S> {
     }
 }
 
+impl<S: Storage> Registry<S> {
+    /// `GET /v2/<name>/_sluice/twins/<layer-digest>`: the descriptor (with its
+    /// zstd:chunked annotations) of the lazy twin of a layer.
+    pub(super) async fn twin(
+        self: &Arc<Self>,
+        method: &Method,
+        repo: &RepoName,
+        digest: &str,
+    ) -> ApiResult {
+        if *method != Method::GET && *method != Method::HEAD {
+            return Err(unsupported(method, "twins"));
+        }
+        let layer = parse_digest(digest)?;
+        match self.storage.get_twin(repo, &layer).await? {
+            Some(twin) => Ok(json_response(
+                serde_json::to_value(&twin).unwrap_or_default(),
+                "application/vnd.oci.descriptor.v1+json",
+            )),
+            None => Err(ApiError::new(
+                ErrorCode::BlobUnknown,
+                format!("layer {layer} in {repo} has no lazy twin (not converted yet, conversion failed, or already lazy)"),
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

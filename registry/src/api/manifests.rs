@@ -198,6 +198,7 @@ impl<S: Storage> Registry<S> {
             Err(e) => return Err(e.into()),
         }
         tracing::info!(%repo, %digest, tag, subject = ?subject, "manifest stored");
+        self.queue_conversion(repo, &stored, &parsed);
         let mut r = response(StatusCode::CREATED, body::empty());
         set(&mut r, "location", format!("/v2/{repo}/manifests/{digest}"));
         set(&mut r, "docker-content-digest", digest.to_string());

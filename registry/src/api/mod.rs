@@ -33,6 +33,8 @@ pub struct Registry<S> {
     pub(crate) auth: Option<Authenticator>,
     pub(crate) metrics: Metrics,
     pub(crate) config: Config,
+    /// Queue of convert-on-push jobs, once the workers run.
+    pub(crate) converter: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::convert::Job>>,
 }
 
 type ApiResult = Result<Response<ResponseBody>, ApiError>;
@@ -48,6 +50,8 @@ enum Route<'a> {
     /// Upload session; the id is empty for `POST …/blobs/uploads/`.
     Upload(&'a str, &'a str),
     Referrers(&'a str, &'a str),
+    /// sluice extension: the lazy twin of a layer.
+    Twin(&'a str, &'a str),
 }
 
 fn route(path: &str) -> Option<Route<'_>> {
@@ -78,6 +82,11 @@ fn route(path: &str) -> Option<Route<'_>> {
     }
     if let Some(name) = head.strip_suffix("/referrers") {
         return Some(Route::Referrers(name, last));
+    }
+    // Repository names cannot contain a `_sluice` component, so this never
+    // shadows a distribution route.
+    if let Some(name) = head.strip_suffix("/_sluice/twins") {
+        return Some(Route::Twin(name, last));
     }
     None
 }
@@ -152,7 +161,39 @@ impl<S: Storage> Registry<S> {
             auth,
             metrics: Metrics::new(),
             config,
+            converter: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Starts the convert-on-push workers if the config enables them. Must be
+    /// called inside the Tokio runtime.
+    pub fn start_converter(self: &Arc<Self>) {
+        if self.config.convert.on_push {
+            let tx = crate::convert::start(self.clone(), self.config.convert.workers);
+            let _ = self.converter.set(tx);
+        }
+    }
+
+    /// Queues a pushed manifest for conversion if it has plain layers.
+    pub(crate) fn queue_conversion(
+        &self,
+        repo: &RepoName,
+        manifest: &crate::storage::StoredManifest,
+        parsed: &sluice_format::oci::Manifest,
+    ) {
+        let Some(tx) = self.converter.get() else {
+            return;
+        };
+        if !crate::convert::needs_twin(parsed) {
+            return;
+        }
+        let job = crate::convert::Job {
+            repo: repo.clone(),
+            manifest: manifest.clone(),
+        };
+        if tx.try_send(job).is_err() {
+            tracing::warn!(%repo, manifest = %manifest.digest, "conversion queue full; this image gets no lazy twin");
+        }
     }
 
     /// Answers one HTTP request; never fails (errors become spec error bodies).
@@ -257,6 +298,7 @@ impl<S: Storage> Registry<S> {
                 self.referrers(&method, &parse_repo(name)?, digest, &query)
                     .await
             }
+            Route::Twin(name, digest) => self.twin(&method, &parse_repo(name)?, digest).await,
             Route::Blob(name, digest) => {
                 let repo = parse_repo(name)?;
                 self.blob(req, &repo, digest).await
@@ -314,6 +356,10 @@ mod tests {
         assert_eq!(
             route("/v2/x/referrers/sha256:ab"),
             Some(Route::Referrers("x", "sha256:ab"))
+        );
+        assert_eq!(
+            route("/v2/x/y/_sluice/twins/sha256:ab"),
+            Some(Route::Twin("x/y", "sha256:ab"))
         );
         assert_eq!(route("/v3/x"), None);
         assert_eq!(route("/v2/x/unknown/y"), None);

@@ -9,6 +9,7 @@
 //!   repos/<name>/_manifests/revisions/<alg>/<hex>      manifest link (media type)
 //!   repos/<name>/_manifests/tags/<tag>                 tag (digest string)
 //!   repos/<name>/_referrers/<alg>/<subject-hex>/<alg>-<hex>   referrer link
+//!   repos/<name>/_twins/<alg>/<hex>                    lazy twin of a layer (descriptor JSON)
 //!   gc.lock                               shared by writers, exclusive for GC
 //! ```
 //!
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use sluice_format::oci::Descriptor;
 use sluice_format::{Algorithm, Digest, Hasher};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -154,6 +156,13 @@ impl FsStorage {
             .join("_referrers")
             .join(subject.algorithm().as_str())
             .join(subject.hex())
+    }
+
+    fn twin_link(root: &Path, repo: &str, original: &Digest) -> PathBuf {
+        Self::repo_dir(root, repo)
+            .join("_twins")
+            .join(original.algorithm().as_str())
+            .join(original.hex())
     }
 
     fn upload_dir(root: &Path, id: &str) -> PathBuf {
@@ -737,6 +746,32 @@ impl Storage for FsStorage {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn put_twin(&self, repo: &RepoName, original: &Digest, twin: &Descriptor) -> Result<()> {
+        let root = self.root.clone();
+        let link = FsStorage::twin_link(&root, repo.as_str(), original);
+        let json = serde_json::to_vec(twin).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        blocking(move || FsStorage::atomic_write(&root, &link, &json)).await
+    }
+
+    async fn get_twin(&self, repo: &RepoName, original: &Digest) -> Result<Option<Descriptor>> {
+        let root = self.root.clone();
+        let repo_name = repo.as_str().to_owned();
+        let link = FsStorage::twin_link(&root, &repo_name, original);
+        blocking(move || {
+            let Some(bytes) = FsStorage::read_small(&link)? else {
+                return Ok(None);
+            };
+            let twin: Descriptor = serde_json::from_slice(&bytes).map_err(|e| {
+                StorageError::Corrupt(format!("twin record {}: {e}", link.display()))
+            })?;
+            // A twin whose blob was collected is no twin.
+            let linked = FsStorage::layer_link(&root, &repo_name, &twin.digest).exists()
+                && FsStorage::blob_path(&root, &twin.digest).exists();
+            Ok(linked.then_some(twin))
         })
         .await
     }

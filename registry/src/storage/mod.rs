@@ -21,6 +21,7 @@ use std::io;
 use std::path::PathBuf;
 
 use bytes::Bytes;
+use sluice_format::oci::Descriptor;
 use sluice_format::Digest;
 use tokio::io::AsyncRead;
 
@@ -188,6 +189,22 @@ pub trait Storage: Send + Sync + 'static {
         repo: &RepoName,
         subject: &Digest,
     ) -> impl Future<Output = Result<Vec<StoredManifest>>> + Send;
+
+    /// Records that layer `original` of `repo` has the lazy (zstd:chunked) twin
+    /// `twin`, a blob already linked into `repo`.
+    fn put_twin(
+        &self,
+        repo: &RepoName,
+        original: &Digest,
+        twin: &Descriptor,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The lazy twin of a layer, if one was recorded and its blob is still there.
+    fn get_twin(
+        &self,
+        repo: &RepoName,
+        original: &Digest,
+    ) -> impl Future<Output = Result<Option<Descriptor>>> + Send;
 
     /// Number of blobs and of manifests stored (for metrics).
     fn counts(&self) -> impl Future<Output = Result<(u64, u64)>> + Send;
