@@ -345,3 +345,64 @@ async fn lazy_images_and_disabled_conversion_get_no_twin() {
     .await;
     assert_eq!(r.json()["manifests"], serde_json::json!([]));
 }
+
+#[tokio::test]
+async fn converted_debian_python3_image_runs_in_containerd() {
+    let rootfs = sluice_testkit::fixture("python3").join("rootfs");
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("python3");
+    sluice_format::layout::build_image(
+        &layout,
+        &sluice_format::layout::ImageSpec {
+            layers: vec![rootfs],
+            compression: Compression::Gzip,
+            cmd: vec!["python3".into()],
+            env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
+            tag: "v1".into(),
+        },
+    )
+    .unwrap();
+    let converted = dir.path().join("python3-lazy");
+    run(Command::new(BIN).args([
+        "convert",
+        "--from",
+        &format!("{}:v1", layout.display()),
+        "--to",
+        &format!("{}:v1", converted.display()),
+    ]));
+    let reg = SluiceRegistry::start(
+        Path::new(BIN),
+        &dir.path().join("root"),
+        &["--no-convert-on-push"],
+    );
+    run(skopeo(dir.path()).args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", converted.display()),
+        &format!("docker://{}/py/python3:lazy", reg.host()),
+    ]));
+    let ctrd = Containerd::start(&dir.path().join("containerd"), "");
+    let reference = format!("{}/py/python3:lazy", reg.host());
+    let out = ctrd
+        .ctr()
+        .args(["image", "pull", "--plain-http", &reference])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ctrd.log()
+    );
+    let out = run(ctrd.ctr().args([
+        "run",
+        "--rm",
+        &reference,
+        "sluice-python-test",
+        "python3",
+        "-c",
+        "import json, hashlib; print(json.dumps({'ok': hashlib.sha256(b'sluice').hexdigest()[:8]}))",
+    ]));
+    let want = format!(r#"{{"ok": "{}"}}"#, &Digest::sha256(b"sluice").hex()[..8]);
+    assert_eq!(out.trim(), want);
+}

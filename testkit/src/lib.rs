@@ -58,3 +58,17 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     }
     panic!("{name} is not built: run `cargo build --workspace` first");
 }
+
+/// A fixture built by `cargo xtask fixtures` (cached under `target/fixtures`,
+/// or `SLUICE_FIXTURES`); fails the test with the command to build it.
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    let base = std::env::var_os("SLUICE_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"));
+    assert!(
+        base.join(name).join(".complete").exists(),
+        "fixture {name} is missing under {}: run `cargo xtask fixtures` (`cargo xtask test` does)",
+        base.display()
+    );
+    base.join(name)
+}

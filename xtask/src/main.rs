@@ -1,12 +1,14 @@
 //! `cargo xtask …`: everything that is not plain `cargo build`/`cargo test`.
 //!
 //! - `setup`: install what the demo and tests need (apt packages), idempotently.
+//! - `fixtures`: build cached test inputs (a Debian + python3 root filesystem).
 //! - `demo`: the main job, end to end on this machine.
 //! - `test`: setup, build, and run every test (what `.ci/run` calls).
 //! - `bench registry`: sluice-registry against the CNCF distribution registry.
 
 mod bench;
 mod demo;
+mod fixtures;
 mod setup;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +24,8 @@ struct Cli {
 enum Command {
     /// Install the system packages the demo and tests need (idempotent).
     Setup,
+    /// Build the cached test fixtures under target/fixtures/.
+    Fixtures,
     /// Run the demo: registry up, image pushed, pulled back, digests verified.
     Demo,
     /// Install what is needed, build, and run the whole test suite.
@@ -40,12 +44,17 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::ensure(),
+        Command::Fixtures => {
+            setup::ensure()?;
+            fixtures::ensure()
+        }
         Command::Demo => {
             setup::ensure()?;
             demo::run()
         }
         Command::Test { args } => {
             setup::ensure()?;
+            fixtures::ensure()?;
             run_tests(&args)
         }
         Command::Bench { which } => {

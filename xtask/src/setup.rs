@@ -21,6 +21,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "the root filesystem of test images"),
     ("zstd", "zstd tooling for layer checks"),
     ("curl", "the benchmark's streaming client"),
+    (
+        "debootstrap",
+        "builds the Debian + python3 test root filesystem",
+    ),
     ("fuse3", "FUSE mounts for lazy layers"),
 ];
 
