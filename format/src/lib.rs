@@ -12,6 +12,7 @@
 pub mod chunked;
 pub mod convert;
 pub mod digest;
+pub mod fuzzing;
 pub mod layout;
 pub mod oci;
 

@@ -4,11 +4,13 @@
 //! - `fixtures`: build cached test inputs (a Debian + python3 root filesystem).
 //! - `demo`: the main job, end to end on this machine.
 //! - `test`: setup, build, and run every test (what `.ci/run` calls).
+//! - `fuzz`: libFuzzer on the TOC parser and the tar reader.
 //! - `bench registry`: sluice-registry against the CNCF distribution registry.
 
 mod bench;
 mod demo;
 mod fixtures;
+mod fuzz;
 mod setup;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +36,14 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Fuzz the TOC parser and the tar reader with libFuzzer (nightly, cargo-fuzz).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets (default: all).
+        targets: Vec<String>,
+    },
     /// Benchmarks; each prints a table and writes JSON under target/bench/.
     Bench {
         #[command(subcommand)]
@@ -57,6 +67,11 @@ fn main() -> anyhow::Result<()> {
             fixtures::ensure()?;
             run_tests(&args)
         }
+        Command::Fuzz { seconds, targets } => fuzz::run(&fuzz::Options {
+            seconds,
+            targets,
+            required: true,
+        }),
         Command::Bench { which } => {
             setup::ensure()?;
             bench::run(which)
@@ -66,11 +81,18 @@ fn main() -> anyhow::Result<()> {
 
 fn run_tests(args: &[String]) -> anyhow::Result<()> {
     setup::step("building the workspace");
-    setup::cargo(&["build", "--workspace", "--all-targets"])?;
+    setup::cargo(&["build", "--all-targets"])?;
     setup::step("running the tests (real registry, skopeo, containerd, podman)");
-    let mut test_args = vec!["test", "--workspace", "--no-fail-fast"];
+    let mut test_args = vec!["test", "--no-fail-fast"];
     test_args.extend(args.iter().map(String::as_str));
     let totals = setup::cargo_test(&test_args)?;
+    if args.is_empty() {
+        fuzz::run(&fuzz::Options {
+            seconds: 15,
+            targets: Vec::new(),
+            required: false,
+        })?;
+    }
     // One closing line for the whole run, whatever crate ran last.
     println!(
         "tests: {} passed, {} failed, {} skipped",

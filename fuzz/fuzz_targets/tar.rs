@@ -1,0 +1,3 @@
+//! The raw tar reader and the converter on arbitrary bytes (`cargo xtask fuzz`).
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| sluice_format::fuzzing::tar(data));
