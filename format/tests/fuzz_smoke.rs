@@ -79,7 +79,7 @@ fn toc_and_tar_entry_points_survive_mutations() {
     let toc_zstd = blob[loc.offset as usize..loc.end() as usize].to_vec();
     let toc_json = zstd::decode_all(&toc_zstd[..]).unwrap();
 
-    let mut rng = Rng(0x5eed_0f_51_1ce);
+    let mut rng = Rng(0x05ee_d0f5_11ce);
     for _ in 0..3000 {
         fuzzing::toc(&mutate(&mut rng, &toc_json));
         fuzzing::toc(&mutate(&mut rng, &toc_zstd));
