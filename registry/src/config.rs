@@ -13,7 +13,7 @@
 //! # zstd:chunked twins in the background. The pushed image is never changed.
 //! on_push = true
 //! # Average chunk size in KiB (content-defined: minimum 1/4, maximum 4x).
-//! chunk_kib = 64
+//! chunk_kib = 32
 //! # zstd level of converted layers.
 //! level = 3
 //! # Layers converted at once (conversion is CPU-bound).
@@ -62,7 +62,7 @@ impl Default for ConvertConfig {
     fn default() -> Self {
         ConvertConfig {
             on_push: true,
-            chunk_kib: 64,
+            chunk_kib: 32,
             level: 3,
             workers: 1,
             work_dir: None,

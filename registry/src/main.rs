@@ -54,7 +54,7 @@ enum Command {
         #[arg(long)]
         to: String,
         /// Average chunk size in KiB (content-defined; min 1/4, max 4x).
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 32)]
         chunk_kib: u32,
         /// zstd level.
         #[arg(long, default_value_t = 3)]

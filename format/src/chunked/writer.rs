@@ -37,11 +37,11 @@ pub struct ChunkingOptions {
 }
 
 impl Default for ChunkingOptions {
-    /// 64 KiB average, the granularity containers/storage uses, and zstd 3
-    /// (fast enough to convert on push). See docs/format.md for the measured
-    /// trade-off between chunk size, compression and read amplification.
+    /// 32 KiB average and zstd 3 (fast enough to convert on push): chosen by
+    /// measurement, see docs/format.md for the trade-off between chunk size,
+    /// compression and read amplification.
     fn default() -> Self {
-        ChunkingOptions::with_average(64 * 1024, 3)
+        ChunkingOptions::with_average(32 * 1024, 3)
     }
 }
 

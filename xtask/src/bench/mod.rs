@@ -2,6 +2,7 @@
 //! machine, prints a table of numbers and ratios, and writes JSON under
 //! `target/bench/`. Absolute numbers vary with the machine; ratios are the result.
 
+mod convert;
 mod load;
 mod registry;
 
@@ -11,11 +12,17 @@ use clap::Subcommand;
 pub enum Which {
     /// sluice-registry vs the CNCF distribution registry (Debian's docker-registry).
     Registry(registry::Options),
+    /// Conversion to zstd:chunked vs gzip, zstd and skopeo; chunk-size trade-off.
+    Convert(convert::Options),
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
         Which::Registry(opts) => registry::run(opts),
+        Which::Convert(opts) => {
+            crate::fixtures::ensure()?;
+            convert::run(opts)
+        }
     }
 }
 
