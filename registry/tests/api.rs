@@ -12,8 +12,9 @@ use sluice_testkit::process::SluiceRegistry;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice-registry");
 
+/// These tests push fake layers (not real tars), so conversion stays off.
 fn start(root: &Path) -> SluiceRegistry {
-    SluiceRegistry::start(Path::new(BIN), root, &[])
+    SluiceRegistry::start(Path::new(BIN), root, &["--no-convert-on-push"])
 }
 
 async fn push_blob(reg: &SluiceRegistry, repo: &str, data: &[u8]) -> Digest {
@@ -878,4 +879,152 @@ async fn restart_keeps_everything_and_resumes_uploads() {
         "{}",
         String::from_utf8_lossy(&r.body)
     );
+}
+
+#[tokio::test]
+async fn concurrent_pushes_of_the_same_blob_and_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start(dir.path());
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
+    let d = Digest::sha256(&data);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = reg.url(&format!("/v2/race/x/blobs/uploads/?digest={d}"));
+        let body = data.clone();
+        tasks.push(tokio::spawn(async move {
+            request(Method::POST, &url, &[], body).await.status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::CREATED);
+    }
+    assert_eq!(
+        get(&reg.url(&format!("/v2/race/x/blobs/{d}"))).await.body,
+        data
+    );
+    // Only the finished blob is left: no staged files.
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_dies_mid_upload_leaves_nothing_visible() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start(dir.path());
+    let r = request(
+        Method::POST,
+        &reg.url("/v2/trunc/blobs/uploads/"),
+        &[],
+        vec![],
+    )
+    .await;
+    let loc = r.header("location").unwrap().to_owned();
+    // Promise 100000 bytes, send 50000, hang up.
+    let mut s = std::net::TcpStream::connect(reg.addr).unwrap();
+    write!(
+        s,
+        "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n"
+    )
+    .unwrap();
+    s.write_all(&vec![7u8; 50_000]).unwrap();
+    s.flush().unwrap();
+    drop(s);
+    // The session reports what arrived; no blob appears under any digest.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = get(&reg.url(&loc)).await;
+        if r.header("range") == Some("0-49999") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upload status {:?}",
+            r.header("range")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let full = Digest::sha256(&[7u8; 100_000]);
+    let r = request(
+        Method::PUT,
+        &reg.url(&format!("{loc}?digest={full}")),
+        &[],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.error_code(), "DIGEST_INVALID");
+    let r = request(
+        Method::HEAD,
+        &reg.url(&format!("/v2/trunc/blobs/{full}")),
+        &[],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_full_disk_is_reported_and_loses_nothing() {
+    assert!(
+        sluice_testkit::is_root(),
+        "this test mounts a small tmpfs and needs root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a tmpfs failed");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(dir.path().to_owned());
+    let reg = start(&dir.path().join("root"));
+    let small = push_blob(&reg, "full", b"fits").await;
+
+    let big = vec![1u8; 4 << 20];
+    let d = Digest::sha256(&big);
+    let r = request(
+        Method::POST,
+        &reg.url(&format!("/v2/full/blobs/uploads/?digest={d}")),
+        &[],
+        big,
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(r.json()["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("full"));
+    let r = request(
+        Method::HEAD,
+        &reg.url(&format!("/v2/full/blobs/{d}")),
+        &[],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // What was stored before is intact and the registry keeps serving.
+    assert_eq!(
+        get(&reg.url(&format!("/v2/full/blobs/{small}"))).await.body,
+        &b"fits"[..]
+    );
+    drop(reg);
 }
