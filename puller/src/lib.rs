@@ -1,5 +1,18 @@
-//! The node data plane: range fetches, a verified content-addressed chunk cache,
-//! zstd decompression into the cache, FUSE serving of lazy layers, and prefetch.
+//! sluice's node data plane.
 //!
-//! Not built yet: see issue 5 (puller data plane). The crate exists so that the
-//! workspace layout matches the architecture in docs/architecture.md.
+//! Where a byte travels, in order:
+//! - [`registry`]: fetched from a registry (Range GETs over a pooled client,
+//!   token auth, retries, mirrors);
+//! - [`layer`]: chosen by a layer's index, deduplicated and coalesced, then
+//!   decompressed and verified;
+//! - [`cache`]: stored by chunk digest, memory-mapped, bounded, crash-safe;
+//! - [`fs`]: served to the kernel through FUSE.
+
+pub mod cache;
+pub mod fs;
+pub mod layer;
+pub mod registry;
+
+pub use cache::ChunkCache;
+pub use layer::{LayerError, LayerOptions, RemoteLayer};
+pub use registry::{ImageRef, RegistryClient};

@@ -1,0 +1,338 @@
+//! The chunk cache: decompressed chunks on local disk, keyed by their SHA-256,
+//! shared by every layer and image of the node (identical chunks are fetched
+//! and stored once).
+//!
+//! ```text
+//! CACHE/chunks/<hex[..2]>/<hex>   one verified chunk, immutable
+//! CACHE/tmp/                      chunks being written
+//! ```
+//!
+//! Writing is zero-copy: a chunk file is created at its final size, mapped,
+//! and zstd decompresses straight into the mapping; the bytes are hashed there
+//! and only a chunk whose digest matches is renamed into place. A crash leaves
+//! at most a file in `tmp/` (removed at startup). Because a power loss can tear
+//! a renamed file, every chunk is verified again the first time this process
+//! maps it; a torn chunk is deleted and fetched again, never served.
+//!
+//! The cache is bounded: when it grows past its limit, the least recently used
+//! chunks that nothing has mapped are removed.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use memmap2::{Mmap, MmapMut};
+use sluice_format::Digest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("chunk cache {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("filling chunk {digest}: {reason}")]
+    Fill { digest: Digest, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+struct Entry {
+    size: u64,
+    last_use: u64,
+    map: Option<Arc<Mmap>>,
+}
+
+struct State {
+    entries: HashMap<Digest, Entry>,
+    total: u64,
+    /// Chunks verified since this process started.
+    verified: HashSet<Digest>,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub inserted_bytes: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+    pub torn: AtomicU64,
+}
+
+pub struct ChunkCache {
+    dir: PathBuf,
+    max_bytes: u64,
+    clock: AtomicU64,
+    state: Mutex<State>,
+    pub stats: CacheStats,
+}
+
+impl ChunkCache {
+    /// Opens (or creates) a cache directory bounded to `max_bytes`.
+    pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<Self, CacheError> {
+        let dir = dir.into();
+        let chunks = dir.join("chunks");
+        let tmp = dir.join("tmp");
+        fs::create_dir_all(&chunks).map_err(io_err(&chunks))?;
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let mut entries = HashMap::new();
+        let mut total = 0;
+        for prefix in fs::read_dir(&chunks).map_err(io_err(&chunks))?.flatten() {
+            for f in fs::read_dir(prefix.path())
+                .map_err(io_err(&prefix.path()))?
+                .flatten()
+            {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let (Ok(digest), Ok(meta)) =
+                    (format!("sha256:{name}").parse::<Digest>(), f.metadata())
+                else {
+                    let _ = fs::remove_file(f.path());
+                    continue;
+                };
+                total += meta.len();
+                entries.insert(
+                    digest,
+                    Entry {
+                        size: meta.len(),
+                        last_use: 0,
+                        map: None,
+                    },
+                );
+            }
+        }
+        Ok(ChunkCache {
+            dir,
+            max_bytes,
+            clock: AtomicU64::new(1),
+            state: Mutex::new(State {
+                entries,
+                total,
+                verified: HashSet::new(),
+            }),
+            stats: CacheStats::default(),
+        })
+    }
+
+    fn path(&self, d: &Digest) -> PathBuf {
+        self.dir.join("chunks").join(&d.hex()[..2]).join(d.hex())
+    }
+
+    /// Bytes stored.
+    pub fn size(&self) -> u64 {
+        self.state.lock().expect("cache state").total
+    }
+
+    /// Whether a chunk is stored (without verifying it).
+    pub fn contains(&self, d: &Digest) -> bool {
+        self.state
+            .lock()
+            .expect("cache state")
+            .entries
+            .contains_key(d)
+    }
+
+    /// The mapped chunk, if cached and intact.
+    pub fn get(&self, d: &Digest) -> Option<Arc<Mmap>> {
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = self.state.lock().expect("cache state");
+            let entry = st.entries.get_mut(d)?;
+            entry.last_use = tick;
+            if let Some(m) = &entry.map {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Some(m.clone());
+            }
+        }
+        let path = self.path(d);
+        let map = File::open(&path).ok().and_then(|f| {
+            // SAFETY: chunk files are never modified after being renamed into
+            // place; eviction only unlinks them, which keeps mappings valid.
+            unsafe { Mmap::map(&f) }.ok()
+        });
+        let mut st = self.state.lock().expect("cache state");
+        let Some(map) = map else {
+            if let Some(e) = st.entries.remove(d) {
+                st.total -= e.size;
+            }
+            return None;
+        };
+        if !st.verified.contains(d) {
+            // First use by this process: a torn write after a crash shows here.
+            if Digest::of(d.algorithm(), &map) != *d {
+                self.stats.torn.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(chunk = %d, "cached chunk is corrupt (torn write?); dropping it");
+                if let Some(e) = st.entries.remove(d) {
+                    st.total -= e.size;
+                }
+                let _ = fs::remove_file(&path);
+                return None;
+            }
+            st.verified.insert(d.clone());
+        }
+        let map = Arc::new(map);
+        if let Some(e) = st.entries.get_mut(d) {
+            e.map = Some(map.clone());
+        }
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        Some(map)
+    }
+
+    /// Stores a chunk of `size` bytes that `fill` writes in place (e.g. zstd
+    /// decompressing into it). `fill` must verify the bytes; the digest is
+    /// checked once more here before the chunk becomes visible.
+    pub fn insert_with(
+        &self,
+        d: &Digest,
+        size: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+    ) -> Result<Arc<Mmap>, CacheError> {
+        if let Some(m) = self.get(d) {
+            return Ok(m);
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.dir.join("tmp").join(format!(
+            "{}.{}",
+            d.hex(),
+            self.clock.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        let result = (|| {
+            file.set_len(size).map_err(io_err(&tmp))?;
+            // SAFETY: the file is ours alone (created exclusively in tmp/).
+            let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io_err(&tmp))?;
+            fill(&mut map).map_err(|reason| CacheError::Fill {
+                digest: d.clone(),
+                reason,
+            })?;
+            if Digest::of(d.algorithm(), &map) != *d {
+                return Err(CacheError::Fill {
+                    digest: d.clone(),
+                    reason: "content does not match the digest".into(),
+                });
+            }
+            let dest = self.path(d);
+            let parent = dest.parent().expect("chunk paths have parents");
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+            fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+            map.make_read_only().map_err(io_err(&dest))
+        })();
+        let map = match result {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        self.stats.inserted_bytes.fetch_add(size, Ordering::Relaxed);
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = self.state.lock().expect("cache state");
+            st.verified.insert(d.clone());
+            if st
+                .entries
+                .insert(
+                    d.clone(),
+                    Entry {
+                        size,
+                        last_use: tick,
+                        map: Some(map.clone()),
+                    },
+                )
+                .is_none()
+            {
+                st.total += size;
+            }
+        }
+        self.evict();
+        Ok(map)
+    }
+
+    /// Removes least recently used chunks that no reader holds until the cache
+    /// fits its limit again.
+    pub fn evict(&self) {
+        let mut st = self.state.lock().expect("cache state");
+        if st.total <= self.max_bytes {
+            return;
+        }
+        let mut candidates: Vec<(u64, Digest, u64)> = st
+            .entries
+            .iter()
+            .filter(|(_, e)| e.map.as_ref().is_none_or(|m| Arc::strong_count(m) == 1))
+            .map(|(d, e)| (e.last_use, d.clone(), e.size))
+            .collect();
+        candidates.sort_unstable();
+        for (_, d, size) in candidates {
+            if st.total <= self.max_bytes {
+                break;
+            }
+            st.entries.remove(&d);
+            st.total -= size;
+            self.stats.evicted_bytes.fetch_add(size, Ordering::Relaxed);
+            let _ = fs::remove_file(self.path(&d));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill_with(data: &[u8]) -> impl FnOnce(&mut [u8]) -> Result<(), String> + '_ {
+        move |out| {
+            out.copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn verified_insert_get_evict_and_torn_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 2500).unwrap();
+        let a = vec![1u8; 1000];
+        let da = Digest::sha256(&a);
+        let m = cache.insert_with(&da, 1000, fill_with(&a)).unwrap();
+        assert_eq!(&m[..], &a[..]);
+        drop(m);
+        // Wrong content never becomes visible.
+        let db = Digest::sha256(b"b");
+        assert!(cache.insert_with(&db, 1000, fill_with(&a)).is_err());
+        assert!(!cache.contains(&db));
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        // Eviction keeps the newest and any chunk in use.
+        let b = vec![2u8; 1000];
+        let c = vec![3u8; 1000];
+        let (d_b, d_c) = (Digest::sha256(&b), Digest::sha256(&c));
+        let held = cache.insert_with(&d_b, 1000, fill_with(&b)).unwrap();
+        cache.get(&da);
+        let _ = cache.insert_with(&d_c, 1000, fill_with(&c)).unwrap();
+        assert!(cache.size() <= 2500);
+        assert!(cache.contains(&d_b), "a mapped chunk is never evicted");
+        drop(held);
+
+        // A torn chunk on disk is detected on first use after a restart.
+        drop(cache);
+        let path = dir
+            .path()
+            .join("chunks")
+            .join(&d_b.hex()[..2])
+            .join(d_b.hex());
+        fs::write(&path, vec![0u8; 1000]).unwrap();
+        let cache = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+        assert!(cache.contains(&d_b));
+        assert!(cache.get(&d_b).is_none());
+        assert!(!path.exists());
+        assert_eq!(cache.stats.torn.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,380 @@
+//! A read-only FUSE filesystem of one lazy layer, built from its index alone:
+//! the tree is there at once, file bytes are fetched on first read.
+//!
+//! - Inodes: the layer root is 1; node `i` of the index is `i + 2`; hard links
+//!   share their target's inode.
+//! - OCI whiteouts become what overlayfs expects of a lower layer: `.wh.NAME`
+//!   is shown as a 0:0 character device `NAME`, and `.wh..wh..opq` hides itself
+//!   and marks its directory opaque (`trusted.overlay.opaque=y`).
+//! - The layer is immutable, so entries and attributes are cached by the kernel
+//!   for a long time and file pages are kept across opens.
+//! - Requests are served by several threads; reads block only their thread.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request,
+};
+use sluice_format::chunked::NodeKind;
+
+use crate::layer::RemoteLayer;
+
+/// How long the kernel may cache entries and attributes: the layer never changes.
+const TTL: Duration = Duration::from_secs(3600);
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE_MARKER: &str = ".wh..wh..opq";
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+struct Dir {
+    /// (name, node) sorted by name.
+    entries: Vec<(OsString, usize)>,
+    opaque: bool,
+}
+
+/// The FUSE view of a layer.
+pub struct LayerFs {
+    layer: Arc<RemoteLayer>,
+    runtime: tokio::runtime::Handle,
+    root: usize,
+    dirs: HashMap<usize, Dir>,
+    parents: Vec<usize>,
+    /// Names per content node (hard links).
+    links: Vec<u32>,
+    whiteouts: Vec<bool>,
+    total_bytes: u64,
+}
+
+fn ino_of(root: usize, node: usize) -> INodeNo {
+    if node == root {
+        INodeNo::ROOT
+    } else {
+        INodeNo(node as u64 + 2)
+    }
+}
+
+/// Linux's new_encode_dev for a 32-bit rdev.
+fn rdev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+impl LayerFs {
+    pub fn new(layer: Arc<RemoteLayer>, runtime: tokio::runtime::Handle) -> Self {
+        let index = layer.index();
+        let nodes = index.nodes();
+        let root = index.lookup("").expect("the index always has a root");
+        let mut dirs: HashMap<usize, Dir> = HashMap::new();
+        let mut parents = vec![root; nodes.len()];
+        let mut links = vec![0u32; nodes.len()];
+        let mut whiteouts = vec![false; nodes.len()];
+        let mut total_bytes = 0;
+        for (i, n) in nodes.iter().enumerate() {
+            if matches!(n.kind, NodeKind::Dir) {
+                dirs.entry(i).or_insert_with(|| Dir {
+                    entries: Vec::new(),
+                    opaque: false,
+                });
+            }
+            if let NodeKind::File { size, .. } = n.kind {
+                total_bytes += size;
+            }
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            if i == root {
+                continue;
+            }
+            let (parent_path, name) = n.path.rsplit_once('/').unwrap_or(("", n.path.as_str()));
+            let parent = index.lookup(parent_path).unwrap_or(root);
+            parents[i] = parent;
+            links[index.resolve(i)] += 1;
+            let dir = dirs
+                .get_mut(&parent)
+                .expect("parents are directories (validated)");
+            if name == OPAQUE_MARKER {
+                dir.opaque = true;
+                continue;
+            }
+            let shown = match name.strip_prefix(WHITEOUT_PREFIX) {
+                Some(target) if !target.is_empty() => {
+                    whiteouts[i] = true;
+                    target
+                }
+                _ => name,
+            };
+            dir.entries.push((OsString::from(shown), i));
+        }
+        for d in dirs.values_mut() {
+            d.entries.sort();
+        }
+        LayerFs {
+            layer,
+            runtime,
+            root,
+            dirs,
+            parents,
+            links,
+            whiteouts,
+            total_bytes,
+        }
+    }
+
+    fn node_of(&self, ino: INodeNo) -> Option<usize> {
+        let n = u64::from(ino);
+        if n == 1 {
+            return Some(self.root);
+        }
+        let i = usize::try_from(n.checked_sub(2)?).ok()?;
+        (i < self.parents.len()).then_some(i)
+    }
+
+    fn attr(&self, i: usize) -> FileAttr {
+        let index = self.layer.index();
+        let content = index.resolve(i);
+        let n = index.node(content);
+        let mtime = UNIX_EPOCH
+            + Duration::from_secs(n.mtime.0.max(0) as u64)
+            + Duration::from_nanos(u64::from(n.mtime.1));
+        let (kind, size, rdev_value, nlink) = if self.whiteouts[i] {
+            (FileType::CharDevice, 0, 0, 1)
+        } else {
+            match &n.kind {
+                NodeKind::File { size, .. } => {
+                    (FileType::RegularFile, *size, 0, self.links[content].max(1))
+                }
+                NodeKind::Dir => {
+                    let subdirs = self.dirs.get(&content).map_or(0, |d| {
+                        d.entries
+                            .iter()
+                            .filter(|(_, c)| matches!(index.node(*c).kind, NodeKind::Dir))
+                            .count()
+                    });
+                    (FileType::Directory, 4096, 0, 2 + subdirs as u32)
+                }
+                NodeKind::Symlink(t) => (FileType::Symlink, t.len() as u64, 0, 1),
+                NodeKind::CharDevice { major, minor } => {
+                    (FileType::CharDevice, 0, rdev(*major, *minor), 1)
+                }
+                NodeKind::BlockDevice { major, minor } => {
+                    (FileType::BlockDevice, 0, rdev(*major, *minor), 1)
+                }
+                NodeKind::Fifo => (FileType::NamedPipe, 0, 0, 1),
+                NodeKind::Hardlink { .. } => unreachable!("resolved above"),
+            }
+        };
+        FileAttr {
+            ino: ino_of(self.root, content),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm: if self.whiteouts[i] { 0 } else { n.mode as u16 },
+            nlink,
+            uid: n.uid,
+            gid: n.gid,
+            rdev: rdev_value,
+            flags: 0,
+            blksize: 4096,
+        }
+    }
+
+    fn xattrs(&self, i: usize) -> Vec<(String, Vec<u8>)> {
+        let index = self.layer.index();
+        let content = index.resolve(i);
+        let mut out: Vec<(String, Vec<u8>)> = index
+            .node(content)
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if self.dirs.get(&content).is_some_and(|d| d.opaque) {
+            out.push((OPAQUE_XATTR.to_owned(), b"y".to_vec()));
+        }
+        out
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if (size as usize) < data.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl Filesystem for LayerFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(dir) = self
+            .node_of(parent)
+            .and_then(|p| self.dirs.get(&self.layer.index().resolve(p)))
+        else {
+            return reply.error(Errno::ENOENT);
+        };
+        match dir
+            .entries
+            .binary_search_by(|(n, _)| n.as_os_str().cmp(name))
+        {
+            Ok(k) => reply.entry(&TTL, &self.attr(dir.entries[k].1), Generation(0)),
+            Err(_) => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node_of(ino) {
+            Some(i) => reply.attr(&TTL, &self.attr(i)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node_of(ino).map(|i| &self.layer.index().node(i).kind) {
+            Some(NodeKind::Symlink(target)) => reply.data(target.as_bytes()),
+            _ => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some(i) = self.node_of(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if flags.0 & (libc_o_accmode()) != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        match self.layer.index().node(self.layer.index().resolve(i)).kind {
+            NodeKind::File { .. } => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            NodeKind::Dir => reply.error(Errno::EISDIR),
+            _ => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(i) = self.node_of(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.layer.read_blocking(&self.runtime, i, offset, size) {
+            Ok(data) => reply.data(data.as_slice()),
+            Err(_) => reply.error(Errno::EIO),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(i) = self.node_of(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(dir) = self.dirs.get(&self.layer.index().resolve(i)) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let parent = self.parents[i];
+        let fixed = [
+            (ino_of(self.root, i), FileType::Directory, OsStr::new(".")),
+            (
+                ino_of(self.root, parent),
+                FileType::Directory,
+                OsStr::new(".."),
+            ),
+        ];
+        let listed = dir.entries.iter().map(|(name, n)| {
+            let attr = self.attr(*n);
+            (attr.ino, attr.kind, name.as_os_str())
+        });
+        for (k, (ino, kind, name)) in fixed
+            .into_iter()
+            .chain(listed)
+            .enumerate()
+            .skip(offset as usize)
+        {
+            if reply.add(ino, k as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.total_bytes.div_ceil(4096);
+        reply.statfs(blocks, 0, 0, self.parents.len() as u64, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(i) = self.node_of(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self
+            .xattrs(i)
+            .into_iter()
+            .find(|(k, _)| k.as_bytes() == name.as_bytes())
+        {
+            Some((_, v)) => xattr_reply(reply, size, &v),
+            None => reply.error(Errno::NO_XATTR),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(i) = self.node_of(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut names = Vec::new();
+        for (k, _) in self.xattrs(i) {
+            names.extend_from_slice(k.as_bytes());
+            names.push(0);
+        }
+        xattr_reply(reply, size, &names);
+    }
+}
+
+/// O_WRONLY | O_RDWR: any write access.
+fn libc_o_accmode() -> i32 {
+    0o3
+}
+
+/// Mounts `layer` read-only at `mountpoint`, served by `threads` threads;
+/// unmounted when the returned session is dropped.
+pub fn mount(
+    layer: Arc<RemoteLayer>,
+    runtime: tokio::runtime::Handle,
+    mountpoint: &Path,
+    threads: usize,
+) -> std::io::Result<fuser::BackgroundSession> {
+    let fs = LayerFs::new(layer.clone(), runtime);
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(format!("sluice:{}", layer.digest())),
+        MountOption::Subtype("sluice".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::Exec,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(threads.max(1));
+    config.clone_fd = true;
+    fuser::spawn_mount(fs, mountpoint, &config)
+}

@@ -1,0 +1,428 @@
+//! A lazily fetched layer: its validated index, and reads that fetch, verify
+//! and cache exactly the chunks they need.
+//!
+//! Fetching is deduplicated and coalesced: concurrent reads of one chunk share
+//! one fetch (single-flight per chunk digest), and the chunks one read needs
+//! that sit next to each other in the blob come in one Range request. Every
+//! chunk is decompressed straight into the cache and verified there; a chunk
+//! that does not match its digest is fetched again, and after the retries the
+//! read fails with an error, never with wrong bytes. Reads have a deadline.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use memmap2::Mmap;
+use sluice_format::chunked::toc::{Toc, MAX_TOC_BYTES};
+use sluice_format::chunked::{ChunkRef, Footer, LayerIndex};
+use sluice_format::oci::Descriptor;
+use sluice_format::Digest;
+use tokio::sync::watch;
+
+use crate::cache::ChunkCache;
+use crate::registry::{FetchError, ImageRef, RegistryClient};
+
+/// Requests for adjacent chunks are merged up to this many bytes.
+const MAX_COALESCED: u64 = 4 << 20;
+/// Chunks closer than this in the blob are fetched together (the gap is
+/// downloaded and dropped: cheaper than another round trip).
+const MAX_GAP: u64 = 16 << 10;
+/// Fetches of a chunk whose bytes fail verification before giving up.
+const VERIFY_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LayerError {
+    #[error("layer {layer} of {image}: not lazy-capable: {reason}")]
+    NotLazy {
+        image: String,
+        layer: Digest,
+        reason: String,
+    },
+    #[error("layer {layer} of {image}: {reason}")]
+    Fetch {
+        image: String,
+        layer: Digest,
+        reason: String,
+    },
+    #[error("layer {layer} of {image}, file {file}: read did not finish within {deadline:?}")]
+    Deadline {
+        image: String,
+        layer: Digest,
+        file: String,
+        deadline: Duration,
+    },
+    #[error("layer {layer} of {image}, file {file}: {reason}")]
+    Read {
+        image: String,
+        layer: Digest,
+        file: String,
+        reason: String,
+    },
+}
+
+/// Options of a mounted layer.
+#[derive(Debug, Clone)]
+pub struct LayerOptions {
+    /// How long a read may wait for its chunks.
+    pub read_deadline: Duration,
+}
+
+impl Default for LayerOptions {
+    fn default() -> Self {
+        LayerOptions {
+            read_deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Per-layer counters.
+#[derive(Debug, Default)]
+pub struct LayerStats {
+    pub fetched_bytes: AtomicU64,
+    pub fetch_requests: AtomicU64,
+    pub served_bytes: AtomicU64,
+    pub failed_reads: AtomicU64,
+}
+
+type Outcome = Option<Result<(), String>>;
+
+/// Bytes of a read: a slice of one mapped chunk (no copy), or assembled.
+pub enum ReadData {
+    Mapped(Arc<Mmap>, Range<usize>),
+    Owned(Vec<u8>),
+}
+
+impl ReadData {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            ReadData::Mapped(m, r) => &m[r.clone()],
+            ReadData::Owned(v) => v,
+        }
+    }
+}
+
+pub struct RemoteLayer {
+    client: Arc<RegistryClient>,
+    image: ImageRef,
+    digest: Digest,
+    index: LayerIndex,
+    cache: Arc<ChunkCache>,
+    opts: LayerOptions,
+    inflight: Mutex<HashMap<Digest, watch::Receiver<Outcome>>>,
+    pub stats: LayerStats,
+}
+
+/// Removes a chunk's in-flight entry however the leader ends.
+struct InflightGuard<'a> {
+    layer: &'a RemoteLayer,
+    digests: Vec<Digest>,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.layer.inflight.lock().expect("inflight");
+        for d in &self.digests {
+            map.remove(d);
+        }
+    }
+}
+
+impl RemoteLayer {
+    /// Opens a layer from its descriptor: fetches and verifies its TOC (the
+    /// descriptor must carry the TOC digest) and validates it.
+    pub async fn open(
+        client: Arc<RegistryClient>,
+        image: ImageRef,
+        layer: &Descriptor,
+        cache: Arc<ChunkCache>,
+        opts: LayerOptions,
+    ) -> Result<Self, LayerError> {
+        let not_lazy = |reason: String| LayerError::NotLazy {
+            image: image.to_string(),
+            layer: layer.digest.clone(),
+            reason,
+        };
+        let footer = Footer::from_annotations(&layer.annotations)
+            .map_err(|e| not_lazy(e.to_string()))?
+            .ok_or_else(|| not_lazy("no zstd:chunked annotations".into()))?;
+        let toc_digest = footer.toc_digest.clone().ok_or_else(|| {
+            not_lazy("no TOC checksum annotation, so the TOC cannot be verified".into())
+        })?;
+        if footer.toc.end() > layer.size || footer.toc.offset < 8 {
+            return Err(not_lazy(format!(
+                "TOC position {:?} lies outside the blob",
+                footer.toc
+            )));
+        }
+        let range = footer.toc.offset..footer.toc.end();
+        let mut last = String::new();
+        let mut toc = None;
+        for attempt in 0..VERIFY_ATTEMPTS {
+            let bytes = client
+                .blob_range(&image, &layer.digest, range.clone(), attempt as usize)
+                .await
+                .map_err(|e| LayerError::Fetch {
+                    image: image.to_string(),
+                    layer: layer.digest.clone(),
+                    reason: format!("fetching the TOC: {e}"),
+                })?;
+            match Toc::decode(&bytes, Some(&toc_digest), MAX_TOC_BYTES) {
+                Ok(t) => {
+                    toc = Some(t);
+                    break;
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        let toc = toc.ok_or_else(|| not_lazy(format!("TOC: {last}")))?;
+        let index = LayerIndex::from_toc(&toc, footer.toc.offset - 8)
+            .map_err(|e| not_lazy(e.to_string()))?;
+        tracing::info!(
+            image = %image,
+            layer = %layer.digest,
+            entries = index.nodes().len(),
+            chunks = index.chunks().len(),
+            toc_bytes = footer.toc.compressed_len,
+            "layer index ready"
+        );
+        Ok(RemoteLayer {
+            client,
+            image,
+            digest: layer.digest.clone(),
+            index,
+            cache,
+            opts,
+            inflight: Mutex::new(HashMap::new()),
+            stats: LayerStats::default(),
+        })
+    }
+
+    pub fn index(&self) -> &LayerIndex {
+        &self.index
+    }
+
+    pub fn image(&self) -> &ImageRef {
+        &self.image
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    fn fetch_err(&self, reason: String) -> LayerError {
+        LayerError::Fetch {
+            image: self.image.to_string(),
+            layer: self.digest.clone(),
+            reason,
+        }
+    }
+
+    /// Makes sure `chunks` are in the cache, fetching what is missing.
+    pub async fn ensure(&self, chunks: &[ChunkRef]) -> Result<(), LayerError> {
+        let mut mine = Vec::new();
+        let mut theirs = Vec::new();
+        let mut senders = Vec::new();
+        {
+            let mut map = self.inflight.lock().expect("inflight");
+            for c in chunks {
+                if self.cache.contains(&c.digest) {
+                    continue;
+                }
+                if let Some(rx) = map.get(&c.digest) {
+                    theirs.push((c.clone(), rx.clone()));
+                } else {
+                    let (tx, rx) = watch::channel(None);
+                    map.insert(c.digest.clone(), rx);
+                    senders.push(tx);
+                    mine.push(c.clone());
+                }
+            }
+        }
+        let guard = InflightGuard {
+            layer: self,
+            digests: mine.iter().map(|c| c.digest.clone()).collect(),
+        };
+        let result = self.fetch_chunks(&mine).await;
+        let outcome: Result<(), String> = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        for tx in senders {
+            let _ = tx.send(Some(outcome.clone()));
+        }
+        drop(guard);
+        result?;
+        for (c, mut rx) in theirs {
+            let waited = rx.wait_for(|v| v.is_some()).await.map(|v| v.clone());
+            match waited {
+                Ok(Some(Ok(()))) => {}
+                // The other fetch failed or was abandoned: try ourselves.
+                _ => Box::pin(self.ensure(std::slice::from_ref(&c))).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches chunks (already claimed by us), coalescing neighbours.
+    async fn fetch_chunks(&self, chunks: &[ChunkRef]) -> Result<(), LayerError> {
+        let mut sorted: Vec<&ChunkRef> = chunks.iter().collect();
+        sorted.sort_by_key(|c| c.blob_offset);
+        let mut groups: Vec<Vec<&ChunkRef>> = Vec::new();
+        for c in sorted {
+            match groups.last_mut() {
+                Some(g) => {
+                    let first = g[0].blob_offset;
+                    let last = g[g.len() - 1];
+                    let end = last.blob_offset + last.blob_len;
+                    if c.blob_offset >= end
+                        && c.blob_offset - end <= MAX_GAP
+                        && c.blob_offset + c.blob_len - first <= MAX_COALESCED
+                    {
+                        g.push(c);
+                    } else {
+                        groups.push(vec![c]);
+                    }
+                }
+                None => groups.push(vec![c]),
+            }
+        }
+        for group in groups {
+            self.fetch_group(&group).await?;
+        }
+        Ok(())
+    }
+
+    async fn fetch_group(&self, group: &[&ChunkRef]) -> Result<(), LayerError> {
+        let start = group[0].blob_offset;
+        let last = group[group.len() - 1];
+        let end = last.blob_offset + last.blob_len;
+        let mut pending: Vec<&ChunkRef> = group.to_vec();
+        let mut attempt = 0;
+        while !pending.is_empty() {
+            attempt += 1;
+            let bytes = self
+                .client
+                .blob_range(&self.image, &self.digest, start..end, attempt as usize - 1)
+                .await
+                .map_err(|e: FetchError| self.fetch_err(e.to_string()))?;
+            self.stats.fetch_requests.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .fetched_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            let mut failed = Vec::new();
+            let mut last_error = String::new();
+            for c in pending {
+                let from = (c.blob_offset - start) as usize;
+                let compressed = &bytes[from..from + c.blob_len as usize];
+                let name = self.digest.to_string();
+                let r = self.cache.insert_with(&c.digest, c.size, |out| {
+                    LayerIndex::decompress_chunk(&name, c, compressed, out)
+                        .map_err(|e| e.to_string())
+                });
+                if let Err(e) = r {
+                    last_error = e.to_string();
+                    failed.push(c);
+                }
+            }
+            if !failed.is_empty() {
+                tracing::warn!(
+                    image = %self.image,
+                    layer = %self.digest,
+                    attempt,
+                    chunks = failed.len(),
+                    error = %last_error,
+                    "fetched chunks failed verification"
+                );
+                if attempt >= VERIFY_ATTEMPTS {
+                    return Err(self.fetch_err(format!(
+                        "{} chunk(s) failed verification {attempt} times: {last_error}",
+                        failed.len()
+                    )));
+                }
+            }
+            pending = failed;
+        }
+        Ok(())
+    }
+
+    /// Reads `size` bytes at `offset` of node `node` (hard links resolved);
+    /// blocks the calling (non-async) thread, within the read deadline.
+    pub fn read_blocking(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        node: usize,
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadData, LayerError> {
+        let deadline = self.opts.read_deadline;
+        let r = runtime.block_on(async {
+            tokio::time::timeout(deadline, self.read(node, offset, size)).await
+        });
+        let file = || self.index.node(node).path.clone();
+        let r = match r {
+            Ok(r) => r,
+            Err(_) => Err(LayerError::Deadline {
+                image: self.image.to_string(),
+                layer: self.digest.clone(),
+                file: file(),
+                deadline,
+            }),
+        };
+        if let Err(e) = &r {
+            self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "read failed");
+        }
+        r
+    }
+
+    /// Reads `size` bytes at `offset` of a file.
+    pub async fn read(&self, node: usize, offset: u64, size: u32) -> Result<ReadData, LayerError> {
+        let chunks = self.index.chunks_for_range(node, offset, u64::from(size));
+        if chunks.is_empty() {
+            return Ok(ReadData::Owned(Vec::new()));
+        }
+        let file_size = match self.index.node(self.index.resolve(node)).kind {
+            sluice_format::chunked::NodeKind::File { size, .. } => size,
+            _ => 0,
+        };
+        let end = (offset + u64::from(size)).min(file_size);
+        for attempt in 0..2 {
+            self.ensure(chunks).await?;
+            let mut maps = Vec::with_capacity(chunks.len());
+            for c in chunks {
+                match self.cache.get(&c.digest) {
+                    Some(m) => maps.push(m),
+                    None => break,
+                }
+            }
+            if maps.len() < chunks.len() {
+                // Evicted (or found torn) between fetch and read: once more.
+                if attempt == 0 {
+                    continue;
+                }
+                return Err(LayerError::Read {
+                    image: self.image.to_string(),
+                    layer: self.digest.clone(),
+                    file: self.index.node(node).path.clone(),
+                    reason: "chunk vanished from the cache twice; is the cache too small?".into(),
+                });
+            }
+            self.stats
+                .served_bytes
+                .fetch_add(end - offset, Ordering::Relaxed);
+            if chunks.len() == 1 {
+                let c = &chunks[0];
+                let from = (offset - c.file_offset) as usize;
+                let to = (end - c.file_offset) as usize;
+                return Ok(ReadData::Mapped(maps.pop().expect("one map"), from..to));
+            }
+            let mut out = Vec::with_capacity((end - offset) as usize);
+            for (c, m) in chunks.iter().zip(&maps) {
+                let from = offset.max(c.file_offset) - c.file_offset;
+                let to = end.min(c.file_offset + c.size) - c.file_offset;
+                out.extend_from_slice(&m[from as usize..to as usize]);
+            }
+            return Ok(ReadData::Owned(out));
+        }
+        unreachable!("the loop returns")
+    }
+}

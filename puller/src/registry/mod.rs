@@ -1,0 +1,405 @@
+//! Talking to OCI registries: manifests, blobs and byte ranges of blobs over
+//! one pooled hyper client (HTTP/1.1 keep-alive), with the distribution token
+//! flow, retries with exponential backoff and jitter, and mirrors tried in
+//! order before the image's own host.
+
+mod auth;
+mod reference;
+
+use std::ops::Range;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use sluice_format::Digest;
+
+pub use auth::Credentials;
+pub use reference::{ImageRef, ReferenceError};
+
+/// How requests are retried.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts per host, the first included.
+    pub attempts: u32,
+    /// Delay before the second attempt; doubles each time, with ±50% jitter.
+    pub base_delay: Duration,
+    /// Deadline of one attempt (connect + headers + body).
+    pub attempt_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 4,
+            base_delay: Duration::from_millis(100),
+            attempt_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where to reach a registry host.
+#[derive(Debug, Clone, Default)]
+pub struct HostConfig {
+    /// Mirrors tried before the host itself, in order (`host[:port]`).
+    pub mirrors: Vec<String>,
+    /// Use plain HTTP. Loopback hosts always may, as in containerd.
+    pub plain_http: bool,
+    pub credentials: Option<Credentials>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{url}: {status}{}", if message.is_empty() { String::new() } else { format!(" ({message})") })]
+    Status {
+        url: String,
+        status: StatusCode,
+        message: String,
+    },
+    #[error("{url}: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("{url}: no response within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("{url}: expected {expected} bytes, got {got}")]
+    Length {
+        url: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error("{url}: content has digest {actual}, expected {expected}")]
+    Digest {
+        url: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("{host}: TLS is not supported yet; configure plain HTTP for this host")]
+    Tls { host: String },
+    #[error("authentication with {realm}: {reason}")]
+    Auth { realm: String, reason: String },
+}
+
+impl FetchError {
+    /// Whether another attempt may succeed.
+    fn retryable(&self) -> bool {
+        match self {
+            FetchError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+                    || *status == StatusCode::REQUEST_TIMEOUT
+            }
+            FetchError::Transport { .. }
+            | FetchError::Timeout { .. }
+            | FetchError::Length { .. }
+            | FetchError::Digest { .. } => true,
+            FetchError::Tls { .. } | FetchError::Auth { .. } => false,
+        }
+    }
+}
+
+/// A registry client shared by every layer of a node.
+pub struct RegistryClient {
+    http: Client<HttpConnector, Empty<Bytes>>,
+    hosts: Mutex<std::collections::HashMap<String, HostConfig>>,
+    tokens: auth::TokenCache,
+    retry: RetryPolicy,
+}
+
+/// A response body in memory with its content type.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub bytes: Bytes,
+    pub content_type: Option<String>,
+}
+
+fn is_loopback(host: &str) -> bool {
+    let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name == "localhost" || name == "::1" || name.starts_with("127.")
+}
+
+/// Cheap jitter without a random-number crate: the clock's nanoseconds.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let factor = 0.5 + f64::from(nanos % 1000) / 1000.0;
+    d.mul_f64(factor)
+}
+
+impl RegistryClient {
+    pub fn new(retry: RetryPolicy) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        RegistryClient {
+            http: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(32)
+                .build(connector),
+            hosts: Mutex::new(Default::default()),
+            tokens: auth::TokenCache::default(),
+            retry,
+        }
+    }
+
+    /// Sets how to reach `host`.
+    pub fn configure_host(&self, host: &str, config: HostConfig) {
+        self.hosts
+            .lock()
+            .expect("hosts")
+            .insert(host.to_owned(), config);
+    }
+
+    fn host_config(&self, host: &str) -> HostConfig {
+        self.hosts
+            .lock()
+            .expect("hosts")
+            .get(host)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Base URLs to try for `host`: mirrors first, then the host.
+    fn endpoints(&self, host: &str) -> Result<Vec<String>, FetchError> {
+        let cfg = self.host_config(host);
+        let mut out = Vec::new();
+        for h in cfg
+            .mirrors
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(host))
+        {
+            let plain = cfg.plain_http || is_loopback(h);
+            if !plain {
+                return Err(FetchError::Tls { host: h.to_owned() });
+            }
+            out.push(format!("http://{h}"));
+        }
+        Ok(out)
+    }
+
+    /// GETs `path` (below `/v2/`) of the image's repository, with an optional
+    /// byte range, trying mirrors in order and retrying each with backoff.
+    pub async fn get(
+        &self,
+        image: &ImageRef,
+        path: &str,
+        accept: Option<&str>,
+        range: Option<Range<u64>>,
+    ) -> Result<Fetched, FetchError> {
+        self.get_from(image, path, accept, range, 0).await
+    }
+
+    /// Like [`get`](Self::get), starting with the `first`-th endpoint (wrapping
+    /// around): a caller whose bytes failed verification asks the next source.
+    pub async fn get_from(
+        &self,
+        image: &ImageRef,
+        path: &str,
+        accept: Option<&str>,
+        range: Option<Range<u64>>,
+        first: usize,
+    ) -> Result<Fetched, FetchError> {
+        let mut endpoints = self.endpoints(&image.host)?;
+        let n = endpoints.len();
+        endpoints.rotate_left(first % n);
+        let mut last = None;
+        for base in endpoints {
+            let url = format!("{base}/v2/{}/{path}", image.repository);
+            let mut delay = self.retry.base_delay;
+            for attempt in 1..=self.retry.attempts.max(1) {
+                match self.attempt(image, &url, accept, range.clone()).await {
+                    Ok(f) => return Ok(f),
+                    Err(e) if e.retryable() && attempt < self.retry.attempts => {
+                        tracing::debug!(%url, attempt, error = %e, "retrying");
+                        tokio::time::sleep(jitter(delay)).await;
+                        delay *= 2;
+                        last = Some(e);
+                    }
+                    Err(e) => {
+                        last = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last.expect("at least one endpoint was tried"))
+    }
+
+    async fn attempt(
+        &self,
+        image: &ImageRef,
+        url: &str,
+        accept: Option<&str>,
+        range: Option<Range<u64>>,
+    ) -> Result<Fetched, FetchError> {
+        let timeout = self.retry.attempt_timeout;
+        match tokio::time::timeout(timeout, self.attempt_inner(image, url, accept, range)).await {
+            Ok(r) => r,
+            Err(_) => Err(FetchError::Timeout {
+                url: url.to_owned(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn attempt_inner(
+        &self,
+        image: &ImageRef,
+        url: &str,
+        accept: Option<&str>,
+        range: Option<Range<u64>>,
+    ) -> Result<Fetched, FetchError> {
+        let transport = |e: &dyn std::fmt::Display| FetchError::Transport {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        };
+        let creds = self.host_config(&image.host).credentials;
+        let mut authorization = self
+            .tokens
+            .header(&image.host, &image.repository, creds.as_ref());
+        for round in 0..2 {
+            let mut req = Request::get(url);
+            if let Some(a) = accept {
+                req = req.header(header::ACCEPT, a);
+            }
+            if let Some(r) = &range {
+                req = req.header(header::RANGE, format!("bytes={}-{}", r.start, r.end - 1));
+            }
+            if let Some(a) = &authorization {
+                req = req.header(header::AUTHORIZATION, a);
+            }
+            let req = req.body(Empty::new()).map_err(|e| transport(&e))?;
+            let resp = self.http.request(req).await.map_err(|e| transport(&e))?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && round == 0 {
+                let challenge = resp
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                authorization = Some(
+                    self.tokens
+                        .authorize(
+                            &self.http,
+                            &image.host,
+                            &image.repository,
+                            &challenge,
+                            creds.as_ref(),
+                        )
+                        .await?,
+                );
+                continue;
+            }
+            let content_type = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| transport(&e))?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(FetchError::Status {
+                    url: url.to_owned(),
+                    status,
+                    message: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+                });
+            }
+            if let Some(r) = &range {
+                let expected = r.end - r.start;
+                if status != StatusCode::PARTIAL_CONTENT || body.len() as u64 != expected {
+                    return Err(FetchError::Length {
+                        url: url.to_owned(),
+                        expected,
+                        got: body.len() as u64,
+                    });
+                }
+            }
+            return Ok(Fetched {
+                bytes: body,
+                content_type,
+            });
+        }
+        Err(FetchError::Status {
+            url: url.to_owned(),
+            status: StatusCode::UNAUTHORIZED,
+            message: "credentials refused".into(),
+        })
+    }
+
+    /// A byte range of a blob. `attempt` (0 first) rotates the mirrors, so
+    /// that a refetch after bad bytes asks another source first.
+    pub async fn blob_range(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        range: Range<u64>,
+        attempt: usize,
+    ) -> Result<Bytes, FetchError> {
+        Ok(self
+            .get_from(
+                image,
+                &format!("blobs/{digest}"),
+                None,
+                Some(range),
+                attempt,
+            )
+            .await?
+            .bytes)
+    }
+
+    /// A whole (small) blob, verified against its digest.
+    pub async fn blob(&self, image: &ImageRef, digest: &Digest) -> Result<Bytes, FetchError> {
+        let f = self
+            .get(image, &format!("blobs/{digest}"), None, None)
+            .await?;
+        verify(&f.bytes, digest, image)?;
+        Ok(f.bytes)
+    }
+
+    /// A manifest by tag or digest; verified when fetched by digest. Returns
+    /// its bytes, media type and digest.
+    pub async fn manifest(&self, image: &ImageRef) -> Result<(Bytes, String, Digest), FetchError> {
+        let accept = sluice_format::oci::MANIFEST_MEDIA_TYPES.join(", ");
+        let f = self
+            .get(
+                image,
+                &format!("manifests/{}", image.reference),
+                Some(&accept),
+                None,
+            )
+            .await?;
+        let digest = match image.reference.parse::<Digest>() {
+            Ok(d) => {
+                verify(&f.bytes, &d, image)?;
+                d
+            }
+            Err(_) => Digest::sha256(&f.bytes),
+        };
+        let media_type = f
+            .content_type
+            .unwrap_or_else(|| sluice_format::oci::OCI_MANIFEST.to_owned());
+        Ok((f.bytes, media_type, digest))
+    }
+}
+
+fn verify(bytes: &[u8], digest: &Digest, image: &ImageRef) -> Result<(), FetchError> {
+    let actual = Digest::of(digest.algorithm(), bytes);
+    if actual != *digest {
+        return Err(FetchError::Digest {
+            url: format!("{}/{}@{digest}", image.host, image.repository),
+            expected: digest.clone(),
+            actual,
+        });
+    }
+    Ok(())
+}

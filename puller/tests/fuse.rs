@@ -1,0 +1,481 @@
+//! Lazy layers on real FUSE mounts, served from a real registry: every file of
+//! the test image read through the mount equals the original; random and
+//! concurrent reads; a registry that goes away or returns corrupt bytes makes
+//! reads fail with EIO, never hang, never serve or cache wrong bytes.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_format::chunked::ChunkingOptions;
+use sluice_format::layout::Compression;
+use sluice_format::oci::Manifest;
+use sluice_puller::registry::{HostConfig, RetryPolicy};
+use sluice_puller::{ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
+use sluice_registry::storage::FsStorage;
+use sluice_registry::{Config, Registry};
+use sluice_testkit::images::busybox_image;
+use sluice_testkit::run;
+
+/// sluice-registry running in this process on its own runtime.
+struct InProcessRegistry {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcessRegistry {
+    fn start(root: &Path, addr: &str) -> Self {
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let root = root.to_owned();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                let cfg = Config {
+                    root: root.clone(),
+                    ..Config::default()
+                };
+                let mut cfg = cfg;
+                cfg.convert.on_push = false;
+                let registry = Registry::new(FsStorage::open(&root).unwrap(), None, cfg);
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                sluice_registry::server::serve(registry, listener, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        InProcessRegistry {
+            addr,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for InProcessRegistry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    registry: InProcessRegistry,
+    image: ImageRef,
+    manifest: Manifest,
+    roots: Vec<PathBuf>,
+}
+
+/// Builds the busybox test image, converts it to zstd:chunked and pushes it
+/// with skopeo.
+fn fixture() -> Fixture {
+    assert!(sluice_testkit::is_root(), "FUSE mounts need root");
+    sluice_testkit::require_tool("skopeo", "skopeo");
+    let dir = tempfile::tempdir().unwrap();
+    let img = busybox_image(&dir.path().join("img"), Compression::Gzip);
+    let lazy = dir.path().join("lazy");
+    sluice_format::convert::convert_layout(
+        &img.layout,
+        "v1",
+        &lazy,
+        "v1",
+        &ChunkingOptions::with_average(16 * 1024, 3),
+    )
+    .unwrap();
+    let registry = InProcessRegistry::start(&dir.path().join("registry"), "127.0.0.1:0");
+    std::fs::write(dir.path().join("auth.json"), "{}").unwrap();
+    std::fs::write(
+        dir.path().join("policy.json"),
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    run(std::process::Command::new("skopeo")
+        .env("REGISTRY_AUTH_FILE", dir.path().join("auth.json"))
+        .arg("--policy")
+        .arg(dir.path().join("policy.json"))
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", lazy.display()))
+        .arg(format!("docker://{}/fuse/busybox:v1", registry.addr)));
+    let image = ImageRef::parse(&format!("{}/fuse/busybox:v1", registry.addr)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = RegistryClient::new(RetryPolicy::default());
+    let (bytes, _, _) = rt.block_on(client.manifest(&image)).unwrap();
+    let manifest = Manifest::parse(&bytes).unwrap();
+    let rootfs = dir.path().join("img/rootfs");
+    Fixture {
+        registry,
+        image,
+        manifest,
+        roots: vec![rootfs.join("base"), rootfs.join("app")],
+        dir,
+    }
+}
+
+struct Mounted {
+    _session: fuser::BackgroundSession,
+    layer: Arc<RemoteLayer>,
+    path: PathBuf,
+}
+
+fn mount_layer(
+    rt: &tokio::runtime::Runtime,
+    f: &Fixture,
+    which: usize,
+    client: Arc<RegistryClient>,
+    cache: Arc<ChunkCache>,
+    opts: LayerOptions,
+) -> Mounted {
+    let desc = &f.manifest.layers.as_ref().unwrap()[which];
+    let layer = Arc::new(
+        rt.block_on(RemoteLayer::open(
+            client,
+            f.image.clone(),
+            desc,
+            cache,
+            opts,
+        ))
+        .unwrap(),
+    );
+    let path = f.dir.path().join(format!("mnt-{which}-{}", rand_suffix()));
+    std::fs::create_dir_all(&path).unwrap();
+    let session = sluice_puller::fs::mount(layer.clone(), rt.handle().clone(), &path, 4).unwrap();
+    Mounted {
+        _session: session,
+        layer,
+        path,
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(root.join(rel)).unwrap() {
+        let e = e.unwrap();
+        let r = rel.join(e.file_name());
+        out.push(r.clone());
+        if e.file_type().unwrap().is_dir() {
+            walk(root, &r, out);
+        }
+    }
+}
+
+#[test]
+fn every_file_through_the_mount_equals_the_original() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    for (which, root) in f.roots.iter().enumerate() {
+        let m = mount_layer(
+            &rt,
+            &f,
+            which,
+            client.clone(),
+            cache.clone(),
+            LayerOptions::default(),
+        );
+        // Mounting fetched only the TOC: no file bytes yet.
+        assert_eq!(m.layer.stats.fetched_bytes.load(Ordering::Relaxed), 0);
+        let mut paths = Vec::new();
+        walk(root, Path::new(""), &mut paths);
+        let mut listed = Vec::new();
+        walk(&m.path, Path::new(""), &mut listed);
+        paths.sort();
+        listed.sort();
+        assert_eq!(paths, listed, "directory listings differ");
+        for rel in &paths {
+            let orig = std::fs::symlink_metadata(root.join(rel)).unwrap();
+            let lazy = std::fs::symlink_metadata(m.path.join(rel)).unwrap();
+            let name = rel.display();
+            assert_eq!(orig.file_type(), lazy.file_type(), "{name}: type");
+            assert_eq!(orig.mode() & 0o7777, lazy.mode() & 0o7777, "{name}: mode");
+            assert_eq!(
+                (orig.uid(), orig.gid()),
+                (lazy.uid(), lazy.gid()),
+                "{name}: owner"
+            );
+            assert_eq!(orig.mtime(), lazy.mtime(), "{name}: mtime");
+            if orig.is_file() {
+                assert_eq!(orig.len(), lazy.len(), "{name}: size");
+                assert_eq!(
+                    std::fs::read(root.join(rel)).unwrap(),
+                    std::fs::read(m.path.join(rel)).unwrap(),
+                    "{name}: content"
+                );
+            }
+            if orig.file_type().is_symlink() {
+                assert_eq!(
+                    std::fs::read_link(root.join(rel)).unwrap(),
+                    std::fs::read_link(m.path.join(rel)).unwrap()
+                );
+            }
+        }
+        if which == 1 {
+            // Hard links are one inode.
+            let a = std::fs::metadata(m.path.join("app/data/small.txt")).unwrap();
+            let b = std::fs::metadata(m.path.join("app/data/small-link.txt")).unwrap();
+            assert_eq!(a.ino(), b.ino());
+            assert_eq!(a.nlink(), 2);
+        }
+        let blob = f.manifest.layers.as_ref().unwrap()[which].size;
+        let fetched = m.layer.stats.fetched_bytes.load(Ordering::Relaxed);
+        assert!(
+            fetched <= blob,
+            "fetched {fetched} bytes of a {blob}-byte layer: something was fetched twice"
+        );
+    }
+}
+
+#[test]
+fn random_and_concurrent_reads() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let m = mount_layer(&rt, &f, 1, client, cache, LayerOptions::default());
+    let original = Arc::new(std::fs::read(f.roots[1].join("app/data/blob.bin")).unwrap());
+    let path = m.path.join("app/data/blob.bin");
+    let mut threads = Vec::new();
+    for t in 0..8u64 {
+        let (original, path) = (original.clone(), path.clone());
+        threads.push(std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap();
+            let mut seed = 0x1234_5678_9abc_def1u64 ^ (t << 7);
+            for _ in 0..200 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let off = (seed % original.len() as u64) as usize;
+                let len = ((seed >> 20) % 300_000) as usize + 1;
+                let mut buf = vec![0u8; len];
+                let n = file.read_at(&mut buf, off as u64).unwrap();
+                let want = &original[off..(off + len).min(original.len())];
+                assert_eq!(&buf[..n], want, "read of {len} at {off}");
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Concurrent readers of the same chunks shared fetches.
+    let blob = f.manifest.layers.as_ref().unwrap()[1].size;
+    let fetched = m.layer.stats.fetched_bytes.load(Ordering::Relaxed);
+    assert!(
+        fetched <= blob,
+        "fetched {fetched} of {blob}: duplicate fetches"
+    );
+}
+
+#[test]
+fn registry_gone_gives_eio_within_the_deadline_then_recovers() {
+    let mut f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
+    let client = Arc::new(RegistryClient::new(RetryPolicy {
+        attempts: 2,
+        base_delay: Duration::from_millis(50),
+        attempt_timeout: Duration::from_secs(2),
+    }));
+    let opts = LayerOptions {
+        read_deadline: Duration::from_secs(5),
+    };
+    let m = mount_layer(&rt, &f, 1, client, cache, opts);
+    let addr = f.registry.addr;
+    f.registry.stop();
+    let started = Instant::now();
+    let err = std::fs::read(m.path.join("app/data/blob.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "expected EIO, got {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "read hung for {:?}",
+        started.elapsed()
+    );
+    // Metadata needs no registry.
+    assert!(std::fs::metadata(m.path.join("app/start.sh")).is_ok());
+    // The registry comes back on the same address: reads work again.
+    f.registry = InProcessRegistry::start(&f.dir.path().join("registry"), &addr.to_string());
+    let content = std::fs::read(m.path.join("app/data/blob.bin")).unwrap();
+    assert_eq!(
+        content,
+        std::fs::read(f.roots[1].join("app/data/blob.bin")).unwrap()
+    );
+}
+
+/// A TCP proxy that flips the first byte of every HTTP response body.
+fn corrupting_proxy(upstream: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            std::thread::spawn(move || {
+                let Ok(mut server) = TcpStream::connect(upstream) else {
+                    return;
+                };
+                let mut to_server = client.try_clone().unwrap();
+                let mut from_client = server.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut to_server, &mut from_client);
+                });
+                // Responses: headers verbatim, first body byte flipped.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                loop {
+                    let n = match server.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + len {
+                            break;
+                        }
+                        let mut response: Vec<u8> = buf.drain(..end + 4 + len).collect();
+                        if len > 0 && head.starts_with("http/1.1 206") {
+                            response[end + 4] ^= 0xff;
+                        }
+                        if client.write_all(&response).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Every chunk file in the cache hashes to its name.
+fn assert_cache_is_clean(dir: &Path) {
+    for prefix in std::fs::read_dir(dir.join("chunks")).unwrap() {
+        for f in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+            let f = f.unwrap();
+            let hex = f.file_name().to_string_lossy().into_owned();
+            let data = std::fs::read(f.path()).unwrap();
+            assert_eq!(
+                sluice_format::Digest::sha256(&data).hex(),
+                hex,
+                "corrupt chunk cached"
+            );
+        }
+    }
+}
+
+#[test]
+fn corrupt_bytes_are_never_served_nor_cached() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let desc = f.manifest.layers.as_ref().unwrap()[1].clone();
+    let proxy = corrupting_proxy(f.registry.addr);
+    let original = std::fs::read(f.roots[1].join("app/data/blob.bin")).unwrap();
+
+    // 1. A corrupt mirror in front of a healthy registry: the bad bytes are
+    //    rejected, the refetch goes to the registry, the read succeeds.
+    let cache_dir = f.dir.path().join("cache-mirror");
+    let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let layer = rt
+        .block_on(RemoteLayer::open(
+            client.clone(),
+            f.image.clone(),
+            &desc,
+            cache.clone(),
+            LayerOptions::default(),
+        ))
+        .unwrap();
+    client.configure_host(
+        &f.image.host,
+        HostConfig {
+            mirrors: vec![proxy.to_string()],
+            ..HostConfig::default()
+        },
+    );
+    let layer = Arc::new(layer);
+    let path = f.dir.path().join("mnt-mirror");
+    std::fs::create_dir_all(&path).unwrap();
+    let session = sluice_puller::fs::mount(layer.clone(), rt.handle().clone(), &path, 2).unwrap();
+    assert_eq!(
+        std::fs::read(path.join("app/data/blob.bin")).unwrap(),
+        original
+    );
+    assert_cache_is_clean(&cache_dir);
+    drop(session);
+
+    // 2. The only source is corrupt: EIO, and nothing corrupt in the cache.
+    let cache_dir = f.dir.path().join("cache-corrupt");
+    let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let layer = rt
+        .block_on(RemoteLayer::open(
+            client.clone(),
+            f.image.clone(),
+            &desc,
+            cache.clone(),
+            LayerOptions::default(),
+        ))
+        .unwrap();
+    // Three corrupt mirrors for three verification attempts: every attempt
+    // gets answered, with bad bytes.
+    client.configure_host(
+        &f.image.host,
+        HostConfig {
+            mirrors: vec![proxy.to_string(); 3],
+            ..HostConfig::default()
+        },
+    );
+    let layer = Arc::new(layer);
+    let path = f.dir.path().join("mnt-corrupt");
+    std::fs::create_dir_all(&path).unwrap();
+    let _session = sluice_puller::fs::mount(layer.clone(), rt.handle().clone(), &path, 2).unwrap();
+    let err = std::fs::read(path.join("app/data/blob.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "expected EIO, got {err}");
+    assert_cache_is_clean(&cache_dir);
+    assert!(layer.stats.failed_reads.load(Ordering::Relaxed) > 0);
+
+    // 3. A TOC with bad bytes never mounts.
+    let bad_image = ImageRef::parse(&format!("{proxy}/fuse/busybox:v1")).unwrap();
+    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache-toc"), 1 << 30).unwrap());
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let err = rt
+        .block_on(RemoteLayer::open(
+            client,
+            bad_image,
+            &desc,
+            cache,
+            LayerOptions::default(),
+        ))
+        .err()
+        .expect("a corrupt TOC must not open");
+    assert!(err.to_string().contains("TOC"), "{err}");
+}
