@@ -84,6 +84,8 @@ pub struct LayerStats {
     pub fetch_requests: AtomicU64,
     pub served_bytes: AtomicU64,
     pub failed_reads: AtomicU64,
+    /// Opens answered with a kernel passthrough file.
+    pub passthrough_opens: AtomicU64,
 }
 
 type Outcome = Option<Result<(), String>>;
@@ -342,6 +344,70 @@ impl RemoteLayer {
             pending = failed;
         }
         Ok(())
+    }
+
+    /// Makes a whole file local and returns it as one cached entry (keyed by
+    /// the file's digest: for a one-chunk file that is the chunk itself), for
+    /// FUSE passthrough. Fetches what is missing, within the read deadline.
+    pub fn materialize_blocking(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        node: usize,
+    ) -> Result<Option<std::fs::File>, LayerError> {
+        let content = self.index.resolve(node);
+        let sluice_format::chunked::NodeKind::File {
+            size,
+            digest: Some(digest),
+            ..
+        } = &self.index.node(content).kind
+        else {
+            return Ok(None);
+        };
+        if let Some(f) = self.cache.open_file(digest) {
+            return Ok(Some(f));
+        }
+        let chunks = self.index.file_chunks_of(content);
+        let deadline = self.opts.read_deadline;
+        runtime
+            .block_on(async { tokio::time::timeout(deadline, self.ensure(chunks)).await })
+            .map_err(|_| LayerError::Deadline {
+                image: self.image.to_string(),
+                layer: self.digest.clone(),
+                file: self.index.node(node).path.clone(),
+                deadline,
+            })??;
+        let mut maps = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            match self.cache.get(&c.digest) {
+                Some(m) => maps.push(m),
+                None => return Ok(None),
+            }
+        }
+        let r = self.cache.insert_with(digest, *size, |out| {
+            let mut at = 0usize;
+            for m in &maps {
+                out[at..at + m.len()].copy_from_slice(m);
+                at += m.len();
+            }
+            Ok(())
+        });
+        match r {
+            Ok(_) => Ok(self.cache.open_file(digest)),
+            Err(e) => Err(LayerError::Read {
+                image: self.image.to_string(),
+                layer: self.digest.clone(),
+                file: self.index.node(node).path.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Whether every chunk of a file is cached.
+    pub fn is_local(&self, node: usize) -> bool {
+        self.index
+            .file_chunks_of(node)
+            .iter()
+            .all(|c| self.cache.contains(&c.digest))
     }
 
     /// Reads `size` bytes at `offset` of node `node` (hard links resolved);

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use sluice_format::chunked::ChunkingOptions;
 use sluice_format::layout::Compression;
 use sluice_format::oci::Manifest;
+use sluice_puller::fs::FsOptions;
 use sluice_puller::registry::{HostConfig, RetryPolicy};
 use sluice_puller::{ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
 use sluice_registry::storage::FsStorage;
@@ -142,6 +143,7 @@ fn mount_layer(
     client: Arc<RegistryClient>,
     cache: Arc<ChunkCache>,
     opts: LayerOptions,
+    fs_opts: &FsOptions,
 ) -> Mounted {
     let desc = &f.manifest.layers.as_ref().unwrap()[which];
     let layer = Arc::new(
@@ -156,7 +158,9 @@ fn mount_layer(
     );
     let path = f.dir.path().join(format!("mnt-{which}-{}", rand_suffix()));
     std::fs::create_dir_all(&path).unwrap();
-    let session = sluice_puller::fs::mount(layer.clone(), rt.handle().clone(), &path, 4).unwrap();
+    let session =
+        sluice_puller::fs::mount(layer.clone(), rt.handle().clone(), &path, fs_opts.clone())
+            .unwrap();
     Mounted {
         _session: session,
         layer,
@@ -196,6 +200,7 @@ fn every_file_through_the_mount_equals_the_original() {
             client.clone(),
             cache.clone(),
             LayerOptions::default(),
+            &FsOptions::default(),
         );
         // Mounting fetched only the TOC: no file bytes yet.
         assert_eq!(m.layer.stats.fetched_bytes.load(Ordering::Relaxed), 0);
@@ -255,7 +260,18 @@ fn random_and_concurrent_reads() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
     let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
-    let m = mount_layer(&rt, &f, 1, client, cache, LayerOptions::default());
+    let m = mount_layer(
+        &rt,
+        &f,
+        1,
+        client,
+        cache,
+        LayerOptions::default(),
+        &FsOptions {
+            passthrough: false,
+            ..FsOptions::default()
+        },
+    );
     let original = Arc::new(std::fs::read(f.roots[1].join("app/data/blob.bin")).unwrap());
     let path = m.path.join("app/data/blob.bin");
     let mut threads = Vec::new();
@@ -302,7 +318,18 @@ fn registry_gone_gives_eio_within_the_deadline_then_recovers() {
     let opts = LayerOptions {
         read_deadline: Duration::from_secs(5),
     };
-    let m = mount_layer(&rt, &f, 1, client, cache, opts);
+    let m = mount_layer(
+        &rt,
+        &f,
+        1,
+        client,
+        cache,
+        opts,
+        &FsOptions {
+            passthrough: false,
+            ..FsOptions::default()
+        },
+    );
     let addr = f.registry.addr;
     f.registry.stop();
     let started = Instant::now();
@@ -424,7 +451,16 @@ fn corrupt_bytes_are_never_served_nor_cached() {
     let layer = Arc::new(layer);
     let path = f.dir.path().join("mnt-mirror");
     std::fs::create_dir_all(&path).unwrap();
-    let session = sluice_puller::fs::mount(layer.clone(), rt.handle().clone(), &path, 2).unwrap();
+    let session = sluice_puller::fs::mount(
+        layer.clone(),
+        rt.handle().clone(),
+        &path,
+        FsOptions {
+            passthrough: false,
+            ..FsOptions::default()
+        },
+    )
+    .unwrap();
     assert_eq!(
         std::fs::read(path.join("app/data/blob.bin")).unwrap(),
         original
@@ -457,7 +493,16 @@ fn corrupt_bytes_are_never_served_nor_cached() {
     let layer = Arc::new(layer);
     let path = f.dir.path().join("mnt-corrupt");
     std::fs::create_dir_all(&path).unwrap();
-    let _session = sluice_puller::fs::mount(layer.clone(), rt.handle().clone(), &path, 2).unwrap();
+    let _session = sluice_puller::fs::mount(
+        layer.clone(),
+        rt.handle().clone(),
+        &path,
+        FsOptions {
+            passthrough: false,
+            ..FsOptions::default()
+        },
+    )
+    .unwrap();
     let err = std::fs::read(path.join("app/data/blob.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(5), "expected EIO, got {err}");
     assert_cache_is_clean(&cache_dir);
@@ -478,4 +523,43 @@ fn corrupt_bytes_are_never_served_nor_cached() {
         .err()
         .expect("a corrupt TOC must not open");
     assert!(err.to_string().contains("TOC"), "{err}");
+}
+
+#[test]
+fn local_files_are_passed_through_to_the_kernel() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let opts = FsOptions {
+        open_fetch_max: 64 * 1024,
+        ..FsOptions::default()
+    };
+    let m = mount_layer(&rt, &f, 1, client, cache, LayerOptions::default(), &opts);
+    let big = m.path.join("app/data/blob.bin");
+    let original = std::fs::read(f.roots[1].join("app/data/blob.bin")).unwrap();
+    // A small file is fetched whole at open and passed through at once.
+    assert_eq!(
+        std::fs::read(m.path.join("app/start.sh")).unwrap(),
+        std::fs::read(f.roots[1].join("app/start.sh")).unwrap()
+    );
+    assert_eq!(
+        m.layer.stats.passthrough_opens.load(Ordering::Relaxed),
+        1,
+        "kernel refused passthrough?"
+    );
+    // A large one is served lazily by the daemon until it is complete...
+    assert_eq!(std::fs::read(&big).unwrap(), original);
+    assert_eq!(m.layer.stats.passthrough_opens.load(Ordering::Relaxed), 1);
+    let served = m.layer.stats.served_bytes.load(Ordering::Relaxed);
+    // ...then new opens go to the kernel: with the page cache dropped, reading
+    // it again does not reach the daemon at all.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(std::fs::read(&big).unwrap(), original);
+    assert_eq!(m.layer.stats.passthrough_opens.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        m.layer.stats.served_bytes.load(Ordering::Relaxed),
+        served,
+        "reads reached the daemon"
+    );
 }

@@ -124,6 +124,15 @@ impl ChunkCache {
         self.dir.join("chunks").join(&d.hex()[..2]).join(d.hex())
     }
 
+    /// Opens a cached, verified entry as a file (for FUSE passthrough, which
+    /// hands the kernel a file descriptor instead of serving reads).
+    pub fn open_file(&self, d: &Digest) -> Option<File> {
+        // `get` verifies the entry on first use and keeps it mapped, which
+        // also keeps eviction away from it while it is held.
+        self.get(d)?;
+        File::open(self.path(d)).ok()
+    }
+
     /// Bytes stored.
     pub fn size(&self) -> u64 {
         self.state.lock().expect("cache state").total

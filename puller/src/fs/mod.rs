@@ -9,18 +9,24 @@
 //! - The layer is immutable, so entries and attributes are cached by the kernel
 //!   for a long time and file pages are kept across opens.
 //! - Requests are served by several threads; reads block only their thread.
+//! - Passthrough (kernel ≥ 6.9): opening a file that is local (or small enough
+//!   to fetch whole at open) hands the kernel the cached file itself, so reads
+//!   never reach this daemon again. Detected at mount; without it, reads are
+//!   served from the chunk cache's memory maps.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::{Mutex, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyXattr, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use sluice_format::chunked::NodeKind;
 
@@ -31,6 +37,35 @@ const TTL: Duration = Duration::from_secs(3600);
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// How a layer is served.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// Use FUSE passthrough when the kernel has it.
+    pub passthrough: bool,
+    /// Files up to this size are fetched whole when opened (then passed
+    /// through); larger ones are fetched by the ranges that are read.
+    pub open_fetch_max: u64,
+    /// Threads serving requests.
+    pub threads: usize,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            passthrough: true,
+            open_fetch_max: 1 << 20,
+            threads: 4,
+        }
+    }
+}
+
+/// Backing files handed to the kernel, one per inode while open.
+#[derive(Default)]
+struct Backing {
+    by_handle: HashMap<u64, Arc<BackingId>>,
+    by_ino: HashMap<u64, Weak<BackingId>>,
+}
 
 struct Dir {
     /// (name, node) sorted by name.
@@ -49,6 +84,11 @@ pub struct LayerFs {
     links: Vec<u32>,
     whiteouts: Vec<bool>,
     total_bytes: u64,
+    options: FsOptions,
+    /// Passthrough negotiated with the kernel and still working.
+    passthrough: AtomicBool,
+    backing: Mutex<Backing>,
+    next_fh: AtomicU64,
 }
 
 fn ino_of(root: usize, node: usize) -> INodeNo {
@@ -65,7 +105,11 @@ fn rdev(major: u32, minor: u32) -> u32 {
 }
 
 impl LayerFs {
-    pub fn new(layer: Arc<RemoteLayer>, runtime: tokio::runtime::Handle) -> Self {
+    pub fn new(
+        layer: Arc<RemoteLayer>,
+        runtime: tokio::runtime::Handle,
+        options: FsOptions,
+    ) -> Self {
         let index = layer.index();
         let nodes = index.nodes();
         let root = index.lookup("").expect("the index always has a root");
@@ -121,7 +165,61 @@ impl LayerFs {
             links,
             whiteouts,
             total_bytes,
+            options,
+            passthrough: AtomicBool::new(false),
+            backing: Mutex::new(Backing::default()),
+            next_fh: AtomicU64::new(1),
         }
+    }
+
+    /// Whether opens are answered with passthrough files.
+    pub fn passthrough_active(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Tries to answer an open with a passthrough file; gives the reply back
+    /// if this open should be served by the daemon instead.
+    fn open_passthrough(&self, i: usize, size: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+        if !self.passthrough_active()
+            || !(size <= self.options.open_fetch_max || self.layer.is_local(i))
+        {
+            return Some(reply);
+        }
+        let file = match self.layer.materialize_blocking(&self.runtime, i) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Some(reply),
+            Err(e) => {
+                tracing::error!(error = %e, "open failed");
+                reply.error(Errno::EIO);
+                return None;
+            }
+        };
+        let content = self.layer.index().resolve(i) as u64;
+        let mut backing = self.backing.lock().expect("backing");
+        let id = match backing.by_ino.get(&content).and_then(Weak::upgrade) {
+            Some(id) => id,
+            None => match reply.open_backing(&file) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    backing.by_ino.insert(content, Arc::downgrade(&id));
+                    id
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "FUSE passthrough refused by the kernel; serving reads through the daemon from now on");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                    return Some(reply);
+                }
+            },
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        // Count before replying: the reply lets the opener run on.
+        self.layer
+            .stats
+            .passthrough_opens
+            .fetch_add(1, Ordering::Relaxed);
+        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+        backing.by_handle.insert(fh, id);
+        None
     }
 
     fn node_of(&self, ino: INodeNo) -> Option<usize> {
@@ -213,6 +311,22 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
 }
 
 impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if !self.options.passthrough {
+            return Ok(());
+        }
+        match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+            // Backing files live on a plain filesystem (depth 0), and overlayfs
+            // stacks on top of this mount: depth 1 keeps both within the
+            // kernel's limit of 2.
+            Ok(()) if config.set_max_stack_depth(1).is_ok() => {
+                self.passthrough.store(true, Ordering::Relaxed);
+            }
+            _ => tracing::info!("kernel has no FUSE passthrough; reads are served by the daemon"),
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(dir) = self
             .node_of(parent)
@@ -251,10 +365,32 @@ impl Filesystem for LayerFs {
             return reply.error(Errno::EROFS);
         }
         match self.layer.index().node(self.layer.index().resolve(i)).kind {
-            NodeKind::File { .. } => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            NodeKind::File { size, .. } => {
+                if let Some(reply) = self.open_passthrough(i, size, reply) {
+                    reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+                }
+            }
             NodeKind::Dir => reply.error(Errno::EISDIR),
             _ => reply.error(Errno::EINVAL),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.backing
+            .lock()
+            .expect("backing")
+            .by_handle
+            .remove(&u64::from(fh));
+        reply.ok();
     }
 
     fn read(
@@ -354,15 +490,16 @@ fn libc_o_accmode() -> i32 {
     0o3
 }
 
-/// Mounts `layer` read-only at `mountpoint`, served by `threads` threads;
-/// unmounted when the returned session is dropped.
+/// Mounts `layer` read-only at `mountpoint`; unmounted when the returned
+/// session is dropped.
 pub fn mount(
     layer: Arc<RemoteLayer>,
     runtime: tokio::runtime::Handle,
     mountpoint: &Path,
-    threads: usize,
+    options: FsOptions,
 ) -> std::io::Result<fuser::BackgroundSession> {
-    let fs = LayerFs::new(layer.clone(), runtime);
+    let threads = options.threads;
+    let fs = LayerFs::new(layer.clone(), runtime, options);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::RO,
