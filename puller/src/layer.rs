@@ -67,12 +67,15 @@ pub enum LayerError {
 pub struct LayerOptions {
     /// How long a read may wait for its chunks.
     pub read_deadline: Duration,
+    /// Where fetch latencies are recorded (see [`crate::metrics`]).
+    pub fetch_latency: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl Default for LayerOptions {
     fn default() -> Self {
         LayerOptions {
             read_deadline: Duration::from_secs(60),
+            fetch_latency: None,
         }
     }
 }
@@ -301,11 +304,15 @@ impl RemoteLayer {
         let mut attempt = 0;
         while !pending.is_empty() {
             attempt += 1;
+            let started = std::time::Instant::now();
             let bytes = self
                 .client
                 .blob_range(&self.image, &self.digest, start..end, attempt as usize - 1)
                 .await
                 .map_err(|e: FetchError| self.fetch_err(e.to_string()))?;
+            if let Some(h) = &self.opts.fetch_latency {
+                h.observe(started.elapsed().as_secs_f64());
+            }
             self.stats.fetch_requests.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .fetched_bytes

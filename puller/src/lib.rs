@@ -7,10 +7,13 @@
 //!   decompressed and verified;
 //! - [`cache`]: stored by chunk digest, memory-mapped, bounded, crash-safe;
 //! - [`fs`]: served to the kernel through FUSE.
+//!
+//! [`metrics`] renders all of it for Prometheus.
 
 pub mod cache;
 pub mod fs;
 pub mod layer;
+pub mod metrics;
 pub mod registry;
 
 pub use cache::ChunkCache;

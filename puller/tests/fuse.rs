@@ -192,16 +192,22 @@ fn every_file_through_the_mount_equals_the_original() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
     let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let metrics = sluice_puller::metrics::PullerMetrics::new(cache.clone());
     for (which, root) in f.roots.iter().enumerate() {
+        let opts = LayerOptions {
+            fetch_latency: Some(metrics.fetch_latency.clone()),
+            ..LayerOptions::default()
+        };
         let m = mount_layer(
             &rt,
             &f,
             which,
             client.clone(),
             cache.clone(),
-            LayerOptions::default(),
+            opts,
             &FsOptions::default(),
         );
+        metrics.track(&m.layer);
         // Mounting fetched only the TOC: no file bytes yet.
         assert_eq!(m.layer.stats.fetched_bytes.load(Ordering::Relaxed), 0);
         let mut paths = Vec::new();
@@ -317,6 +323,7 @@ fn registry_gone_gives_eio_within_the_deadline_then_recovers() {
     }));
     let opts = LayerOptions {
         read_deadline: Duration::from_secs(5),
+        ..LayerOptions::default()
     };
     let m = mount_layer(
         &rt,
@@ -582,10 +589,15 @@ fn debian_python3_rootfs_reads_identically_through_the_mount() {
     )
     .unwrap();
     let lazy = dir.path().join("py-lazy");
-    sluice_format::convert::convert_layout(&layout, "v1", &lazy, "v1", &ChunkingOptions::default()).unwrap();
+    sluice_format::convert::convert_layout(&layout, "v1", &lazy, "v1", &ChunkingOptions::default())
+        .unwrap();
     let registry = InProcessRegistry::start(&dir.path().join("registry"), "127.0.0.1:0");
     std::fs::write(dir.path().join("auth.json"), "{}").unwrap();
-    std::fs::write(dir.path().join("policy.json"), r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+    std::fs::write(
+        dir.path().join("policy.json"),
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
     run(std::process::Command::new("skopeo")
         .env("REGISTRY_AUTH_FILE", dir.path().join("auth.json"))
         .arg("--policy")
@@ -600,32 +612,61 @@ fn debian_python3_rootfs_reads_identically_through_the_mount() {
     let manifest = Manifest::parse(&bytes).unwrap();
     let desc = &manifest.layers.unwrap()[0];
     let cache = Arc::new(ChunkCache::open(dir.path().join("cache"), 1 << 30).unwrap());
-    let layer = Arc::new(rt.block_on(RemoteLayer::open(client, image, desc, cache, LayerOptions::default())).unwrap());
+    let layer = Arc::new(
+        rt.block_on(RemoteLayer::open(
+            client,
+            image,
+            desc,
+            cache,
+            LayerOptions::default(),
+        ))
+        .unwrap(),
+    );
     let mnt = dir.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    let _session = sluice_puller::fs::mount(layer.clone(), rt.handle().clone(), &mnt, FsOptions::default()).unwrap();
+    let _session = sluice_puller::fs::mount(
+        layer.clone(),
+        rt.handle().clone(),
+        &mnt,
+        FsOptions::default(),
+    )
+    .unwrap();
 
     let mut paths = Vec::new();
     walk(&rootfs, Path::new(""), &mut paths);
     let (mut files, mut devices) = (0, 0);
     for rel in &paths {
         let orig = std::fs::symlink_metadata(rootfs.join(rel)).unwrap();
-        let lazy = std::fs::symlink_metadata(mnt.join(rel)).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+        let lazy = std::fs::symlink_metadata(mnt.join(rel))
+            .unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
         let name = rel.display();
         assert_eq!(orig.file_type(), lazy.file_type(), "{name}: type");
         assert_eq!(orig.mode(), lazy.mode(), "{name}: mode");
-        assert_eq!((orig.uid(), orig.gid(), orig.mtime()), (lazy.uid(), lazy.gid(), lazy.mtime()), "{name}");
+        assert_eq!(
+            (orig.uid(), orig.gid(), orig.mtime()),
+            (lazy.uid(), lazy.gid(), lazy.mtime()),
+            "{name}"
+        );
         if orig.is_file() {
             assert_eq!(orig.nlink(), lazy.nlink(), "{name}: links");
-            assert!(std::fs::read(rootfs.join(rel)).unwrap() == std::fs::read(mnt.join(rel)).unwrap(), "{name}: content");
+            assert!(
+                std::fs::read(rootfs.join(rel)).unwrap() == std::fs::read(mnt.join(rel)).unwrap(),
+                "{name}: content"
+            );
             files += 1;
         } else if orig.file_type().is_symlink() {
-            assert_eq!(std::fs::read_link(rootfs.join(rel)).unwrap(), std::fs::read_link(mnt.join(rel)).unwrap());
+            assert_eq!(
+                std::fs::read_link(rootfs.join(rel)).unwrap(),
+                std::fs::read_link(mnt.join(rel)).unwrap()
+            );
         } else if !orig.is_dir() {
             assert_eq!(orig.rdev(), lazy.rdev(), "{name}: device");
             devices += 1;
         }
     }
-    assert!(files > 1000 && devices > 0, "{files} files, {devices} devices");
+    assert!(
+        files > 1000 && devices > 0,
+        "{files} files, {devices} devices"
+    );
     assert!(layer.stats.passthrough_opens.load(Ordering::Relaxed) > 0);
 }
