@@ -527,8 +527,7 @@ fn corrupt_bytes_are_never_served_nor_cached() {
             cache,
             LayerOptions::default(),
         ))
-        .err()
-        .expect("a corrupt TOC must not open");
+        .expect_err("a corrupt TOC must not open");
     assert!(err.to_string().contains("TOC"), "{err}");
 }
 
