@@ -89,6 +89,10 @@ pub struct LayerStats {
     pub failed_reads: AtomicU64,
     /// Opens answered with a kernel passthrough file.
     pub passthrough_opens: AtomicU64,
+    /// Compressed bytes fetched by prefetch.
+    pub prefetched_bytes: AtomicU64,
+    /// Compressed bytes of prefetched chunks that a reader then used.
+    pub prefetch_hit_bytes: AtomicU64,
 }
 
 type Outcome = Option<Result<(), String>>;
@@ -116,6 +120,8 @@ pub struct RemoteLayer {
     cache: Arc<ChunkCache>,
     opts: LayerOptions,
     inflight: Mutex<HashMap<Digest, watch::Receiver<Outcome>>>,
+    /// Chunks prefetch fetched that no reader has used yet: (compressed size).
+    prefetched: Mutex<HashMap<Digest, u64>>,
     pub stats: LayerStats,
 }
 
@@ -200,6 +206,7 @@ impl RemoteLayer {
             cache,
             opts,
             inflight: Mutex::new(HashMap::new()),
+            prefetched: Mutex::new(HashMap::new()),
             stats: LayerStats::default(),
         })
     }
@@ -221,6 +228,44 @@ impl RemoteLayer {
             image: self.image.to_string(),
             layer: self.digest.clone(),
             reason,
+        }
+    }
+
+    /// Whether a chunk is in the cache.
+    pub fn has_chunk(&self, d: &Digest) -> bool {
+        self.cache.contains(d)
+    }
+
+    /// Fetches chunks ahead of readers (see [`crate::prefetch`]).
+    pub async fn prefetch(&self, chunks: &[ChunkRef]) -> Result<(), LayerError> {
+        let missing: Vec<ChunkRef> = chunks
+            .iter()
+            .filter(|c| !self.cache.contains(&c.digest))
+            .cloned()
+            .collect();
+        self.ensure(&missing).await?;
+        let mut p = self.prefetched.lock().expect("prefetched");
+        for c in &missing {
+            p.insert(c.digest.clone(), c.blob_len);
+            self.stats
+                .prefetched_bytes
+                .fetch_add(c.blob_len, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Counts prefetched chunks that a reader now uses.
+    fn note_demand(&self, chunks: &[ChunkRef]) {
+        let mut p = self.prefetched.lock().expect("prefetched");
+        if p.is_empty() {
+            return;
+        }
+        for c in chunks {
+            if let Some(bytes) = p.remove(&c.digest) {
+                self.stats
+                    .prefetch_hit_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
+            }
         }
     }
 
@@ -458,6 +503,7 @@ impl RemoteLayer {
             _ => 0,
         };
         let end = (offset + u64::from(size)).min(file_size);
+        self.note_demand(chunks);
         for attempt in 0..2 {
             self.ensure(chunks).await?;
             let mut maps = Vec::with_capacity(chunks.len());

@@ -8,12 +8,14 @@
 //! - [`cache`]: stored by chunk digest, memory-mapped, bounded, crash-safe;
 //! - [`fs`]: served to the kernel through FUSE.
 //!
-//! [`metrics`] renders all of it for Prometheus.
+//! [`prefetch`] fetches ahead of readers by priority; [`metrics`] renders all
+//! of it for Prometheus.
 
 pub mod cache;
 pub mod fs;
 pub mod layer;
 pub mod metrics;
+pub mod prefetch;
 pub mod registry;
 
 pub use cache::ChunkCache;

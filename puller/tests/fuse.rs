@@ -3,6 +3,8 @@
 //! concurrent reads; a registry that goes away or returns corrupt bytes makes
 //! reads fail with EIO, never hang, never serve or cache wrong bytes.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -11,124 +13,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{fixture, walk, Fixture, InProcessRegistry};
 use sluice_format::chunked::ChunkingOptions;
 use sluice_format::layout::Compression;
 use sluice_format::oci::Manifest;
 use sluice_puller::fs::FsOptions;
 use sluice_puller::registry::{HostConfig, RetryPolicy};
 use sluice_puller::{ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
-use sluice_registry::storage::FsStorage;
-use sluice_registry::{Config, Registry};
-use sluice_testkit::images::busybox_image;
 use sluice_testkit::run;
-
-/// sluice-registry running in this process on its own runtime.
-struct InProcessRegistry {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl InProcessRegistry {
-    fn start(root: &Path, addr: &str) -> Self {
-        let listener = std::net::TcpListener::bind(addr).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let root = root.to_owned();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async move {
-                let cfg = Config {
-                    root: root.clone(),
-                    ..Config::default()
-                };
-                let mut cfg = cfg;
-                cfg.convert.on_push = false;
-                let registry = Registry::new(FsStorage::open(&root).unwrap(), None, cfg);
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                sluice_registry::server::serve(registry, listener, async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-            });
-        });
-        InProcessRegistry {
-            addr,
-            stop: Some(tx),
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for InProcessRegistry {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-struct Fixture {
-    dir: tempfile::TempDir,
-    registry: InProcessRegistry,
-    image: ImageRef,
-    manifest: Manifest,
-    roots: Vec<PathBuf>,
-}
-
-/// Builds the busybox test image, converts it to zstd:chunked and pushes it
-/// with skopeo.
-fn fixture() -> Fixture {
-    assert!(sluice_testkit::is_root(), "FUSE mounts need root");
-    sluice_testkit::require_tool("skopeo", "skopeo");
-    let dir = tempfile::tempdir().unwrap();
-    let img = busybox_image(&dir.path().join("img"), Compression::Gzip);
-    let lazy = dir.path().join("lazy");
-    sluice_format::convert::convert_layout(
-        &img.layout,
-        "v1",
-        &lazy,
-        "v1",
-        &ChunkingOptions::with_average(16 * 1024, 3),
-    )
-    .unwrap();
-    let registry = InProcessRegistry::start(&dir.path().join("registry"), "127.0.0.1:0");
-    std::fs::write(dir.path().join("auth.json"), "{}").unwrap();
-    std::fs::write(
-        dir.path().join("policy.json"),
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
-    run(std::process::Command::new("skopeo")
-        .env("REGISTRY_AUTH_FILE", dir.path().join("auth.json"))
-        .arg("--policy")
-        .arg(dir.path().join("policy.json"))
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", lazy.display()))
-        .arg(format!("docker://{}/fuse/busybox:v1", registry.addr)));
-    let image = ImageRef::parse(&format!("{}/fuse/busybox:v1", registry.addr)).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = RegistryClient::new(RetryPolicy::default());
-    let (bytes, _, _) = rt.block_on(client.manifest(&image)).unwrap();
-    let manifest = Manifest::parse(&bytes).unwrap();
-    let rootfs = dir.path().join("img/rootfs");
-    Fixture {
-        registry,
-        image,
-        manifest,
-        roots: vec![rootfs.join("base"), rootfs.join("app")],
-        dir,
-    }
-}
 
 struct Mounted {
     _session: fuser::BackgroundSession,
@@ -173,17 +65,6 @@ fn rand_suffix() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos()
-}
-
-fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(root.join(rel)).unwrap() {
-        let e = e.unwrap();
-        let r = rel.join(e.file_name());
-        out.push(r.clone());
-        if e.file_type().unwrap().is_dir() {
-            walk(root, &r, out);
-        }
-    }
 }
 
 #[test]

@@ -1,0 +1,321 @@
+//! Prefetching: fetching chunks before anyone reads them.
+//!
+//! Three priorities, highest first: reads that a process is waiting on (they
+//! never queue here: they call the layer directly, and share in-flight fetches
+//! with prefetch through the layer's single-flight), then the entries of a
+//! prefetch profile in the order given, then an optional background fill of a
+//! whole layer. Prefetch runs with bounded concurrency and, optionally, a
+//! bandwidth cap, so that reads in the foreground keep most of the link. Work
+//! for a layer is cancelled when the layer is dropped or [`Prefetcher::cancel`]
+//! is called for it.
+
+use std::collections::{BinaryHeap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use sluice_format::chunked::NodeKind;
+use sluice_format::Digest;
+use tokio::sync::Notify;
+
+use crate::layer::RemoteLayer;
+
+/// Priority of queued prefetch work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    /// Background fill of a whole layer.
+    Background = 0,
+    /// An entry of a prefetch profile.
+    Profile = 1,
+}
+
+/// One range of one file to prefetch.
+#[derive(Debug, Clone)]
+pub struct PrefetchEntry {
+    /// Path in the layer (normalized, no leading `/`).
+    pub path: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+struct Job {
+    priority: Priority,
+    seq: u64,
+    layer: Weak<RemoteLayer>,
+    layer_digest: Digest,
+    node: usize,
+    offset: u64,
+    len: u64,
+}
+
+impl PartialEq for Job {
+    fn eq(&self, o: &Self) -> bool {
+        (self.priority, self.seq) == (o.priority, o.seq)
+    }
+}
+impl Eq for Job {}
+impl PartialOrd for Job {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Job {
+    /// Higher priority first; within one priority, first queued first.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.priority.cmp(&o.priority).then(o.seq.cmp(&self.seq))
+    }
+}
+
+/// Limits and concurrency of prefetching.
+#[derive(Debug, Clone)]
+pub struct PrefetchOptions {
+    /// Prefetch fetches running at once.
+    pub concurrency: usize,
+    /// Cap on prefetch bandwidth in bytes per second (compressed); none if 0.
+    pub bytes_per_second: u64,
+}
+
+impl Default for PrefetchOptions {
+    fn default() -> Self {
+        PrefetchOptions {
+            concurrency: 4,
+            bytes_per_second: 0,
+        }
+    }
+}
+
+struct Shared {
+    queue: Mutex<BinaryHeap<Job>>,
+    cancelled: Mutex<HashSet<Digest>>,
+    notify: Notify,
+    idle: Notify,
+    seq: AtomicU64,
+    running: AtomicU64,
+    /// Token bucket: when the next byte may be sent.
+    next_send: Mutex<Instant>,
+    opts: PrefetchOptions,
+    pub done_bytes: AtomicU64,
+}
+
+/// The node's prefetch scheduler.
+#[derive(Clone)]
+pub struct Prefetcher {
+    shared: Arc<Shared>,
+}
+
+impl Prefetcher {
+    /// Starts the workers on the current Tokio runtime.
+    pub fn start(runtime: &tokio::runtime::Handle, opts: PrefetchOptions) -> Self {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(BinaryHeap::new()),
+            cancelled: Mutex::new(HashSet::new()),
+            notify: Notify::new(),
+            idle: Notify::new(),
+            seq: AtomicU64::new(0),
+            running: AtomicU64::new(0),
+            next_send: Mutex::new(Instant::now()),
+            opts: opts.clone(),
+            done_bytes: AtomicU64::new(0),
+        });
+        for _ in 0..opts.concurrency.max(1) {
+            let shared = shared.clone();
+            runtime.spawn(async move { worker(shared).await });
+        }
+        Prefetcher { shared }
+    }
+
+    fn push(
+        &self,
+        priority: Priority,
+        layer: &Arc<RemoteLayer>,
+        node: usize,
+        offset: u64,
+        len: u64,
+    ) {
+        let job = Job {
+            priority,
+            seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
+            layer: Arc::downgrade(layer),
+            layer_digest: layer.digest().clone(),
+            node,
+            offset,
+            len,
+        };
+        self.shared.queue.lock().expect("queue").push(job);
+        self.shared.notify.notify_one();
+    }
+
+    /// Queues a profile's entries for a layer, in order. Unknown paths are
+    /// skipped (profiles may come from another build of the image); returns
+    /// how many entries were queued.
+    pub fn prefetch_profile(&self, layer: &Arc<RemoteLayer>, entries: &[PrefetchEntry]) -> usize {
+        self.shared
+            .cancelled
+            .lock()
+            .expect("cancelled")
+            .remove(layer.digest());
+        let index = layer.index();
+        let mut queued = 0;
+        for e in entries {
+            let Some(node) = index.lookup(e.path.trim_start_matches('/')) else {
+                continue;
+            };
+            self.push(Priority::Profile, layer, node, e.offset, e.len.max(1));
+            queued += 1;
+        }
+        queued
+    }
+
+    /// Queues every file of a layer, in blob order, below profile work.
+    pub fn fill_layer(&self, layer: &Arc<RemoteLayer>) {
+        self.shared
+            .cancelled
+            .lock()
+            .expect("cancelled")
+            .remove(layer.digest());
+        let index = layer.index();
+        let mut files: Vec<(u64, usize, u64)> = index
+            .nodes()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match n.kind {
+                NodeKind::File { size, .. } if size > 0 => {
+                    Some((index.file_chunks_of(i).first()?.blob_offset, i, size))
+                }
+                _ => None,
+            })
+            .collect();
+        files.sort_unstable();
+        for (_, node, size) in files {
+            self.push(Priority::Background, layer, node, 0, size);
+        }
+    }
+
+    /// Drops queued work of a layer; fetches already running finish.
+    pub fn cancel(&self, layer: &Digest) {
+        self.shared
+            .cancelled
+            .lock()
+            .expect("cancelled")
+            .insert(layer.clone());
+        self.shared
+            .queue
+            .lock()
+            .expect("queue")
+            .retain(|j| &j.layer_digest != layer);
+    }
+
+    /// Queued jobs.
+    pub fn pending(&self) -> usize {
+        self.shared.queue.lock().expect("queue").len()
+    }
+
+    /// Waits until the queue is empty and no prefetch is running.
+    pub async fn wait_idle(&self) {
+        loop {
+            let idle = self.shared.idle.notified();
+            if self.pending() == 0 && self.shared.running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), idle).await;
+        }
+    }
+
+    /// Compressed bytes prefetch made local.
+    pub fn done_bytes(&self) -> u64 {
+        self.shared.done_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Prefetch work is cut into pieces of at most this many compressed bytes, so
+/// that the bandwidth cap is smooth and cancellation quick.
+const PIECE: u64 = 256 * 1024;
+
+/// Reserves the link for `bytes` at the capped rate and waits until the
+/// reservation has elapsed: prefetch never exceeds the cap on average.
+async fn throttle(shared: &Shared, bytes: u64) {
+    let rate = shared.opts.bytes_per_second;
+    if rate == 0 || bytes == 0 {
+        return;
+    }
+    let wait = {
+        let mut next = shared.next_send.lock().expect("bucket");
+        let now = Instant::now();
+        let end = (*next).max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        *next = end;
+        end.saturating_duration_since(now)
+    };
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn worker(shared: Arc<Shared>) {
+    loop {
+        let job = {
+            let mut q = shared.queue.lock().expect("queue");
+            let job = q.pop();
+            if job.is_some() {
+                shared.running.fetch_add(1, Ordering::SeqCst);
+            }
+            job
+        };
+        let Some(job) = job else {
+            shared.idle.notify_waiters();
+            shared.notify.notified().await;
+            continue;
+        };
+        run(&shared, job).await;
+        shared.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn run(shared: &Shared, job: Job) {
+    if shared
+        .cancelled
+        .lock()
+        .expect("cancelled")
+        .contains(&job.layer_digest)
+    {
+        return;
+    }
+    let Some(layer) = job.layer.upgrade() else {
+        return;
+    };
+    let chunks: Vec<_> = layer
+        .index()
+        .chunks_for_range(job.node, job.offset, job.len)
+        .iter()
+        .filter(|c| !layer.has_chunk(&c.digest))
+        .cloned()
+        .collect();
+    let mut piece = Vec::new();
+    let mut piece_bytes = 0;
+    for (k, c) in chunks.iter().enumerate() {
+        piece_bytes += c.blob_len;
+        piece.push(c.clone());
+        if piece_bytes < PIECE && k + 1 < chunks.len() {
+            continue;
+        }
+        if shared
+            .cancelled
+            .lock()
+            .expect("cancelled")
+            .contains(&job.layer_digest)
+        {
+            return;
+        }
+        throttle(shared, piece_bytes).await;
+        match layer.prefetch(&piece).await {
+            Ok(()) => {
+                shared.done_bytes.fetch_add(piece_bytes, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "prefetch failed; readers will fetch on demand");
+                return;
+            }
+        }
+        piece.clear();
+        piece_bytes = 0;
+    }
+}
