@@ -13,6 +13,7 @@
 
 pub mod cache;
 pub mod fs;
+pub mod image;
 pub mod layer;
 pub mod metrics;
 pub mod prefetch;

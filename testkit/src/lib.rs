@@ -7,6 +7,7 @@
 pub mod http;
 pub mod images;
 pub mod process;
+pub mod proxy;
 
 use std::path::Path;
 

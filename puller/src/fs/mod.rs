@@ -60,6 +60,20 @@ impl Default for FsOptions {
     }
 }
 
+/// How far ahead of a sequential reader chunks are fetched.
+const READAHEAD: u64 = 8 << 20;
+/// Largest read the kernel sends us (and its readahead window).
+const MAX_READAHEAD: u32 = 1 << 20;
+
+/// Per-inode sequential-read tracking.
+#[derive(Default, Clone, Copy)]
+struct Stream {
+    /// Where the last read ended.
+    last_end: u64,
+    /// Up to where readahead has been requested.
+    ahead_until: u64,
+}
+
 /// Backing files handed to the kernel, one per inode while open.
 #[derive(Default)]
 struct Backing {
@@ -89,6 +103,7 @@ pub struct LayerFs {
     passthrough: AtomicBool,
     backing: Mutex<Backing>,
     next_fh: AtomicU64,
+    streams: Mutex<HashMap<usize, Stream>>,
 }
 
 fn ino_of(root: usize, node: usize) -> INodeNo {
@@ -169,7 +184,46 @@ impl LayerFs {
             passthrough: AtomicBool::new(false),
             backing: Mutex::new(Backing::default()),
             next_fh: AtomicU64::new(1),
+            streams: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Sequential readers get the next chunks fetched in the background, so
+    /// that a cold sequential read streams at link speed instead of paying one
+    /// round trip per kernel read.
+    fn read_ahead(&self, node: usize, offset: u64, size: u32) {
+        let end = offset + u64::from(size);
+        let window = {
+            let mut streams = self.streams.lock().expect("streams");
+            let st = streams.entry(node).or_default();
+            let sequential = offset == st.last_end || offset == 0;
+            st.last_end = end;
+            if !sequential || end + READAHEAD / 2 < st.ahead_until {
+                None
+            } else {
+                let from = st.ahead_until.max(end);
+                st.ahead_until = end + READAHEAD;
+                Some((from, end + READAHEAD - from))
+            }
+        };
+        let Some((from, len)) = window else { return };
+        let chunks: Vec<_> = self
+            .layer
+            .index()
+            .chunks_for_range(node, from, len)
+            .iter()
+            .filter(|c| !self.layer.has_chunk(&c.digest))
+            .cloned()
+            .collect();
+        if chunks.is_empty() {
+            return;
+        }
+        let layer = self.layer.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = layer.prefetch(&chunks).await {
+                tracing::debug!(error = %e, "readahead failed; reads fetch on demand");
+            }
+        });
     }
 
     /// Whether opens are answered with passthrough files.
@@ -312,6 +366,7 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(MAX_READAHEAD);
         if !self.options.passthrough {
             return Ok(());
         }
@@ -407,6 +462,7 @@ impl Filesystem for LayerFs {
         let Some(i) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
+        self.read_ahead(i, offset, size);
         match self.layer.read_blocking(&self.runtime, i, offset, size) {
             Ok(data) => reply.data(data.as_slice()),
             Err(_) => reply.error(Errno::EIO),
