@@ -24,6 +24,11 @@ pub struct InProcessRegistry {
 
 impl InProcessRegistry {
     pub fn start(root: &Path, addr: &str) -> Self {
+        Self::start_with(root, addr, false)
+    }
+
+    /// With `convert`, pushed plain images get lazy twins (convert-on-push).
+    pub fn start_with(root: &Path, addr: &str, convert: bool) -> Self {
         let listener = std::net::TcpListener::bind(addr).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -37,8 +42,9 @@ impl InProcessRegistry {
                     ..Config::default()
                 };
                 let mut cfg = cfg;
-                cfg.convert.on_push = false;
+                cfg.convert.on_push = convert;
                 let registry = Registry::new(FsStorage::open(&root).unwrap(), None, cfg);
+                registry.start_converter();
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 sluice_registry::server::serve(registry, listener, async {
                     let _ = rx.await;
