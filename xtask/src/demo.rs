@@ -1,18 +1,24 @@
 //! The demo: what a newcomer runs first.
 //!
-//! Today (foundation stage): start the bundled registry, build a two-layer
-//! busybox image locally, push it with skopeo, pull it back into an OCI layout
-//! and verify that every digest survived the round trip. Later stages grow this
-//! into the lazy pull through containerd.
+//! 1. start the bundled registry;
+//! 2. build a Debian + python3 image locally (no Docker, no network registry)
+//!    and push it with skopeo as an ordinary gzip image;
+//! 3. check with skopeo that it comes back with identical digests;
+//! 4. wait for the registry's lazy twin of it (convert-on-push);
+//! 5. mount it lazily with `sluice mount`, stack the layers with overlayfs and
+//!    run python3 in it, then print how much of the image was fetched.
+//!
+//! Running it through containerd (`sluice pull` + `ctr run --snapshotter
+//! sluice`) replaces step 5 once the snapshotter lands.
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use sluice_format::layout::Compression;
+use sluice_format::layout::{build_image, Compression, ImageSpec};
 use sluice_format::Digest;
-use sluice_testkit::images::busybox_image;
 use sluice_testkit::process::SluiceRegistry;
 
 use crate::setup::{build_release, step};
@@ -35,18 +41,38 @@ fn skopeo(work: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn file_digest(path: &Path) -> anyhow::Result<Digest> {
-    let mut h = sluice_format::Algorithm::Sha256.hasher();
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    std::io::copy(&mut f, &mut h)?;
-    Ok(h.finish())
+fn metric(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Unmounts on drop, so a failing demo leaves nothing mounted.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
 }
 
 pub fn run() -> anyhow::Result<()> {
-    step("building sluice-registry (release)");
-    let bin = build_release(&["sluice-registry"])?.join("sluice-registry");
+    if !sluice_testkit::is_root() {
+        bail!("the demo mounts filesystems: run it as root");
+    }
+    step("building sluice-registry and sluice (release)");
+    let bin = build_release(&["sluice-registry", "sluice-puller"])?;
+    crate::fixtures::ensure()?;
+    let rootfs = crate::fixtures::dir().join("python3/rootfs");
 
     let work = std::env::temp_dir().join("sluice-demo");
+    if work.join("merged").exists() {
+        let _ = Command::new("umount")
+            .arg(work.join("merged"))
+            .stderr(Stdio::null())
+            .status();
+    }
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     std::fs::write(work.join("auth.json"), "{}")?;
@@ -55,20 +81,27 @@ pub fn run() -> anyhow::Result<()> {
         r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
     )?;
 
-    step("starting the bundled registry");
-    let reg = SluiceRegistry::start(&bin, &work.join("registry"), &[]);
+    step("1. starting the bundled registry");
+    let reg = SluiceRegistry::start(&bin.join("sluice-registry"), &work.join("registry"), &[]);
     println!(
         "    sluice-registry at http://{} (storage {})",
         reg.host(),
         reg.root.display()
     );
 
-    step("building a two-layer busybox image locally (no Docker, no network)");
-    let image = busybox_image(&work.join("image"), Compression::Gzip);
-    println!("    manifest {}", image.manifest.digest);
-
-    let reference = format!("docker://{}/demo/busybox:{}", reg.host(), image.tag);
-    step(&format!("pushing with skopeo to {reference}"));
+    step("2. building a Debian 12 + python3 image locally and pushing it with skopeo (plain gzip)");
+    let layout = work.join("image");
+    let manifest = build_image(
+        &layout,
+        &ImageSpec {
+            layers: vec![rootfs],
+            compression: Compression::Gzip,
+            cmd: vec!["python3".into()],
+            env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
+            tag: "v1".into(),
+        },
+    )?;
+    let reference = format!("{}/demo/python3:v1", reg.host());
     let t = Instant::now();
     skopeo(
         &work,
@@ -76,89 +109,157 @@ pub fn run() -> anyhow::Result<()> {
             "copy",
             "--quiet",
             "--dest-tls-verify=false",
-            &image.oci_ref(),
-            &reference,
+            &format!("oci:{}:v1", layout.display()),
+            &format!("docker://{reference}"),
         ],
     )?;
-    println!("    pushed in {:.2}s", t.elapsed().as_secs_f64());
+    println!(
+        "    pushed {reference} (manifest {}) in {:.1}s",
+        manifest.digest,
+        t.elapsed().as_secs_f64()
+    );
 
-    step("inspecting it through the registry API");
-    let inspect: serde_json::Value = serde_json::from_str(&skopeo(
-        &work,
-        &["inspect", "--tls-verify=false", &reference],
-    )?)?;
-    let remote: Digest = inspect["Digest"]
-        .as_str()
-        .context("skopeo inspect printed no Digest")?
-        .parse()?;
-    println!("    registry serves manifest {remote}");
-    if remote != image.manifest.digest {
-        bail!(
-            "registry changed the manifest: pushed {}, got {remote}",
-            image.manifest.digest
-        );
-    }
-
+    step("3. pulling it back with skopeo and checking digests");
     let out = work.join("pulled");
-    step(&format!(
-        "pulling it back with skopeo into {}",
-        out.display()
-    ));
-    let t = Instant::now();
     skopeo(
         &work,
         &[
             "copy",
             "--quiet",
             "--src-tls-verify=false",
-            &reference,
+            &format!("docker://{reference}"),
             &format!("oci:{}:v1", out.display()),
         ],
     )?;
-    println!("    pulled in {:.2}s", t.elapsed().as_secs_f64());
-
-    step("verifying every digest of the pulled copy");
-    let manifest_path = out.join("blobs/sha256").join(image.manifest.digest.hex());
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&manifest_path).context("the pulled layout lacks the pushed manifest")?,
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("blobs/sha256").join(manifest.digest.hex()))
+            .context("pulled manifest")?,
     )?;
-    let mut blobs = vec![manifest["config"].clone()];
-    blobs.extend(manifest["layers"].as_array().cloned().unwrap_or_default());
-    for desc in std::iter::once(
-        serde_json::json!({"digest": image.manifest.digest.to_string(), "mediaType": "manifest"}),
-    )
-    .chain(blobs)
-    {
-        let d: Digest = desc["digest"]
-            .as_str()
-            .context("descriptor without digest")?
-            .parse()?;
-        let actual = file_digest(&out.join("blobs/sha256").join(d.hex()))?;
-        let ok = actual == d;
-        println!(
-            "    {} {:<48} {}",
-            if ok { "ok " } else { "BAD" },
-            desc["mediaType"].as_str().unwrap_or(""),
-            d
-        );
-        if !ok {
-            bail!("blob {d} came back as {actual}");
+    let mut blobs = vec![m["config"].clone()];
+    blobs.extend(m["layers"].as_array().cloned().unwrap_or_default());
+    let mut image_bytes = 0u64;
+    for b in &blobs {
+        let d: Digest = b["digest"].as_str().context("digest")?.parse()?;
+        let mut h = sluice_format::Algorithm::Sha256.hasher();
+        std::io::copy(
+            &mut std::fs::File::open(out.join("blobs/sha256").join(d.hex()))?,
+            &mut h,
+        )?;
+        if h.finish() != d {
+            bail!("blob {d} came back different");
         }
+        image_bytes += b["size"].as_u64().unwrap_or(0);
+        println!("    ok {:<46} {d}", b["mediaType"].as_str().unwrap_or(""));
     }
-
-    step("registry metrics");
     let rt = tokio::runtime::Runtime::new()?;
-    let metrics = rt.block_on(sluice_testkit::http::get(&reg.url("/metrics")));
-    for line in String::from_utf8_lossy(&metrics.body).lines() {
-        if line.starts_with("sluice_registry_pulls_total")
-            || line.starts_with("sluice_registry_blob_bytes_served_total")
-            || line.starts_with("sluice_registry_blobs ")
-            || line.starts_with("sluice_registry_manifests ")
+    let served_before = metric(
+        &String::from_utf8_lossy(
+            &rt.block_on(sluice_testkit::http::get(&reg.url("/metrics")))
+                .body,
+        ),
+        "sluice_registry_blob_bytes_served_total{repository=\"demo/python3\"}",
+    );
+
+    step("4. waiting for the registry's lazy (zstd:chunked) twin of the image");
+    let t = Instant::now();
+    loop {
+        let r = rt.block_on(sluice_testkit::http::get(&reg.url(&format!(
+            "/v2/demo/python3/referrers/{}?artifactType=application/vnd.sluice.image.lazy.v1",
+            manifest.digest
+        ))));
+        if r.json()["manifests"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
         {
-            println!("    {line}");
+            break;
         }
+        if t.elapsed() > Duration::from_secs(300) {
+            bail!("no lazy twin after 300 s; see the registry log");
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
+    println!("    converted in {:.1}s", t.elapsed().as_secs_f64());
+
+    step("5. mounting it lazily (sluice mount) and running python3 on overlayfs");
+    let mnt = work.join("layers");
+    let mut mount = Command::new(bin.join("sluice"))
+        .args(["mount", &reference])
+        .arg(&mnt)
+        .arg("--cache")
+        .arg(work.join("cache"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(work.join("sluice-mount.log"))?)
+        .spawn()
+        .context("starting sluice mount")?;
+    let mut ready = String::new();
+    BufReader::new(mount.stdout.take().context("stdout")?).read_line(&mut ready)?;
+    if !ready.starts_with("ready") {
+        let _ = mount.kill();
+        bail!("sluice mount did not come up: {ready:?}");
+    }
+    let started = Instant::now();
+    println!("    {}", ready.trim());
+    let (upper, wk, merged) = (work.join("upper"), work.join("work"), work.join("merged"));
+    for d in [&upper, &wk, &merged] {
+        std::fs::create_dir_all(d)?;
+    }
+    // overlayfs lists the top layer first.
+    let layer_count = std::fs::read_dir(&mnt)?.count();
+    let lowerdir: Vec<String> = (0..layer_count)
+        .rev()
+        .map(|i| mnt.join(format!("layer-{i}")).display().to_string())
+        .collect();
+    let status = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lowerdir.join(":"),
+            upper.display(),
+            wk.display()
+        ))
+        .arg(&merged)
+        .status()?;
+    if !status.success() {
+        let _ = mount.kill();
+        bail!("overlay mount failed");
+    }
+    let overlay = Mounted(merged.clone());
+    let out = Command::new("chroot")
+        .arg(&merged)
+        .args(["python3", "-c", "import json, sys; print(json.dumps({'hello': 'from a lazily mounted image', 'python': sys.version.split()[0]}))"])
+        .output()?;
+    let elapsed = started.elapsed();
+    print!(
+        "    container says: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    if !out.status.success() {
+        bail!("python3 failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let served = metric(
+        &String::from_utf8_lossy(
+            &rt.block_on(sluice_testkit::http::get(&reg.url("/metrics")))
+                .body,
+        ),
+        "sluice_registry_blob_bytes_served_total{repository=\"demo/python3\"}",
+    ) - served_before;
+    drop(overlay);
+    let _ = Command::new("kill")
+        .args(["-TERM", &mount.id().to_string()])
+        .status();
+    let _ = mount.wait();
     reg.service.stop();
-    println!("demo OK: image pushed to and pulled from sluice-registry with identical digests");
+    println!(
+        "    daemon log and final metrics: {}",
+        work.join("sluice-mount.log").display()
+    );
+    println!(
+        "demo OK: python3 ran {:.2}s after the lazy mount, having fetched {:.1} MB of a {:.1} MB image ({:.1}%)",
+        elapsed.as_secs_f64(),
+        served as f64 / 1e6,
+        image_bytes as f64 / 1e6,
+        100.0 * served as f64 / image_bytes as f64
+    );
     Ok(())
 }
