@@ -16,13 +16,21 @@
 //!
 //! The cache is bounded: when it grows past its limit, the least recently used
 //! chunks that nothing has mapped are removed.
+//!
+//! Mappings are not kept for ever: an entry remembers its mapping only while a
+//! reader holds it (plus a small set of recently used ones), so idle mounts
+//! cost no memory and the page cache stays free to drop cold data. Entries over
+//! 1 MiB (whole files made for passthrough) are fsynced before they become
+//! visible and recorded in `verified.log`, so a restart does not re-hash them;
+//! small ones are re-verified on first use instead.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use memmap2::{Mmap, MmapMut};
 use sluice_format::Digest;
@@ -45,11 +53,19 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
 struct Entry {
     size: u64,
     last_use: u64,
-    map: Option<Arc<Mmap>>,
+    map: Weak<Mmap>,
 }
+
+/// Recently used mappings kept open, so that a reader moving through a file
+/// does not map and unmap the same chunk over and over.
+const RECENT_MAPS: usize = 64;
+/// Entries at least this large are fsynced and journaled instead of
+/// re-verified after a restart.
+const JOURNAL_MIN: u64 = 1 << 20;
 
 struct State {
     entries: HashMap<Digest, Entry>,
+    recent: VecDeque<Arc<Mmap>>,
     total: u64,
     /// Chunks verified since this process started.
     verified: HashSet<Digest>,
@@ -102,9 +118,20 @@ impl ChunkCache {
                     Entry {
                         size: meta.len(),
                         last_use: 0,
-                        map: None,
+                        map: Weak::new(),
                     },
                 );
+            }
+        }
+        // Large entries written completely (fsynced) by an earlier run.
+        let mut verified = HashSet::new();
+        if let Ok(log) = fs::read_to_string(dir.join("verified.log")) {
+            for line in log.lines() {
+                if let Ok(d) = line.parse::<Digest>() {
+                    if entries.contains_key(&d) {
+                        verified.insert(d);
+                    }
+                }
             }
         }
         Ok(ChunkCache {
@@ -113,8 +140,9 @@ impl ChunkCache {
             clock: AtomicU64::new(1),
             state: Mutex::new(State {
                 entries,
+                recent: VecDeque::new(),
                 total,
-                verified: HashSet::new(),
+                verified,
             }),
             stats: CacheStats::default(),
         })
@@ -154,9 +182,9 @@ impl ChunkCache {
             let mut st = self.state.lock().expect("cache state");
             let entry = st.entries.get_mut(d)?;
             entry.last_use = tick;
-            if let Some(m) = &entry.map {
+            if let Some(m) = entry.map.upgrade() {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                return Some(m.clone());
+                return Some(m);
             }
         }
         let path = self.path(d);
@@ -185,12 +213,25 @@ impl ChunkCache {
             }
             st.verified.insert(d.clone());
         }
+        let _ = map.advise(memmap2::Advice::Sequential);
         let map = Arc::new(map);
         if let Some(e) = st.entries.get_mut(d) {
-            e.map = Some(map.clone());
+            e.map = Arc::downgrade(&map);
         }
+        Self::remember(&mut st, &map);
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
         Some(map)
+    }
+
+    fn remember(st: &mut State, map: &Arc<Mmap>) {
+        // Large mappings (whole files) would pin a lot of page cache.
+        if map.len() as u64 >= JOURNAL_MIN {
+            return;
+        }
+        st.recent.push_back(map.clone());
+        while st.recent.len() > RECENT_MAPS {
+            st.recent.pop_front();
+        }
     }
 
     /// Stores a chunk of `size` bytes that `fill` writes in place (e.g. zstd
@@ -231,10 +272,25 @@ impl ChunkCache {
                     reason: "content does not match the digest".into(),
                 });
             }
+            if size >= JOURNAL_MIN {
+                map.flush().map_err(io_err(&tmp))?;
+                file.sync_all().map_err(io_err(&tmp))?;
+            }
             let dest = self.path(d);
             let parent = dest.parent().expect("chunk paths have parents");
             fs::create_dir_all(parent).map_err(io_err(parent))?;
             fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+            if size >= JOURNAL_MIN {
+                let log = self.dir.join("verified.log");
+                let mut f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .map_err(io_err(&log))?;
+                writeln!(f, "{d}")
+                    .and_then(|()| f.sync_data())
+                    .map_err(io_err(&log))?;
+            }
             map.make_read_only().map_err(io_err(&dest))
         })();
         let map = match result {
@@ -249,6 +305,7 @@ impl ChunkCache {
         {
             let mut st = self.state.lock().expect("cache state");
             st.verified.insert(d.clone());
+            Self::remember(&mut st, &map);
             if st
                 .entries
                 .insert(
@@ -256,7 +313,7 @@ impl ChunkCache {
                     Entry {
                         size,
                         last_use: tick,
-                        map: Some(map.clone()),
+                        map: Arc::downgrade(&map),
                     },
                 )
                 .is_none()
@@ -275,10 +332,12 @@ impl ChunkCache {
         if st.total <= self.max_bytes {
             return;
         }
+        // Recently used maps do not pin anything once the cache is over its limit.
+        st.recent.clear();
         let mut candidates: Vec<(u64, Digest, u64)> = st
             .entries
             .iter()
-            .filter(|(_, e)| e.map.as_ref().is_none_or(|m| Arc::strong_count(m) == 1))
+            .filter(|(_, e)| e.map.strong_count() == 0)
             .map(|(d, e)| (e.last_use, d.clone(), e.size))
             .collect();
         candidates.sort_unstable();

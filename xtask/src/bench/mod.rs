@@ -4,6 +4,7 @@
 
 mod convert;
 mod load;
+mod read;
 mod registry;
 
 use clap::Subcommand;
@@ -14,11 +15,14 @@ pub enum Which {
     Registry(registry::Options),
     /// Conversion to zstd:chunked vs gzip, zstd and skopeo; chunk-size trade-off.
     Convert(convert::Options),
+    /// Reads through a lazy mount (cold, warm, passthrough) vs the local disk.
+    Read(read::Options),
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
         Which::Registry(opts) => registry::run(opts),
+        Which::Read(opts) => read::run(opts),
         Which::Convert(opts) => {
             crate::fixtures::ensure()?;
             convert::run(opts)

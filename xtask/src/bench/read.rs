@@ -1,0 +1,370 @@
+//! `cargo xtask bench read`: reading through a lazy mount against reading the
+//! same files from the local disk, in one run.
+//!
+//! Workloads: one 1 GiB file read sequentially in 1 MiB reads, and 20,000 small
+//! files (1–16 KiB) read whole by 8 threads. Systems: (a) native ext4,
+//! (b) sluice cold (empty cache, registry behind a throttling proxy),
+//! (c) sluice warm with FUSE passthrough, (d) sluice warm without passthrough.
+//! The page cache is dropped before every measurement. Also: the resident
+//! memory of a `sluice mount` daemon with 10 layers mounted and idle.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use sluice_format::chunked::ChunkingOptions;
+use sluice_format::layout::{build_image, Compression, ImageSpec};
+use sluice_testkit::process::SluiceRegistry;
+use sluice_testkit::proxy::{Link, ThrottlingProxy};
+
+use super::{output_dir, rss_kib};
+use crate::setup::{build_release, step};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Size of the big file in MiB.
+    #[arg(long, default_value_t = 1024)]
+    big_mib: u64,
+    /// Number of small files.
+    #[arg(long, default_value_t = 20_000)]
+    small_files: usize,
+    /// Bandwidth of the link to the registry for the cold runs, in MB/s.
+    #[arg(long, default_value_t = 100)]
+    link_mbps: u64,
+    /// Latency added per request on that link, in ms.
+    #[arg(long, default_value_t = 2)]
+    link_ms: u64,
+}
+
+#[derive(Serialize, Clone)]
+struct Measure {
+    system: String,
+    big_mb_per_s: f64,
+    small_files_per_s: f64,
+    small_mb_per_s: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    link_mb_per_s: f64,
+    link_latency_ms: u64,
+    rows: Vec<Measure>,
+    warm_passthrough_vs_native_big: f64,
+    warm_no_passthrough_vs_native_big: f64,
+    cold_big_vs_link: f64,
+    daemon_rss_10_layers_kib: u64,
+}
+
+fn drop_caches() -> anyhow::Result<()> {
+    let _ = Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache (needs root)")
+}
+
+fn pseudo(len: usize, seed: u64) -> Vec<u8> {
+    sluice_testkit::images::pseudo_random(len, seed)
+}
+
+/// Builds the two data trees (cached between runs).
+fn data(dir: &Path, opts: &Options) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let big = dir.join("big");
+    let small = dir.join("small");
+    let marker = dir.join(format!(".complete-{}-{}", opts.big_mib, opts.small_files));
+    if marker.exists() {
+        return Ok((big, small));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(&big)?;
+    println!(
+        "    writing {} MiB and {} small files",
+        opts.big_mib, opts.small_files
+    );
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(big.join("blob.bin"))?);
+        for i in 0..opts.big_mib {
+            f.write_all(&pseudo(1 << 20, i + 1))?;
+        }
+        f.flush()?;
+    }
+    for i in 0..opts.small_files {
+        let d = small.join(format!("d{:03}", i % 200));
+        std::fs::create_dir_all(&d)?;
+        let len = 1024 + (i * 7919) % (15 * 1024);
+        std::fs::write(
+            d.join(format!("f{i:05}")),
+            pseudo(len, i as u64 + 1_000_000),
+        )?;
+    }
+    std::fs::write(&marker, "")?;
+    Ok((big, small))
+}
+
+fn small_list(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for d in std::fs::read_dir(root)? {
+        for f in std::fs::read_dir(d?.path())? {
+            out.push(f?.path().strip_prefix(root)?.to_owned());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads the big file and all small files under `root`; returns the measure.
+fn measure(
+    system: &str,
+    big: &Path,
+    small_root: &Path,
+    small: &[PathBuf],
+) -> anyhow::Result<Measure> {
+    drop_caches()?;
+    let t = Instant::now();
+    let mut f = std::fs::File::open(big).with_context(|| format!("opening {}", big.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let big_rate = total as f64 / t.elapsed().as_secs_f64() / 1e6;
+    drop(f);
+
+    drop_caches()?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let list = Arc::new(small.to_vec());
+    let root = small_root.to_owned();
+    let t = Instant::now();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (next, bytes, list, root) =
+                (next.clone(), bytes.clone(), list.clone(), root.clone());
+            std::thread::spawn(move || -> std::io::Result<()> {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(p) = list.get(i) else { return Ok(()) };
+                    let data = std::fs::read(root.join(p))?;
+                    bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let m = Measure {
+        system: system.to_owned(),
+        big_mb_per_s: big_rate,
+        small_files_per_s: small.len() as f64 / secs,
+        small_mb_per_s: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
+    };
+    println!(
+        "    {:<28} big {:>8.1} MB/s   small {:>8.0} files/s ({:.1} MB/s)",
+        m.system, m.big_mb_per_s, m.small_files_per_s, m.small_mb_per_s
+    );
+    Ok(m)
+}
+
+/// A running `sluice mount`.
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    fn start(
+        bin: &Path,
+        image: &str,
+        dir: &Path,
+        cache: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let _ = std::fs::remove_dir_all(dir);
+        let mut child = Command::new(bin)
+            .args(["mount", image])
+            .arg(dir)
+            .arg("--cache")
+            .arg(cache)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting sluice mount")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        if !line.starts_with("ready") {
+            let _ = child.kill();
+            bail!("sluice mount failed: {line:?}");
+        }
+        Ok(Daemon { child })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn run(opts: Options) -> anyhow::Result<()> {
+    if !sluice_testkit::is_root() {
+        bail!("bench read mounts filesystems and drops caches: run it as root");
+    }
+    step("building sluice-registry and sluice (release)");
+    let bin = build_release(&["sluice-registry", "sluice-puller"])?;
+    let out = output_dir();
+    let work = out.join("read-work");
+    let (big, small) = data(&out.join("read-data"), &opts)?;
+    let small_files = small_list(&small)?;
+
+    step("building, converting and pushing the test image (big file layer + small files layer)");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let plain = work.join("plain");
+    build_image(
+        &plain,
+        &ImageSpec {
+            layers: vec![big.clone(), small.clone()],
+            compression: Compression::None,
+            cmd: vec![],
+            env: vec![],
+            tag: "v1".into(),
+        },
+    )?;
+    let lazy = work.join("lazy");
+    sluice_format::convert::convert_layout(&plain, "v1", &lazy, "v1", &ChunkingOptions::default())?;
+    let _ = std::fs::remove_dir_all(&plain);
+    let reg = SluiceRegistry::start(
+        &bin.join("sluice-registry"),
+        &work.join("registry"),
+        &["--no-convert-on-push"],
+    );
+    std::fs::write(work.join("auth.json"), "{}")?;
+    std::fs::write(
+        work.join("policy.json"),
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )?;
+    let status = Command::new("skopeo")
+        .env("REGISTRY_AUTH_FILE", work.join("auth.json"))
+        .arg("--policy")
+        .arg(work.join("policy.json"))
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", lazy.display()))
+        .arg(format!("docker://{}/bench/read:v1", reg.host()))
+        .status()?;
+    if !status.success() {
+        bail!("skopeo push failed");
+    }
+    let link = Link {
+        bytes_per_second: opts.link_mbps * 1_000_000,
+        latency: Duration::from_millis(opts.link_ms),
+    };
+    let proxy = ThrottlingProxy::start(reg.addr, link);
+    let image = format!("{}/bench/read:v1", proxy.addr);
+    let sluice = bin.join("sluice");
+    let cache = work.join("cache");
+    let mnt = work.join("mnt");
+    let big_in = |m: &Path| m.join("layer-0/blob.bin");
+    let small_in = |m: &Path| m.join("layer-1");
+
+    step(&format!("reading: native, then sluice cold ({} MB/s + {} ms link), warm with and without passthrough", opts.link_mbps, opts.link_ms));
+    let mut rows = vec![measure(
+        "native ext4",
+        &big.join("blob.bin"),
+        &small,
+        &small_files,
+    )?];
+    {
+        let _d = Daemon::start(&sluice, &image, &mnt, &cache, &[])?;
+        rows.push(measure(
+            "sluice cold",
+            &big_in(&mnt),
+            &small_in(&mnt),
+            &small_files,
+        )?);
+        // One open makes the big file a passthrough file before measuring.
+        drop(std::fs::File::open(big_in(&mnt))?);
+        rows.push(measure(
+            "sluice warm, passthrough",
+            &big_in(&mnt),
+            &small_in(&mnt),
+            &small_files,
+        )?);
+    }
+    {
+        let _d = Daemon::start(&sluice, &image, &mnt, &cache, &["--no-passthrough"])?;
+        rows.push(measure(
+            "sluice warm, no passthrough",
+            &big_in(&mnt),
+            &small_in(&mnt),
+            &small_files,
+        )?);
+    }
+
+    step("memory: a sluice mount daemon with 10 layers mounted, idle");
+    let rss = {
+        let d = Daemon::start(
+            &sluice,
+            &image,
+            &work.join("mnt10"),
+            &cache,
+            &["--copies", "5"],
+        )?;
+        std::thread::sleep(Duration::from_secs(2));
+        rss_kib(d.pid()).unwrap_or(0)
+    };
+    println!("    RSS {:.1} MiB", rss as f64 / 1024.0);
+
+    let native = rows[0].big_mb_per_s;
+    let report = Report {
+        link_mb_per_s: opts.link_mbps as f64,
+        link_latency_ms: opts.link_ms,
+        warm_passthrough_vs_native_big: rows[2].big_mb_per_s / native,
+        warm_no_passthrough_vs_native_big: rows[3].big_mb_per_s / native,
+        cold_big_vs_link: rows[1].big_mb_per_s / opts.link_mbps as f64,
+        daemon_rss_10_layers_kib: rss,
+        rows,
+    };
+    println!();
+    println!("| system | 1 GiB sequential MB/s | × native | 20k small files/s | × native |");
+    println!("|---|---:|---:|---:|---:|");
+    for r in &report.rows {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.0} | {:.2} |",
+            r.system,
+            r.big_mb_per_s,
+            r.big_mb_per_s / native,
+            r.small_files_per_s,
+            r.small_files_per_s / report.rows[0].small_files_per_s
+        );
+    }
+    println!(
+        "cold sequential: {:.2}× the {} MB/s link; daemon RSS with 10 idle layers: {:.1} MiB",
+        report.cold_big_vs_link,
+        opts.link_mbps,
+        rss as f64 / 1024.0
+    );
+    let json = out.join("read.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
+    println!("wrote {}", json.display());
+    drop(proxy);
+    reg.service.stop();
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
