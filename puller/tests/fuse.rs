@@ -20,7 +20,6 @@ use sluice_format::oci::Manifest;
 use sluice_puller::fs::FsOptions;
 use sluice_puller::registry::{HostConfig, RetryPolicy};
 use sluice_puller::{ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
-use sluice_testkit::run;
 
 struct Mounted {
     _session: fuser::BackgroundSession,
@@ -472,19 +471,12 @@ fn debian_python3_rootfs_reads_identically_through_the_mount() {
     sluice_format::convert::convert_layout(&layout, "v1", &lazy, "v1", &ChunkingOptions::default())
         .unwrap();
     let registry = InProcessRegistry::start(&dir.path().join("registry"), "127.0.0.1:0");
-    std::fs::write(dir.path().join("auth.json"), "{}").unwrap();
-    std::fs::write(
-        dir.path().join("policy.json"),
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
-    run(std::process::Command::new("skopeo")
-        .env("REGISTRY_AUTH_FILE", dir.path().join("auth.json"))
-        .arg("--policy")
-        .arg(dir.path().join("policy.json"))
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", lazy.display()))
-        .arg(format!("docker://{}/py/python3:v1", registry.addr)));
+    sluice_testkit::push_layout(
+        dir.path(),
+        &lazy,
+        "v1",
+        &format!("{}/py/python3:v1", registry.addr),
+    );
     let image = ImageRef::parse(&format!("{}/py/python3:v1", registry.addr)).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = Arc::new(RegistryClient::new(RetryPolicy::default()));

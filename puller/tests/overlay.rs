@@ -22,19 +22,12 @@ fn plain_image_runs_from_lazy_layers_under_overlayfs() {
     let dir = tempfile::tempdir().unwrap();
     let img = busybox_image(&dir.path().join("img"), Compression::Gzip);
     let registry = InProcessRegistry::start_with(&dir.path().join("registry"), "127.0.0.1:0", true);
-    std::fs::write(dir.path().join("auth.json"), "{}").unwrap();
-    std::fs::write(
-        dir.path().join("policy.json"),
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
-    run(std::process::Command::new("skopeo")
-        .env("REGISTRY_AUTH_FILE", dir.path().join("auth.json"))
-        .arg("--policy")
-        .arg(dir.path().join("policy.json"))
-        .args(["copy", "--quiet", "--dest-tls-verify=false", &img.oci_ref()])
-        .arg(format!("docker://{}/plain/busybox:v1", registry.addr)));
-
+    sluice_testkit::push_layout(
+        dir.path(),
+        &img.layout,
+        &img.tag,
+        &format!("{}/plain/busybox:v1", registry.addr),
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
     let image = ImageRef::parse(&format!("{}/plain/busybox:v1", registry.addr)).unwrap();

@@ -19,18 +19,7 @@ use sluice_testkit::{require_tool, run};
 const BIN: &str = env!("CARGO_BIN_EXE_sluice-registry");
 
 fn skopeo(dir: &Path) -> Command {
-    require_tool("skopeo", "skopeo");
-    std::fs::write(dir.join("auth.json"), "{}").unwrap();
-    std::fs::write(
-        dir.join("policy.json"),
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
-    let mut c = Command::new("skopeo");
-    c.env("REGISTRY_AUTH_FILE", dir.join("auth.json"))
-        .arg("--policy")
-        .arg(dir.join("policy.json"));
-    c
+    sluice_testkit::skopeo(dir)
 }
 
 async fn range(reg: &SluiceRegistry, repo: &str, digest: &Digest, first: u64, len: u64) -> Vec<u8> {

@@ -73,3 +73,28 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
     );
     base.join(name)
 }
+
+/// A `skopeo` command that uses an empty auth file and an accept-anything
+/// policy kept in `work`, never the machine's own.
+pub fn skopeo(work: &Path) -> std::process::Command {
+    require_tool("skopeo", "skopeo");
+    std::fs::write(work.join("auth.json"), "{}").expect("writing skopeo auth file");
+    std::fs::write(
+        work.join("policy.json"),
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .expect("writing skopeo policy");
+    let mut c = std::process::Command::new("skopeo");
+    c.env("REGISTRY_AUTH_FILE", work.join("auth.json"))
+        .arg("--policy")
+        .arg(work.join("policy.json"));
+    c
+}
+
+/// Pushes `LAYOUT:TAG` to `docker://DEST` (plain HTTP) with skopeo.
+pub fn push_layout(work: &Path, layout: &Path, tag: &str, dest: &str) {
+    run(skopeo(work)
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{dest}")));
+}

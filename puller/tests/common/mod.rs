@@ -13,7 +13,6 @@ use sluice_puller::{ImageRef, RegistryClient};
 use sluice_registry::storage::FsStorage;
 use sluice_registry::{Config, Registry};
 use sluice_testkit::images::busybox_image;
-use sluice_testkit::run;
 
 /// sluice-registry running in this process on its own runtime.
 pub struct InProcessRegistry {
@@ -101,19 +100,12 @@ pub fn fixture() -> Fixture {
     )
     .unwrap();
     let registry = InProcessRegistry::start(&dir.path().join("registry"), "127.0.0.1:0");
-    std::fs::write(dir.path().join("auth.json"), "{}").unwrap();
-    std::fs::write(
-        dir.path().join("policy.json"),
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
-    run(std::process::Command::new("skopeo")
-        .env("REGISTRY_AUTH_FILE", dir.path().join("auth.json"))
-        .arg("--policy")
-        .arg(dir.path().join("policy.json"))
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", lazy.display()))
-        .arg(format!("docker://{}/fuse/busybox:v1", registry.addr)));
+    sluice_testkit::push_layout(
+        dir.path(),
+        &lazy,
+        "v1",
+        &format!("{}/fuse/busybox:v1", registry.addr),
+    );
     let image = ImageRef::parse(&format!("{}/fuse/busybox:v1", registry.addr)).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = RegistryClient::new(RetryPolicy::default());
