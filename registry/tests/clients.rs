@@ -227,28 +227,14 @@ async fn containerd_pulls_and_runs_from_it() {
 
     let ctrd = Containerd::start(&dir.path().join("containerd"), "");
     let reference = format!("{}/ctr/busybox:v1", reg.host());
-    let out = ctrd
-        .ctr()
-        .args(["image", "pull", "--plain-http", &reference])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ctr pull failed: {}\n{}\ncontainerd log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        ctrd.log()
-    );
+    ctrd.pull_plain_http(&reference);
     let images = run(ctrd.ctr().args(["image", "ls"]));
     assert!(
         images.contains(&image.manifest.digest.to_string()),
         "{images}"
     );
 
-    require_tool("runc", "runc");
-    let out = run(ctrd
-        .ctr()
-        .args(["run", "--rm", &reference, "sluice-registry-test"]));
+    let out = ctrd.run_container(&reference, "sluice-registry-test", &[]);
     assert_eq!(out.trim(), "sluice test app ready");
 }
 

@@ -14,7 +14,7 @@ use sluice_format::Digest;
 use sluice_testkit::http::{get, request};
 use sluice_testkit::images::busybox_image;
 use sluice_testkit::process::{Containerd, SluiceRegistry};
-use sluice_testkit::{require_tool, run};
+use sluice_testkit::run;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice-registry");
 
@@ -153,21 +153,8 @@ async fn converted_images_read_lazily_and_run_in_containerd() {
     // the config, or unpack fails.
     let ctrd = Containerd::start(&dir.path().join("containerd"), "");
     let reference = format!("{}/conv/busybox:v1", reg.host());
-    let out = ctrd
-        .ctr()
-        .args(["image", "pull", "--plain-http", &reference])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ctr pull of the converted image failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        ctrd.log()
-    );
-    require_tool("runc", "runc");
-    let out = run(ctrd
-        .ctr()
-        .args(["run", "--rm", &reference, "sluice-convert-test"]));
+    ctrd.pull_plain_http(&reference);
+    let out = ctrd.run_container(&reference, "sluice-convert-test", &[]);
     assert_eq!(out.trim(), "sluice test app ready");
 }
 
@@ -265,19 +252,8 @@ async fn convert_on_push_publishes_a_lazy_twin_and_keeps_the_original() {
     .await;
     let ctrd = Containerd::start(&dir.path().join("containerd"), "");
     let by_digest = format!("{}/cop/busybox@{twin_digest}", reg.host());
-    let out = ctrd
-        .ctr()
-        .args(["image", "pull", "--plain-http", &by_digest])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = run(ctrd
-        .ctr()
-        .args(["run", "--rm", &by_digest, "sluice-twin-test"]));
+    ctrd.pull_plain_http(&by_digest);
+    let out = ctrd.run_container(&by_digest, "sluice-twin-test", &[]);
     assert_eq!(out.trim(), "sluice test app ready");
 
     let metrics = String::from_utf8(get(&reg.url("/metrics")).await.body.to_vec()).unwrap();
@@ -372,26 +348,16 @@ async fn converted_debian_python3_image_runs_in_containerd() {
     ]));
     let ctrd = Containerd::start(&dir.path().join("containerd"), "");
     let reference = format!("{}/py/python3:lazy", reg.host());
-    let out = ctrd
-        .ctr()
-        .args(["image", "pull", "--plain-http", &reference])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        ctrd.log()
-    );
-    let out = run(ctrd.ctr().args([
-        "run",
-        "--rm",
+    ctrd.pull_plain_http(&reference);
+    let out = ctrd.run_container(
         &reference,
         "sluice-python-test",
-        "python3",
-        "-c",
-        "import json, hashlib; print(json.dumps({'ok': hashlib.sha256(b'sluice').hexdigest()[:8]}))",
-    ]));
+        &[
+            "python3",
+            "-c",
+            "import json, hashlib; print(json.dumps({'ok': hashlib.sha256(b'sluice').hexdigest()[:8]}))",
+        ],
+    );
     let want = format!(r#"{{"ok": "{}"}}"#, &Digest::sha256(b"sluice").hex()[..8]);
     assert_eq!(out.trim(), want);
 }

@@ -229,6 +229,28 @@ impl Containerd {
         c
     }
 
+    /// `ctr image pull --plain-http`, failing the test with containerd's log.
+    pub fn pull_plain_http(&self, reference: &str) {
+        let out = self
+            .ctr()
+            .args(["image", "pull", "--plain-http", reference])
+            .output()
+            .expect("running ctr");
+        assert!(
+            out.status.success(),
+            "ctr pull {reference} failed: {}\n{}\ncontainerd log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    /// `ctr run --rm IMAGE ID [ARGS…]`; returns what the container printed.
+    pub fn run_container(&self, reference: &str, id: &str, args: &[&str]) -> String {
+        crate::require_tool("runc", "runc");
+        crate::run(self.ctr().args(["run", "--rm", reference, id]).args(args))
+    }
+
     /// containerd's own log, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
