@@ -26,7 +26,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
 };
 use sluice_format::chunked::NodeKind;
 
@@ -367,6 +368,10 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(MAX_READAHEAD);
+        // Listings return attributes too: one request instead of one lookup
+        // per entry when a runtime walks a directory.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         if !self.options.passthrough {
             return Ok(());
         }
@@ -503,6 +508,36 @@ impl Filesystem for LayerFs {
             .skip(offset as usize)
         {
             if reply.add(ino, k as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(i) = self.node_of(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(dir) = self.dirs.get(&self.layer.index().resolve(i)) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let fixed = [(i, OsStr::new(".")), (self.parents[i], OsStr::new(".."))];
+        let listed = dir.entries.iter().map(|(name, n)| (*n, name.as_os_str()));
+        for (k, (node, name)) in fixed
+            .into_iter()
+            .chain(listed)
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let attr = self.attr(node);
+            if reply.add(attr.ino, k as u64 + 1, name, &TTL, &attr, Generation(0)) {
                 break;
             }
         }
