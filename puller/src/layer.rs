@@ -125,6 +125,12 @@ pub struct RemoteLayer {
     pub stats: LayerStats,
 }
 
+impl std::fmt::Debug for RemoteLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RemoteLayer({}@{})", self.image, self.digest)
+    }
+}
+
 /// Removes a chunk's in-flight entry however the leader ends.
 struct InflightGuard<'a> {
     layer: &'a RemoteLayer,

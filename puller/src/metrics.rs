@@ -35,18 +35,6 @@ struct LayerCollector {
     cache: Arc<ChunkCache>,
 }
 
-impl fmt::Debug for ChunkCache {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ChunkCache")
-    }
-}
-
-impl fmt::Debug for RemoteLayer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RemoteLayer({})", self.digest())
-    }
-}
-
 fn counter(
     encoder: &mut DescriptorEncoder,
     name: &str,

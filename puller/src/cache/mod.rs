@@ -89,6 +89,12 @@ pub struct ChunkCache {
     pub stats: CacheStats,
 }
 
+impl std::fmt::Debug for ChunkCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkCache({})", self.dir.display())
+    }
+}
+
 impl ChunkCache {
     /// Opens (or creates) a cache directory bounded to `max_bytes`.
     pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<Self, CacheError> {

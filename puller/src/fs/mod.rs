@@ -421,7 +421,7 @@ impl Filesystem for LayerFs {
         let Some(i) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        if flags.0 & (libc_o_accmode()) != 0 {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
         match self.layer.index().node(self.layer.index().resolve(i)).kind {
@@ -574,11 +574,6 @@ impl Filesystem for LayerFs {
         }
         xattr_reply(reply, size, &names);
     }
-}
-
-/// O_WRONLY | O_RDWR: any write access.
-fn libc_o_accmode() -> i32 {
-    0o3
 }
 
 /// Mounts `layer` read-only at `mountpoint`; unmounted when the returned
