@@ -63,7 +63,19 @@ fn age(meta: &fs::Metadata, now: SystemTime) -> Duration {
 
 /// Runs one collection over the storage at `root`.
 pub fn collect(root: &Path, opts: &GcOptions) -> Result<GcReport, StorageError> {
-    let storage = FsStorage::open(root)?;
+    // Not `FsStorage::open`: that clears staged writes, which belong to a
+    // registry that may be serving right now.
+    let blobs_dir = root.join("blobs");
+    if !blobs_dir.is_dir() {
+        return Err(StorageError::Io {
+            op: "open storage root",
+            path: root.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no blobs/ folder: not a sluice-registry root",
+            ),
+        });
+    }
     let lock_path = root.join("gc.lock");
     let lock = fs::File::open(&lock_path).map_err(|source| StorageError::Io {
         op: "open",
@@ -77,7 +89,7 @@ pub fn collect(root: &Path, opts: &GcOptions) -> Result<GcReport, StorageError> 
     })?;
 
     let mut report = GcReport::default();
-    let (reachable, repos) = mark(storage.root(), &mut report)?;
+    let (reachable, repos) = mark(root, &mut report)?;
     let now = SystemTime::now();
     let blobs = root.join("blobs");
     for alg in list_names(&blobs)? {

@@ -821,6 +821,21 @@ async fn gc_removes_only_unreferenced_old_blobs() {
     assert!(out.contains(&format!("removed {orphan}")), "{out}");
     assert!(out.contains("removed 1 blobs"), "{out}");
 
+    // A staged write of a running registry is never GC's to remove.
+    std::fs::write(dir.path().join("tmp/in-flight"), b"staged").unwrap();
+    gc(&["--grace-seconds", "0"]);
+    assert!(
+        dir.path().join("tmp/in-flight").exists(),
+        "gc removed a staged write"
+    );
+    std::fs::remove_file(dir.path().join("tmp/in-flight")).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["gc", "--root", "/nonexistent-sluice-root"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a sluice-registry root"));
+
     let reg = start(dir.path());
     let r = get(&reg.url(&format!("/v2/g/blobs/{orphan}"))).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
