@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use common::{fixture, walk, Fixture, InProcessRegistry};
 use sluice_format::chunked::ChunkingOptions;
 use sluice_format::layout::Compression;
-use sluice_format::oci::Manifest;
 use sluice_puller::fs::FsOptions;
 use sluice_puller::registry::{HostConfig, RetryPolicy};
 use sluice_puller::{ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
@@ -316,18 +315,23 @@ fn corrupt_bytes_are_never_served_nor_cached() {
 
     // 1. A corrupt mirror in front of a healthy registry: the bad bytes are
     //    rejected, the refetch goes to the registry, the read succeeds.
+    let no_passthrough = FsOptions {
+        passthrough: false,
+        ..FsOptions::default()
+    };
     let cache_dir = f.dir.path().join("cache-mirror");
     let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
     let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
-    let layer = rt
-        .block_on(RemoteLayer::open(
-            client.clone(),
-            f.image.clone(),
-            &desc,
-            cache.clone(),
-            LayerOptions::default(),
-        ))
-        .unwrap();
+    // The TOC comes from the registry itself; the mirror is added afterwards.
+    let m = mount_layer(
+        &rt,
+        &f,
+        1,
+        client.clone(),
+        cache,
+        LayerOptions::default(),
+        &no_passthrough,
+    );
     client.configure_host(
         &f.image.host,
         HostConfig {
@@ -335,39 +339,26 @@ fn corrupt_bytes_are_never_served_nor_cached() {
             ..HostConfig::default()
         },
     );
-    let layer = Arc::new(layer);
-    let path = f.dir.path().join("mnt-mirror");
-    std::fs::create_dir_all(&path).unwrap();
-    let session = sluice_puller::fs::mount(
-        layer.clone(),
-        rt.handle().clone(),
-        &path,
-        FsOptions {
-            passthrough: false,
-            ..FsOptions::default()
-        },
-    )
-    .unwrap();
     assert_eq!(
-        std::fs::read(path.join("app/data/blob.bin")).unwrap(),
+        std::fs::read(m.path.join("app/data/blob.bin")).unwrap(),
         original
     );
     assert_cache_is_clean(&cache_dir);
-    drop(session);
+    drop(m);
 
     // 2. The only source is corrupt: EIO, and nothing corrupt in the cache.
     let cache_dir = f.dir.path().join("cache-corrupt");
     let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
     let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
-    let layer = rt
-        .block_on(RemoteLayer::open(
-            client.clone(),
-            f.image.clone(),
-            &desc,
-            cache.clone(),
-            LayerOptions::default(),
-        ))
-        .unwrap();
+    let m = mount_layer(
+        &rt,
+        &f,
+        1,
+        client.clone(),
+        cache,
+        LayerOptions::default(),
+        &no_passthrough,
+    );
     // Three corrupt mirrors for three verification attempts: every attempt
     // gets answered, with bad bytes.
     client.configure_host(
@@ -377,23 +368,10 @@ fn corrupt_bytes_are_never_served_nor_cached() {
             ..HostConfig::default()
         },
     );
-    let layer = Arc::new(layer);
-    let path = f.dir.path().join("mnt-corrupt");
-    std::fs::create_dir_all(&path).unwrap();
-    let _session = sluice_puller::fs::mount(
-        layer.clone(),
-        rt.handle().clone(),
-        &path,
-        FsOptions {
-            passthrough: false,
-            ..FsOptions::default()
-        },
-    )
-    .unwrap();
-    let err = std::fs::read(path.join("app/data/blob.bin")).unwrap_err();
+    let err = std::fs::read(m.path.join("app/data/blob.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(5), "expected EIO, got {err}");
     assert_cache_is_clean(&cache_dir);
-    assert!(layer.stats.failed_reads.load(Ordering::Relaxed) > 0);
+    assert!(m.layer.stats.failed_reads.load(Ordering::Relaxed) > 0);
 
     // 3. A TOC with bad bytes never mounts.
     let bad_image = ImageRef::parse(&format!("{proxy}/fuse/busybox:v1")).unwrap();
@@ -453,7 +431,6 @@ fn local_files_are_passed_through_to_the_kernel() {
 #[test]
 fn debian_python3_rootfs_reads_identically_through_the_mount() {
     let rootfs = sluice_testkit::fixture("python3").join("rootfs");
-    assert!(sluice_testkit::is_root(), "FUSE mounts need root");
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("py");
     sluice_format::layout::build_image(
@@ -467,42 +444,26 @@ fn debian_python3_rootfs_reads_identically_through_the_mount() {
         },
     )
     .unwrap();
-    let lazy = dir.path().join("py-lazy");
-    sluice_format::convert::convert_layout(&layout, "v1", &lazy, "v1", &ChunkingOptions::default())
-        .unwrap();
-    let registry = InProcessRegistry::start(&dir.path().join("registry"), "127.0.0.1:0");
-    sluice_testkit::push_layout(
-        dir.path(),
-        &lazy,
-        "v1",
-        &format!("{}/py/python3:v1", registry.addr),
+    let f = common::publish(
+        dir,
+        &layout,
+        "py/python3",
+        &ChunkingOptions::default(),
+        vec![rootfs.clone()],
     );
-    let image = ImageRef::parse(&format!("{}/py/python3:v1", registry.addr)).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
     let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
-    let (bytes, _, _) = rt.block_on(client.manifest(&image)).unwrap();
-    let manifest = Manifest::parse(&bytes).unwrap();
-    let desc = &manifest.layers.unwrap()[0];
-    let cache = Arc::new(ChunkCache::open(dir.path().join("cache"), 1 << 30).unwrap());
-    let layer = Arc::new(
-        rt.block_on(RemoteLayer::open(
-            client,
-            image,
-            desc,
-            cache,
-            LayerOptions::default(),
-        ))
-        .unwrap(),
+    let m = mount_layer(
+        &rt,
+        &f,
+        0,
+        client,
+        cache,
+        LayerOptions::default(),
+        &FsOptions::default(),
     );
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let _session = sluice_puller::fs::mount(
-        layer.clone(),
-        rt.handle().clone(),
-        &mnt,
-        FsOptions::default(),
-    )
-    .unwrap();
+    let (layer, mnt) = (m.layer.clone(), m.path.clone());
 
     let mut paths = Vec::new();
     walk(&rootfs, Path::new(""), &mut paths);

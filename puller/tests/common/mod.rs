@@ -86,37 +86,45 @@ pub struct Fixture {
 /// Builds the busybox test image, converts it to zstd:chunked and pushes it
 /// with skopeo.
 pub fn fixture() -> Fixture {
-    assert!(sluice_testkit::is_root(), "FUSE mounts need root");
-    sluice_testkit::require_tool("skopeo", "skopeo");
     let dir = tempfile::tempdir().unwrap();
     let img = busybox_image(&dir.path().join("img"), Compression::Gzip);
-    let lazy = dir.path().join("lazy");
-    sluice_format::convert::convert_layout(
+    let rootfs = dir.path().join("img/rootfs");
+    let roots = vec![rootfs.join("base"), rootfs.join("app")];
+    publish(
+        dir,
         &img.layout,
-        "v1",
-        &lazy,
-        "v1",
+        "fuse/busybox",
         &ChunkingOptions::with_average(16 * 1024, 3),
+        roots,
     )
-    .unwrap();
+}
+
+/// Converts the image tagged `v1` in `layout` to zstd:chunked and pushes it
+/// with skopeo as `repo:v1` to a fresh in-process registry. `roots` are the
+/// trees its layers were built from, bottom first.
+pub fn publish(
+    dir: tempfile::TempDir,
+    layout: &Path,
+    repo: &str,
+    chunking: &ChunkingOptions,
+    roots: Vec<PathBuf>,
+) -> Fixture {
+    assert!(sluice_testkit::is_root(), "FUSE mounts need root");
+    let lazy = dir.path().join("lazy");
+    sluice_format::convert::convert_layout(layout, "v1", &lazy, "v1", chunking).unwrap();
     let registry = InProcessRegistry::start(&dir.path().join("registry"), "127.0.0.1:0");
-    sluice_testkit::push_layout(
-        dir.path(),
-        &lazy,
-        "v1",
-        &format!("{}/fuse/busybox:v1", registry.addr),
-    );
-    let image = ImageRef::parse(&format!("{}/fuse/busybox:v1", registry.addr)).unwrap();
+    let reference = format!("{}/{repo}:v1", registry.addr);
+    sluice_testkit::push_layout(dir.path(), &lazy, "v1", &reference);
+    let image = ImageRef::parse(&reference).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = RegistryClient::new(RetryPolicy::default());
     let (bytes, _, _) = rt.block_on(client.manifest(&image)).unwrap();
     let manifest = Manifest::parse(&bytes).unwrap();
-    let rootfs = dir.path().join("img/rootfs");
     Fixture {
         registry,
         image,
         manifest,
-        roots: vec![rootfs.join("base"), rootfs.join("app")],
+        roots,
         dir,
     }
 }
