@@ -425,15 +425,7 @@ impl RemoteLayer {
             return Ok(Some(f));
         }
         let chunks = self.index.file_chunks_of(content);
-        let deadline = self.opts.read_deadline;
-        runtime
-            .block_on(async { tokio::time::timeout(deadline, self.ensure(chunks)).await })
-            .map_err(|_| LayerError::Deadline {
-                image: self.image.to_string(),
-                layer: self.digest.clone(),
-                file: self.index.node(node).path.clone(),
-                deadline,
-            })??;
+        self.block_within_deadline(runtime, node, self.ensure(chunks))?;
         let mut maps = Vec::with_capacity(chunks.len());
         for c in chunks {
             match self.cache.get(&c.digest) {
@@ -460,6 +452,27 @@ impl RemoteLayer {
         }
     }
 
+    /// Runs `work` for file `node` from a non-async thread, giving up with
+    /// [`LayerError::Deadline`] after the read deadline.
+    fn block_within_deadline<T>(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        node: usize,
+        work: impl std::future::Future<Output = Result<T, LayerError>>,
+    ) -> Result<T, LayerError> {
+        let deadline = self.opts.read_deadline;
+        runtime
+            .block_on(async { tokio::time::timeout(deadline, work).await })
+            .unwrap_or_else(|_| {
+                Err(LayerError::Deadline {
+                    image: self.image.to_string(),
+                    layer: self.digest.clone(),
+                    file: self.index.node(node).path.clone(),
+                    deadline,
+                })
+            })
+    }
+
     /// Whether every chunk of a file is cached.
     pub fn is_local(&self, node: usize) -> bool {
         self.index
@@ -477,20 +490,7 @@ impl RemoteLayer {
         offset: u64,
         size: u32,
     ) -> Result<ReadData, LayerError> {
-        let deadline = self.opts.read_deadline;
-        let r = runtime.block_on(async {
-            tokio::time::timeout(deadline, self.read(node, offset, size)).await
-        });
-        let file = || self.index.node(node).path.clone();
-        let r = match r {
-            Ok(r) => r,
-            Err(_) => Err(LayerError::Deadline {
-                image: self.image.to_string(),
-                layer: self.digest.clone(),
-                file: file(),
-                deadline,
-            }),
-        };
+        let r = self.block_within_deadline(runtime, node, self.read(node, offset, size));
         if let Err(e) = &r {
             self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, "read failed");
