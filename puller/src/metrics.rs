@@ -164,6 +164,13 @@ impl PullerMetrics {
             .push(Arc::downgrade(layer));
     }
 
+    /// Appends these metrics (without the closing `# EOF`) to `out`, for a
+    /// daemon that renders its own metrics too.
+    pub fn encode_into(&self, out: &mut String) {
+        prometheus_client::encoding::text::encode_registry(out, &self.registry)
+            .expect("writing to a String cannot fail");
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

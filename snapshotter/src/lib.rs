@@ -1,4 +1,27 @@
-//! The node daemon: containerd's Snapshots API (proxy plugin over gRPC) with lazy
-//! layers mounted through the puller.
+//! The node daemon: containerd's Snapshots API (a proxy plugin over gRPC)
+//! with the semantics of the overlayfs snapshotter, where layers that exist
+//! in a lazy form in the registry are mounted through the puller instead of
+//! being pulled and unpacked.
 //!
-//! Not built yet: see issue 4 (snapshotter daemon).
+//! - [`service`]: the gRPC API and the remote path (Prepare → lazy mount →
+//!   commit under the target → `AlreadyExists`);
+//! - [`snapshots`]: overlay semantics, directories and mounts;
+//! - [`metadata`]: the crash-safe record of every snapshot (redb);
+//! - [`remote`]: from Prepare labels to a FUSE mount of the layer;
+//! - [`filters`]: containerd's filter language for `List`;
+//! - [`daemon`], [`config`], [`metrics`]: running it.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod filters;
+pub mod metadata;
+pub mod metrics;
+pub mod remote;
+pub mod service;
+pub mod snapshots;
+
+pub use config::Config;
+pub use daemon::Daemon;
+pub use error::SnapshotError;

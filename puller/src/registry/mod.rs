@@ -4,6 +4,7 @@
 //! order before the image's own host.
 
 mod auth;
+pub mod hosts;
 mod reference;
 
 use std::ops::Range;
@@ -44,7 +45,8 @@ impl Default for RetryPolicy {
 /// Where to reach a registry host.
 #[derive(Debug, Clone, Default)]
 pub struct HostConfig {
-    /// Mirrors tried before the host itself, in order (`host[:port]`).
+    /// Mirrors tried before the host itself, in order: `host[:port]`, or a
+    /// URL whose scheme says how to reach it (`http://mirror:5000`).
     pub mirrors: Vec<String>,
     /// Use plain HTTP. Loopback hosts always may, as in containerd.
     pub plain_http: bool,
@@ -167,18 +169,26 @@ impl RegistryClient {
     fn endpoints(&self, host: &str) -> Result<Vec<String>, FetchError> {
         let cfg = self.host_config(host);
         let mut out = Vec::new();
-        for h in cfg
-            .mirrors
-            .iter()
-            .map(String::as_str)
-            .chain(std::iter::once(host))
-        {
-            let plain = cfg.plain_http || is_loopback(h);
+        for m in cfg.mirrors.iter().map(String::as_str) {
+            let (plain, h) = match m.split_once("://") {
+                Some(("http", h)) => (true, h),
+                Some((_, h)) => (false, h),
+                None => (cfg.plain_http || is_loopback(m), m),
+            };
+            let h = h.trim_end_matches('/');
             if !plain {
-                return Err(FetchError::Tls { host: h.to_owned() });
+                // Until TLS lands, such a mirror is skipped, not fatal.
+                tracing::debug!(mirror = h, "skipping a mirror that needs TLS");
+                continue;
             }
             out.push(format!("http://{h}"));
         }
+        if !(cfg.plain_http || is_loopback(host)) {
+            return Err(FetchError::Tls {
+                host: host.to_owned(),
+            });
+        }
+        out.push(format!("http://{host}"));
         Ok(out)
     }
 

@@ -1,0 +1,214 @@
+//! Per-host registry configuration from files users already have:
+//! containerd's `hosts.toml` layout and docker's `config.json`.
+//!
+//! `DIR/<host>/hosts.toml` (containerd's `config_path` layout):
+//! ```toml
+//! server = "http://registry.internal:5000"   # the host itself; http:// = plain HTTP
+//! [host."http://mirror-a:5000"]              # mirrors, tried in file order
+//!   capabilities = ["pull", "resolve"]       # mirrors without "pull" are ignored
+//! ```
+//! Docker config: `{"auths": {"<host>": {"auth": "base64(user:password)"}}}`
+//! (or `username`/`password` fields).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+use super::{Credentials, HostConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostsError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+fn file_err(path: &Path, reason: impl ToString) -> HostsError {
+    HostsError::File {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+#[derive(Deserialize)]
+struct HostsFile {
+    server: Option<String>,
+    #[serde(default)]
+    host: toml::Table,
+}
+
+#[derive(Deserialize)]
+struct HostEntry {
+    capabilities: Option<Vec<String>>,
+}
+
+/// Reads every `DIR/<host>/hosts.toml`. A missing directory is no config.
+pub fn load_hosts_dir(dir: &Path) -> Result<HashMap<String, HostConfig>, HostsError> {
+    let mut out = HashMap::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(file_err(dir, e)),
+    };
+    for e in entries {
+        let e = e.map_err(|e| file_err(dir, e))?;
+        let path = e.path().join("hosts.toml");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(file_err(&path, err)),
+        };
+        let host = e.file_name().to_string_lossy().into_owned();
+        out.insert(
+            host,
+            parse_hosts_toml(&text).map_err(|r| file_err(&path, r))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Parses one `hosts.toml`.
+pub fn parse_hosts_toml(text: &str) -> Result<HostConfig, String> {
+    let file: HostsFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut cfg = HostConfig::default();
+    if let Some(server) = &file.server {
+        match server.split_once("://") {
+            Some(("http", _)) => cfg.plain_http = true,
+            Some(("https", _)) => {}
+            _ => {
+                return Err(format!(
+                    "server {server:?}: expected an http:// or https:// URL"
+                ))
+            }
+        }
+    }
+    // toml keeps the file's order (preserve_order), which is the mirror order.
+    for (url, entry) in &file.host {
+        let entry: HostEntry = entry
+            .clone()
+            .try_into()
+            .map_err(|e| format!("host {url:?}: {e}"))?;
+        if let Some(caps) = &entry.capabilities {
+            if !caps.iter().any(|c| c == "pull") {
+                continue;
+            }
+        }
+        if !url.contains("://") {
+            return Err(format!("host {url:?}: expected an http:// or https:// URL"));
+        }
+        cfg.mirrors.push(url.clone());
+    }
+    Ok(cfg)
+}
+
+#[derive(Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: HashMap<String, DockerAuth>,
+}
+
+#[derive(Deserialize)]
+struct DockerAuth {
+    auth: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    identitytoken: Option<String>,
+}
+
+/// Reads registry credentials from a docker `config.json`. Keys may be
+/// `host`, `https://host` or `https://host/v1/`; they are normalized to `host`.
+pub fn load_docker_config(path: &Path) -> Result<HashMap<String, Credentials>, HostsError> {
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e))?;
+    parse_docker_config(&text).map_err(|r| file_err(path, r))
+}
+
+pub fn parse_docker_config(text: &str) -> Result<HashMap<String, Credentials>, String> {
+    let cfg: DockerConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let mut out = HashMap::new();
+    for (key, a) in cfg.auths {
+        let host = key
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let host = if host == "index.docker.io" {
+            "docker.io".to_owned()
+        } else {
+            host
+        };
+        let creds = if let Some(auth) = &a.auth {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(auth.trim())
+                .map_err(|e| format!("auths.{key}.auth: {e}"))?;
+            let raw = String::from_utf8(raw).map_err(|_| format!("auths.{key}.auth: not UTF-8"))?;
+            let (u, p) = raw
+                .split_once(':')
+                .ok_or_else(|| format!("auths.{key}.auth: expected base64 of user:password"))?;
+            Credentials {
+                username: u.to_owned(),
+                password: p.to_owned(),
+            }
+        } else if let Some(token) = &a.identitytoken {
+            Credentials {
+                username: a.username.clone().unwrap_or_else(|| "<token>".into()),
+                password: token.clone(),
+            }
+        } else if let (Some(u), Some(p)) = (&a.username, &a.password) {
+            Credentials {
+                username: u.clone(),
+                password: p.clone(),
+            }
+        } else {
+            continue;
+        };
+        out.insert(host, creds);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_toml_mirrors_in_order() {
+        let cfg = parse_hosts_toml(
+            r#"
+server = "http://registry.internal:5000"
+[host."http://b-mirror:5000"]
+  capabilities = ["pull", "resolve"]
+[host."http://a-mirror:5000"]
+[host."http://push-only:5000"]
+  capabilities = ["push"]
+"#,
+        )
+        .unwrap();
+        assert!(cfg.plain_http);
+        assert_eq!(
+            cfg.mirrors,
+            ["http://b-mirror:5000", "http://a-mirror:5000"]
+        );
+        assert!(parse_hosts_toml("server = 'ftp://x'").is_err());
+        assert!(parse_hosts_toml("[host.\"mirror\"]").is_err());
+    }
+
+    #[test]
+    fn docker_config_forms() {
+        let creds = parse_docker_config(
+            r#"{"auths": {
+                "https://index.docker.io/v1/": {"auth": "dXNlcjpwYTpzcw=="},
+                "reg.example:5000": {"username": "u", "password": "p"},
+                "empty.example": {}
+            }}"#,
+        )
+        .unwrap();
+        assert_eq!(creds["docker.io"].username, "user");
+        assert_eq!(creds["docker.io"].password, "pa:ss");
+        assert_eq!(creds["reg.example:5000"].password, "p");
+        assert!(!creds.contains_key("empty.example"));
+        assert!(parse_docker_config(r#"{"auths": {"x": {"auth": "!!"}}}"#).is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! The daemon's configuration: one TOML file, every field optional with the
+//! default documented here; command-line flags override it.
+//!
+//! ```toml
+//! root = "/var/lib/sluice"                  # metadata, snapshots, chunk cache
+//! address = "/run/sluice/snapshotter.sock"  # containerd's proxy_plugins address
+//! metrics_address = "127.0.0.1:9711"        # GET /metrics and /healthz; "" = off
+//!
+//! [lazy]
+//! enabled = true            # false: behave exactly like the overlayfs snapshotter
+//! passthrough = true        # FUSE passthrough for fully cached files (kernel >= 6.9)
+//! read_deadline_secs = 60   # a read waiting longer for the registry fails with EIO
+//! fuse_threads = 4          # request threads per mounted layer
+//!
+//! [cache]
+//! max_mib = 10240           # chunk cache bound; least recently used chunks go first
+//!
+//! [registry]
+//! hosts_dir = "/etc/sluice/certs.d"   # <host>/hosts.toml, as containerd's config_path
+//! docker_config = ""                  # docker config.json with credentials; "" = none
+//! ```
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub root: PathBuf,
+    pub address: PathBuf,
+    pub metrics_address: String,
+    pub lazy: LazyConfig,
+    pub cache: CacheConfig,
+    pub registry: RegistryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LazyConfig {
+    pub enabled: bool,
+    pub passthrough: bool,
+    pub read_deadline_secs: u64,
+    pub fuse_threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    pub max_mib: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    pub hosts_dir: PathBuf,
+    pub docker_config: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: "/var/lib/sluice".into(),
+            address: "/run/sluice/snapshotter.sock".into(),
+            metrics_address: "127.0.0.1:9711".into(),
+            lazy: LazyConfig::default(),
+            cache: CacheConfig::default(),
+            registry: RegistryConfig::default(),
+        }
+    }
+}
+
+impl Default for LazyConfig {
+    fn default() -> Self {
+        LazyConfig {
+            enabled: true,
+            passthrough: true,
+            read_deadline_secs: 60,
+            fuse_threads: 4,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { max_mib: 10240 }
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            hosts_dir: "/etc/sluice/certs.d".into(),
+            docker_config: PathBuf::new(),
+        }
+    }
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.root, PathBuf::from("/var/lib/sluice"));
+        assert!(c.lazy.enabled);
+        let c = Config::parse("root = '/x'\n[lazy]\npassthrough = false\n").unwrap();
+        assert_eq!(c.root, PathBuf::from("/x"));
+        assert!(!c.lazy.passthrough);
+        assert_eq!(c.lazy.read_deadline_secs, 60);
+        let e = Config::parse("[lazy]\npasthrough = false\n").unwrap_err();
+        assert!(e.to_string().contains("pasthrough"), "{e}");
+    }
+}

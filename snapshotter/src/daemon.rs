@@ -1,0 +1,273 @@
+//! The daemon: opens the store and the data plane, mounts lazy layers again
+//! after a restart, and serves the Snapshots API on a unix socket and
+//! metrics over HTTP until shut down.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use sluice_puller::fs::FsOptions;
+use sluice_puller::metrics::PullerMetrics;
+use sluice_puller::registry::hosts;
+use sluice_puller::registry::RetryPolicy;
+use sluice_puller::{ChunkCache, RegistryClient};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::api::snapshots::snapshots_server::SnapshotsServer;
+use crate::config::Config;
+use crate::metadata::Kind;
+use crate::metrics::SnapshotterMetrics;
+use crate::remote::{RemoteLayers, RemoteOptions};
+use crate::service::SnapshotService;
+use crate::snapshots::Snapshotter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Snapshots(#[from] crate::error::SnapshotError),
+    #[error("chunk cache: {0}")]
+    Cache(#[from] sluice_puller::cache::CacheError),
+    #[error("registry configuration: {0}")]
+    Hosts(#[from] hosts::HostsError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("{0} is in use by a running snapshotter")]
+    SocketInUse(String),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    let context = context.into();
+    move |source| StartError::Io { context, source }
+}
+
+pub struct Daemon {
+    config: Config,
+    core: Arc<Snapshotter>,
+    remote: Option<Arc<RemoteLayers>>,
+    metrics: Arc<SnapshotterMetrics>,
+}
+
+/// Builds the registry client from the configured hosts dir and docker config.
+pub fn registry_client(config: &Config) -> Result<RegistryClient, StartError> {
+    let client = RegistryClient::new(RetryPolicy::default());
+    let mut hosts = hosts::load_hosts_dir(&config.registry.hosts_dir)?;
+    if !config.registry.docker_config.as_os_str().is_empty() {
+        for (host, creds) in hosts::load_docker_config(&config.registry.docker_config)? {
+            hosts.entry(host).or_default().credentials = Some(creds);
+        }
+    }
+    for (host, cfg) in hosts {
+        tracing::info!(host, mirrors = ?cfg.mirrors, plain_http = cfg.plain_http,
+            credentials = cfg.credentials.is_some(), "registry host configured");
+        client.configure_host(&host, cfg);
+    }
+    Ok(client)
+}
+
+impl Daemon {
+    pub fn open(config: Config, runtime: tokio::runtime::Handle) -> Result<Self, StartError> {
+        std::fs::create_dir_all(&config.root)
+            .map_err(io(format!("creating {}", config.root.display())))?;
+        let core = Arc::new(Snapshotter::open(&config.root)?);
+        let cache = Arc::new(ChunkCache::open(
+            config.root.join("cache"),
+            config.cache.max_mib << 20,
+        )?);
+        let puller_metrics = PullerMetrics::new(cache.clone());
+        let metrics = SnapshotterMetrics::new(puller_metrics.clone());
+        let remote = if config.lazy.enabled {
+            let options = RemoteOptions {
+                fs: FsOptions {
+                    passthrough: config.lazy.passthrough,
+                    threads: config.lazy.fuse_threads.max(1),
+                    ..FsOptions::default()
+                },
+                read_deadline: Duration::from_secs(config.lazy.read_deadline_secs.max(1)),
+            };
+            Some(Arc::new(RemoteLayers::new(
+                Arc::new(registry_client(&config)?),
+                cache,
+                puller_metrics,
+                runtime,
+                options,
+            )))
+        } else {
+            tracing::info!("lazy mounts disabled: every layer is pulled in full");
+            None
+        };
+        Ok(Daemon {
+            config,
+            core,
+            remote,
+            metrics,
+        })
+    }
+
+    /// Mounts the lazy layers recorded in the metadata again (after a restart
+    /// or a crash) and removes directories no snapshot owns.
+    pub async fn restore(&self) -> Result<(), StartError> {
+        let core = self.core.clone();
+        let records = tokio::task::spawn_blocking(move || -> Result<_, StartError> {
+            let removed = core.cleanup()?;
+            if removed > 0 {
+                tracing::info!(
+                    removed,
+                    "removed directories left by interrupted operations"
+                );
+            }
+            Ok(core.store().list()?)
+        })
+        .await
+        .map_err(|e| StartError::Io {
+            context: "restore task".into(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+        let (mut ok, mut failed) = (0, 0);
+        for (name, r) in records {
+            let Some(src) = r.remote.as_ref().filter(|_| r.kind == Kind::Committed) else {
+                continue;
+            };
+            let Some(remote) = &self.remote else {
+                tracing::warn!(snapshot = %name, "lazy snapshot present but lazy mounts are disabled; it stays unmounted");
+                failed += 1;
+                continue;
+            };
+            match remote.mount(r.id, &self.core.fs_dir(r.id), src).await {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(snapshot = %name, "mounting a lazy layer again failed: {e}");
+                }
+            }
+        }
+        if ok + failed > 0 {
+            tracing::info!(mounted = ok, failed, "lazy layers restored from metadata");
+        }
+        if let Some(remote) = &self.remote {
+            self.metrics.lazy_mounts.set(remote.mounted() as i64);
+        }
+        Ok(())
+    }
+
+    fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(StartError::SocketInUse(path.display().to_string()));
+            }
+            std::fs::remove_file(path).map_err(io(format!("removing stale {}", path.display())))?;
+        }
+        let listener =
+            UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(io(format!("setting the mode of {}", path.display())))?;
+        Ok(listener)
+    }
+
+    /// Serves until `shutdown` completes, then unmounts the lazy layers.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+        let listener = Self::bind_socket(&self.config.address)?;
+        let service = SnapshotsServer::new(SnapshotService::new(
+            self.core.clone(),
+            self.remote.clone(),
+            self.metrics.clone(),
+        ));
+        let metrics_task = if self.config.metrics_address.is_empty() {
+            None
+        } else {
+            let l = TcpListener::bind(&self.config.metrics_address)
+                .await
+                .map_err(io(format!("binding {}", self.config.metrics_address)))?;
+            tracing::info!(address = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics at /metrics, health at /healthz");
+            Some(tokio::spawn(serve_metrics(l, self.metrics.clone())))
+        };
+        tracing::info!(socket = %self.config.address.display(), "serving containerd's Snapshots API");
+        println!(
+            "sluice-snapshotter listening on {}",
+            self.config.address.display()
+        );
+        tokio::pin!(shutdown);
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => {
+                    let stream = match accepted {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            tracing::warn!("accept on {}: {e}", self.config.address.display());
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let svc = TowerToHyperService::new(service.clone());
+                    while connections.try_join_next().is_some() {}
+                    connections.spawn(async move {
+                        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), svc);
+                        if let Err(e) = conn.await {
+                            tracing::debug!("gRPC connection ended: {e}");
+                        }
+                    });
+                }
+            }
+        }
+        tracing::info!("shutting down: unmounting lazy layers");
+        connections.shutdown().await;
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.config.address);
+        if let Some(remote) = &self.remote {
+            remote.unmount_all();
+        }
+        Ok(())
+    }
+}
+
+async fn serve_metrics(listener: TcpListener, metrics: Arc<SnapshotterMetrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/metrics" => (200, metrics.render()),
+                            "/healthz" => (200, "ok\n".to_owned()),
+                            _ => (404, "not found\n".to_owned()),
+                        };
+                        hyper::Response::builder()
+                            .status(status)
+                            .header(
+                                "content-type",
+                                if status == 200 && req.uri().path() == "/metrics" {
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8"
+                                } else {
+                                    "text/plain"
+                                },
+                            )
+                            .body(Full::new(Bytes::from(body)))
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,60 @@
+//! The daemon's Prometheus metrics: which path each layer took, lazy mounts,
+//! and the data plane's metrics (fetches, cache, reads) from the puller.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use sluice_puller::metrics::PullerMetrics;
+
+pub struct SnapshotterMetrics {
+    registry: Registry,
+    /// Layers prepared, by path: `lazy` (mounted from the registry) or `full`
+    /// (containerd fetches and unpacks it).
+    pub layers: Family<Vec<(String, String)>, Counter>,
+    /// Lazy mounts currently served.
+    pub lazy_mounts: Gauge,
+    pub puller: Arc<PullerMetrics>,
+}
+
+impl SnapshotterMetrics {
+    pub fn new(puller: Arc<PullerMetrics>) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("sluice_snapshotter");
+        let layers = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "layers",
+            "Layers prepared, by path (lazy: mounted from the registry; full: pulled by containerd)",
+            layers.clone(),
+        );
+        let lazy_mounts = Gauge::default();
+        registry.register(
+            "lazy_mounts",
+            "Lazy layer mounts currently served",
+            lazy_mounts.clone(),
+        );
+        Arc::new(SnapshotterMetrics {
+            registry,
+            layers,
+            lazy_mounts,
+            puller,
+        })
+    }
+
+    pub fn count_layer(&self, path: &str) {
+        self.layers
+            .get_or_create(&vec![("path".to_owned(), path.to_owned())])
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode_registry(&mut out, &self.registry).expect("writing to a String cannot fail");
+        self.puller.encode_into(&mut out);
+        encode_eof(&mut out).expect("writing to a String cannot fail");
+        out
+    }
+}

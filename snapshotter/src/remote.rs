@@ -1,0 +1,278 @@
+//! Lazy layers: from the labels of a `Prepare` to a FUSE mount of the layer.
+//!
+//! containerd (through CRI, or `sluice pull`) labels the `Prepare` of each
+//! layer with the image reference, the manifest digest and the layer digest.
+//! The image is resolved once (manifest, lazy twins) and cached for a short
+//! while, since its layers arrive one `Prepare` after another; the layer's
+//! lazy form is opened (TOC fetched and verified) and mounted read-only with
+//! the puller's FUSE filesystem at the snapshot's `fs` directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice_format::chunked::NodeKind;
+use sluice_format::Digest;
+use sluice_puller::fs::FsOptions;
+use sluice_puller::image::{self, ResolvedImage};
+use sluice_puller::metrics::PullerMetrics;
+use sluice_puller::{ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
+
+use crate::metadata::RemoteSource;
+
+pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// Marks a committed snapshot whose content is mounted lazily.
+pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
+
+/// How long a resolved image is reused for the Prepares of its layers.
+const RESOLVE_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("image {image}, layer {layer}: {reason}")]
+    Layer {
+        image: String,
+        layer: String,
+        reason: String,
+    },
+    #[error("image {image}: {reason}")]
+    Image { image: String, reason: String },
+}
+
+/// What the labels of a Prepare ask for.
+#[derive(Debug, Clone)]
+pub struct LayerRequest {
+    pub image: ImageRef,
+    pub layer: Digest,
+    pub manifest: Option<Digest>,
+}
+
+impl LayerRequest {
+    /// `Ok(None)` when the labels do not ask for a remote snapshot at all.
+    pub fn from_labels(labels: &BTreeMap<String, String>) -> Result<Option<Self>, RemoteError> {
+        let (Some(image), Some(layer)) =
+            (labels.get(LABEL_IMAGE_REF), labels.get(LABEL_LAYER_DIGEST))
+        else {
+            return Ok(None);
+        };
+        let bad = |reason: String| RemoteError::Image {
+            image: image.clone(),
+            reason,
+        };
+        let image_ref = ImageRef::parse(image).map_err(|e| bad(e.to_string()))?;
+        let layer = layer
+            .parse::<Digest>()
+            .map_err(|e| bad(format!("layer digest label: {e}")))?;
+        let manifest = labels
+            .get(LABEL_MANIFEST_DIGEST)
+            .map(|m| {
+                m.parse::<Digest>()
+                    .map_err(|e| bad(format!("manifest digest label: {e}")))
+            })
+            .transpose()?;
+        Ok(Some(LayerRequest {
+            image: image_ref,
+            layer,
+            manifest,
+        }))
+    }
+}
+
+/// Whether a layer can be mounted lazily, and from what.
+#[derive(Debug)]
+pub enum Lookup {
+    Lazy(Box<RemoteSource>),
+    /// Needs a full pull; the reason is logged and counted.
+    Full(String),
+}
+
+struct Mounted {
+    // Dropping the session unmounts; keep the layer alive as long.
+    _session: fuser::BackgroundSession,
+    _layer: Arc<RemoteLayer>,
+}
+
+/// Options of the lazy mounts.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    pub fs: FsOptions,
+    pub read_deadline: Duration,
+}
+
+pub struct RemoteLayers {
+    client: Arc<RegistryClient>,
+    cache: Arc<ChunkCache>,
+    metrics: Arc<PullerMetrics>,
+    runtime: tokio::runtime::Handle,
+    options: RemoteOptions,
+    resolved: Mutex<HashMap<String, (Instant, Arc<ResolvedImage>)>>,
+    mounts: Mutex<HashMap<u64, Mounted>>,
+}
+
+impl RemoteLayers {
+    pub fn new(
+        client: Arc<RegistryClient>,
+        cache: Arc<ChunkCache>,
+        metrics: Arc<PullerMetrics>,
+        runtime: tokio::runtime::Handle,
+        options: RemoteOptions,
+    ) -> Self {
+        RemoteLayers {
+            client,
+            cache,
+            metrics,
+            runtime,
+            options,
+            resolved: Mutex::new(HashMap::new()),
+            mounts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn resolve(&self, req: &LayerRequest) -> Result<Arc<ResolvedImage>, RemoteError> {
+        let image = match &req.manifest {
+            Some(m) => req.image.with_reference(m.to_string()),
+            None => req.image.clone(),
+        };
+        let key = image.to_string();
+        {
+            let mut cached = self.resolved.lock().expect("resolved images");
+            cached.retain(|_, (at, _)| at.elapsed() < RESOLVE_TTL);
+            if let Some((_, r)) = cached.get(&key) {
+                return Ok(r.clone());
+            }
+        }
+        let r = Arc::new(image::resolve(&self.client, &image).await.map_err(|e| {
+            RemoteError::Image {
+                image: key.clone(),
+                reason: e.to_string(),
+            }
+        })?);
+        self.resolved
+            .lock()
+            .expect("resolved images")
+            .insert(key, (Instant::now(), r.clone()));
+        Ok(r)
+    }
+
+    /// Finds the lazy form of the requested layer.
+    pub async fn lookup(&self, req: &LayerRequest) -> Result<Lookup, RemoteError> {
+        let resolved = self.resolve(req).await?;
+        let Some(layer) = resolved
+            .layers
+            .iter()
+            .find(|l| l.original.digest == req.layer)
+        else {
+            return Err(RemoteError::Layer {
+                image: resolved.image.to_string(),
+                layer: req.layer.to_string(),
+                reason: format!("not a layer of manifest {}", resolved.manifest_digest),
+            });
+        };
+        Ok(match &layer.lazy {
+            Some(lazy) => Lookup::Lazy(Box::new(RemoteSource {
+                image: format!(
+                    "{}",
+                    resolved
+                        .image
+                        .with_reference(resolved.manifest_digest.to_string())
+                ),
+                layer: layer.original.clone(),
+                lazy: lazy.clone(),
+            })),
+            None => Lookup::Full(format!(
+                "layer {} ({}) is not zstd:chunked and the registry has no lazy twin of it",
+                layer.original.digest, layer.original.media_type
+            )),
+        })
+    }
+
+    /// Opens the layer and mounts it at `mountpoint`; returns the usage the
+    /// layer would have unpacked (bytes of regular files, entries), which is
+    /// what containerd and kubelet account for it.
+    pub async fn mount(
+        &self,
+        id: u64,
+        mountpoint: &Path,
+        source: &RemoteSource,
+    ) -> Result<(i64, i64), RemoteError> {
+        let err = |reason: String| RemoteError::Layer {
+            image: source.image.clone(),
+            layer: source.layer.digest.to_string(),
+            reason,
+        };
+        let image = ImageRef::parse(&source.image).map_err(|e| err(e.to_string()))?;
+        let opts = LayerOptions {
+            read_deadline: self.options.read_deadline,
+            fetch_latency: Some(self.metrics.fetch_latency.clone()),
+        };
+        let layer = Arc::new(
+            RemoteLayer::open(
+                self.client.clone(),
+                image,
+                &source.lazy,
+                self.cache.clone(),
+                opts,
+            )
+            .await
+            .map_err(|e| err(e.to_string()))?,
+        );
+        self.metrics.track(&layer);
+        let usage = layer_usage(&layer);
+        // A mount left by a previous daemon (killed) is dead: detach it first.
+        crate::snapshots::detach_mount(mountpoint);
+        let (l, rt, mp, fs) = (
+            layer.clone(),
+            self.runtime.clone(),
+            mountpoint.to_path_buf(),
+            self.options.fs.clone(),
+        );
+        let session = tokio::task::spawn_blocking(move || sluice_puller::fs::mount(l, rt, &mp, fs))
+            .await
+            .map_err(|e| err(format!("mount task: {e}")))?
+            .map_err(|e| err(format!("mounting at {}: {e}", mountpoint.display())))?;
+        self.mounts.lock().expect("mounts").insert(
+            id,
+            Mounted {
+                _session: session,
+                _layer: layer,
+            },
+        );
+        Ok(usage)
+    }
+
+    pub fn is_mounted(&self, id: u64) -> bool {
+        self.mounts.lock().expect("mounts").contains_key(&id)
+    }
+
+    /// Unmounts snapshot `id`'s layer, if mounted.
+    pub fn unmount(&self, id: u64) {
+        let m = self.mounts.lock().expect("mounts").remove(&id);
+        drop(m);
+    }
+
+    /// Unmounts everything (daemon shutdown).
+    pub fn unmount_all(&self) {
+        let all: Vec<_> = self.mounts.lock().expect("mounts").drain().collect();
+        drop(all);
+    }
+
+    pub fn mounted(&self) -> usize {
+        self.mounts.lock().expect("mounts").len()
+    }
+}
+
+fn layer_usage(layer: &RemoteLayer) -> (i64, i64) {
+    let nodes = layer.index().nodes();
+    let bytes: u64 = nodes
+        .iter()
+        .map(|n| match &n.kind {
+            NodeKind::File { size, .. } => *size,
+            _ => 0,
+        })
+        .sum();
+    (bytes as i64, nodes.len() as i64)
+}
