@@ -28,6 +28,9 @@ pub struct ImageLayer {
 pub struct ResolvedImage {
     pub image: ImageRef,
     pub manifest_digest: Digest,
+    /// The manifest as served (for stores that keep it, like containerd's).
+    pub manifest_bytes: bytes::Bytes,
+    pub manifest_media_type: String,
     pub manifest: Manifest,
     pub config: Descriptor,
     pub layers: Vec<ImageLayer>,
@@ -59,7 +62,7 @@ pub async fn resolve(
         image: image.to_string(),
         reason,
     };
-    let (mut bytes, _, mut digest) = client.manifest(image).await.map_err(fetch)?;
+    let (mut bytes, mut media_type, mut digest) = client.manifest(image).await.map_err(fetch)?;
     let mut manifest = Manifest::parse(&bytes).map_err(|e| invalid(e.to_string()))?;
     if manifest.is_index() {
         let pick = manifest
@@ -74,7 +77,7 @@ pub async fn resolve(
             })
             .ok_or_else(|| invalid("index has no linux/amd64 manifest".into()))?;
         let child = image.with_reference(pick.digest.to_string());
-        (bytes, _, digest) = client.manifest(&child).await.map_err(fetch)?;
+        (bytes, media_type, digest) = client.manifest(&child).await.map_err(fetch)?;
         manifest = Manifest::parse(&bytes).map_err(|e| invalid(e.to_string()))?;
     }
     let config = manifest
@@ -104,6 +107,8 @@ pub async fn resolve(
     Ok(ResolvedImage {
         image: image.clone(),
         manifest_digest: digest,
+        manifest_bytes: bytes,
+        manifest_media_type: media_type,
         manifest,
         config,
         layers,

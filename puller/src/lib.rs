@@ -17,6 +17,7 @@ pub mod image;
 pub mod layer;
 pub mod metrics;
 pub mod prefetch;
+pub mod pull;
 pub mod registry;
 
 pub use cache::ChunkCache;

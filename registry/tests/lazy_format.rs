@@ -158,26 +158,6 @@ async fn converted_images_read_lazily_and_run_in_containerd() {
     assert_eq!(out.trim(), "sluice test app ready");
 }
 
-/// Waits for the registry's background conversion to publish a twin.
-async fn wait_for_twin(reg: &SluiceRegistry, repo: &str, subject: &Digest) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let r = get(&reg.url(&format!(
-            "/v2/{repo}/referrers/{subject}?artifactType=application/vnd.sluice.image.lazy.v1"
-        )))
-        .await;
-        let list = r.json();
-        if let Some(m) = list["manifests"].as_array().and_then(|a| a.first()) {
-            return m.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no lazy twin of {subject} after 120 s"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn convert_on_push_publishes_a_lazy_twin_and_keeps_the_original() {
     let dir = tempfile::tempdir().unwrap();
@@ -191,7 +171,9 @@ async fn convert_on_push_publishes_a_lazy_twin_and_keeps_the_original() {
         &reference,
     ]));
 
-    let twin_desc = wait_for_twin(&reg, "cop/busybox", &image.manifest.digest).await;
+    let twin_desc = reg
+        .wait_for_twin("cop/busybox", &image.manifest.digest.to_string())
+        .await;
     let twin_digest: Digest = twin_desc["digest"].as_str().unwrap().parse().unwrap();
 
     // The original is untouched.

@@ -132,6 +132,131 @@ impl SluiceRegistry {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
+
+    /// Waits (up to 120 s) for convert-on-push to publish the lazy twin of
+    /// manifest `subject`; returns the twin's descriptor from the referrers list.
+    pub async fn wait_for_twin(&self, repo: &str, subject: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let r = crate::http::get(&self.url(&format!(
+                "/v2/{repo}/referrers/{subject}?artifactType=application/vnd.sluice.image.lazy.v1"
+            )))
+            .await;
+            if let Some(m) = r.json()["manifests"].as_array().and_then(|a| a.first()) {
+                return m.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no lazy twin of {subject} after 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The sum of a counter (all label sets) in the registry's /metrics.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric_sum(&crate::http::get(&self.url("/metrics")).await.body, name)
+    }
+}
+
+/// Sums the samples of metric `name` (any labels) in a Prometheus exposition.
+pub fn metric_sum(exposition: &[u8], name: &str) -> f64 {
+    String::from_utf8_lossy(exposition)
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A running `sluice-snapshotter` with its own root and socket.
+pub struct SluiceSnapshotter {
+    pub service: Service,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub metrics_addr: SocketAddr,
+    binary: PathBuf,
+}
+
+impl SluiceSnapshotter {
+    pub fn start(binary: &Path, root: &Path) -> Self {
+        let socket = root.join("snapshotter.sock");
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::spawn(binary, root, &socket, metrics_addr)
+    }
+
+    fn spawn(binary: &Path, root: &Path, socket: &Path, metrics_addr: SocketAddr) -> Self {
+        std::fs::create_dir_all(root).expect("snapshotter root");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.with_extension("log"))
+            .expect("snapshotter log");
+        let mut cmd = Command::new(binary);
+        cmd.arg("--root")
+            .arg(root)
+            .arg("--address")
+            .arg(socket)
+            .arg("--metrics-address")
+            .arg(metrics_addr.to_string())
+            .arg("--hosts-dir")
+            .arg(root.join("no-hosts"))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut service = Service::spawn("sluice-snapshotter", &mut cmd);
+        wait_until("sluice-snapshotter", Duration::from_secs(60), || {
+            service.assert_running();
+            std::os::unix::net::UnixStream::connect(socket).is_ok()
+        });
+        SluiceSnapshotter {
+            service,
+            root: root.to_owned(),
+            socket: socket.to_owned(),
+            metrics_addr,
+            binary: binary.to_owned(),
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (no cleanup at all) and starts it again
+    /// on the same root and socket.
+    pub fn kill9_and_restart(self) -> Self {
+        let SluiceSnapshotter {
+            mut service,
+            root,
+            socket,
+            metrics_addr,
+            binary,
+        } = self;
+        let _ = service.child.kill();
+        let _ = service.child.wait();
+        service.stopped = true;
+        Self::spawn(&binary, &root, &socket, metrics_addr)
+    }
+
+    /// The daemon's log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.with_extension("log")).unwrap_or_default()
+    }
+
+    /// The containerd config section that plugs this daemon in as `sluice`.
+    pub fn containerd_config(&self) -> String {
+        format!(
+            "[proxy_plugins.sluice]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+            self.socket.display()
+        )
+    }
+
+    /// The sum of a metric in the daemon's /metrics.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let r = crate::http::get(&format!("http://{}/metrics", self.metrics_addr)).await;
+        metric_sum(&r.body, name)
+    }
 }
 
 /// A running CNCF distribution registry (Debian's `docker-registry`).

@@ -3,7 +3,10 @@
 //! `sluice mount IMAGE DIR` mounts every layer of an image lazily under DIR
 //! (`DIR/layer-0`, `DIR/layer-1`, …) and serves them until interrupted: the
 //! data plane without containerd, for inspection, demos and benchmarks.
-//! (`sluice pull`, which drives containerd, comes with the snapshotter.)
+//!
+//! `sluice pull IMAGE` pulls an image into containerd through the sluice
+//! snapshotter: lazy layers are mounted by the snapshotter, others are pulled
+//! in full; then `ctr run --snapshotter sluice IMAGE` starts at once.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +16,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use sluice_puller::fs::FsOptions;
 use sluice_puller::metrics::PullerMetrics;
-use sluice_puller::registry::RetryPolicy;
+use sluice_puller::pull::{LayerPath, PullOptions};
+use sluice_puller::registry::{hosts, RetryPolicy};
 use sluice_puller::{image, ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
 
 #[derive(Parser)]
@@ -29,6 +33,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Pull an image into containerd, mounting its layers lazily through the
+    /// sluice snapshotter (like `ctr-remote image rpull`).
+    Pull {
+        /// Image reference, host[:port]/repository[:tag|@digest].
+        image: String,
+        /// containerd's gRPC socket.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        address: PathBuf,
+        /// containerd namespace.
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// The snapshotter's name in containerd's proxy_plugins.
+        #[arg(long, default_value = "sluice")]
+        snapshotter: String,
+        /// Reach the registry over plain HTTP (loopback hosts always may).
+        #[arg(long)]
+        plain_http: bool,
+        /// Directory of <host>/hosts.toml files (mirrors, plain HTTP).
+        #[arg(long, default_value = "/etc/sluice/certs.d")]
+        hosts_dir: PathBuf,
+        /// Docker config.json with registry credentials.
+        #[arg(long)]
+        docker_config: Option<PathBuf>,
+    },
     /// Mount an image's layers lazily and serve them until SIGINT/SIGTERM.
     Mount {
         /// Image reference, host[:port]/repository[:tag|@digest].
@@ -75,6 +103,25 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Pull {
+            image,
+            address,
+            namespace,
+            snapshotter,
+            plain_http,
+            hosts_dir,
+            docker_config,
+        } => pull(
+            image,
+            PullOptions {
+                address,
+                namespace,
+                snapshotter,
+            },
+            plain_http,
+            hosts_dir,
+            docker_config,
+        ),
         Command::Mount {
             image,
             dir,
@@ -93,6 +140,77 @@ fn main() -> anyhow::Result<()> {
             read_deadline,
         ),
     }
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn pull(
+    image: String,
+    options: PullOptions,
+    plain_http: bool,
+    hosts_dir: PathBuf,
+    docker_config: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let image = ImageRef::parse(&image)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let client = RegistryClient::new(RetryPolicy::default());
+    let mut hosts = hosts::load_hosts_dir(&hosts_dir)?;
+    if let Some(path) = &docker_config {
+        for (host, creds) in hosts::load_docker_config(path)? {
+            hosts.entry(host).or_default().credentials = Some(creds);
+        }
+    }
+    if plain_http {
+        hosts.entry(image.host.clone()).or_default().plain_http = true;
+    }
+    for (host, cfg) in hosts {
+        client.configure_host(&host, cfg);
+    }
+    println!(
+        "pulling {image} into containerd ({}) with snapshotter {}",
+        options.address.display(),
+        options.snapshotter
+    );
+    let report = runtime.block_on(sluice_puller::pull::pull(&client, &image, &options, |e| {
+        let how = match e.path {
+            LayerPath::Lazy => "lazy: mounted by the snapshotter, fetched on demand".to_owned(),
+            LayerPath::Full => format!(
+                "full: fetched {} and unpacked by containerd",
+                human(e.layer.size)
+            ),
+            LayerPath::Present => "present already".to_owned(),
+        };
+        println!(
+            "  layer {}/{} {} ({}): {how} [{:.2} s]",
+            e.index + 1,
+            e.count,
+            e.layer.digest,
+            human(e.layer.size),
+            e.seconds
+        );
+    }))?;
+    println!(
+        "pulled {} ({}): {} layers ({} lazy, {} full, {} present), {} fetched, {:.2} s",
+        report.image,
+        report.manifest,
+        report.layers,
+        report.lazy,
+        report.full,
+        report.present,
+        human(report.fetched_bytes),
+        report.seconds
+    );
+    Ok(())
 }
 
 fn mount(

@@ -1,0 +1,362 @@
+//! End to end with a real containerd 1.6: the registry, the snapshotter
+//! daemon as containerd's `sluice` proxy plugin, `sluice pull` and
+//! `ctr run --snapshotter sluice`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sluice_format::layout::Compression;
+use sluice_format::Digest;
+use sluice_testkit::images::busybox_image;
+use sluice_testkit::process::{Containerd, SluiceRegistry, SluiceSnapshotter};
+use sluice_testkit::{is_root, push_layout, run, skopeo, workspace_binary};
+
+struct Node {
+    snapshotter: SluiceSnapshotter,
+    containerd: Containerd,
+}
+
+fn node(dir: &Path) -> Node {
+    let snapshotter =
+        SluiceSnapshotter::start(&workspace_binary("sluice-snapshotter"), &dir.join("sluice"));
+    let containerd = Containerd::start(&dir.join("containerd"), &snapshotter.containerd_config());
+    Node {
+        snapshotter,
+        containerd,
+    }
+}
+
+impl Node {
+    fn pull(&self, reference: &str) -> String {
+        let out = Command::new(workspace_binary("sluice"))
+            .args(["pull", "--address"])
+            .arg(&self.containerd.socket)
+            .arg(reference)
+            .output()
+            .expect("running sluice pull");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "sluice pull {reference} failed\nstdout:\n{stdout}\nstderr:\n{}\nsnapshotter log:\n{}\ncontainerd log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.snapshotter.log(),
+            self.containerd.log()
+        );
+        print!("{stdout}");
+        stdout
+    }
+
+    fn run(&self, reference: &str, id: &str, args: &[&str]) -> String {
+        let out = self
+            .containerd
+            .ctr()
+            .args(["run", "--rm", "--snapshotter", "sluice", reference, id])
+            .args(args)
+            .output()
+            .expect("running ctr run");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "ctr run {reference} failed\nstdout:\n{stdout}\nstderr:\n{}\nsnapshotter log:\n{}\ncontainerd log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.snapshotter.log(),
+            self.containerd.log()
+        );
+        stdout
+    }
+
+    fn sluice_snapshots(&self) -> Vec<String> {
+        run(self
+            .containerd
+            .ctr()
+            .args(["snapshot", "--snapshotter", "sluice", "ls"]))
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+    }
+}
+
+fn needs_root() -> bool {
+    if !is_root() {
+        eprintln!("SKIP: containerd, mounts and FUSE need root");
+        return false;
+    }
+    true
+}
+
+fn sha256_file(p: &Path) -> String {
+    Digest::sha256(&std::fs::read(p).unwrap()).hex().to_owned()
+}
+
+/// FUSE mounts of layers served by the daemon rooted at `root`.
+fn lazy_mounts_under(root: &Path) -> Vec<String> {
+    let root = root.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&root) && l.contains(" - fuse sluice:"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busybox_runs_lazily_survives_kill9_and_cleans_up() {
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A plain gzip image; the registry converts it on push into a lazy twin.
+    let image = busybox_image(&dir.path().join("image"), Compression::Gzip);
+    let reg = SluiceRegistry::start(
+        &workspace_binary("sluice-registry"),
+        &dir.path().join("registry"),
+        &[],
+    );
+    let reference = format!("{}/test/busybox:v1", reg.host());
+    push_layout(dir.path(), &image.layout, &image.tag, &reference);
+    reg.wait_for_twin("test/busybox", &image.manifest.digest.to_string())
+        .await;
+
+    let node = node(&dir.path().join("node"));
+    let out = node.pull(&reference);
+    assert!(out.contains("2 layers (2 lazy, 0 full"), "{out}");
+    assert_eq!(
+        node.snapshotter
+            .metric("sluice_snapshotter_layers_total")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        lazy_mounts_under(&node.snapshotter.root).len(),
+        2,
+        "{}",
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap()
+    );
+
+    let out = node.run(&reference, "bb1", &[]);
+    assert_eq!(out.trim(), "sluice test app ready");
+    // Content read inside the container equals the original files.
+    let rootfs = dir.path().join("image/rootfs");
+    let out = node.run(
+        &reference,
+        "bb2",
+        &[
+            "sha256sum",
+            "/app/data/blob.bin",
+            "/app/data/small.txt",
+            "/app/data/small-link.txt",
+            "/bin/busybox",
+        ],
+    );
+    let sums: Vec<&str> = out
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    let blob = sha256_file(&rootfs.join("app/app/data/blob.bin"));
+    let small = sha256_file(&rootfs.join("app/app/data/small.txt"));
+    let busybox = sha256_file(&rootfs.join("base/bin/busybox"));
+    assert_eq!(sums, [blob.as_str(), &small, &small, &busybox], "{out}");
+
+    // kill -9 and restart: snapshots still listed, lazy layers mounted again
+    // from the metadata, containers start.
+    let before = node.sluice_snapshots();
+    assert_eq!(before.len(), 2, "{before:?}");
+    let Node {
+        snapshotter,
+        containerd,
+    } = node;
+    let snapshotter = snapshotter.kill9_and_restart();
+    let node = Node {
+        snapshotter,
+        containerd,
+    };
+    // containerd redials a proxy plugin with backoff (at most 3 s apart).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !node
+        .containerd
+        .ctr()
+        .args(["snapshot", "--snapshotter", "sluice", "ls"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "containerd did not reconnect"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(node.sluice_snapshots(), before);
+    assert_eq!(lazy_mounts_under(&node.snapshotter.root).len(), 2);
+    let out = node.run(&reference, "bb3", &["cat", "/app/data/small-link.txt"]);
+    assert_eq!(out, "hello from a lazy layer\n");
+    // A second pull finds everything present.
+    let out = node.pull(&reference);
+    assert!(out.contains("2 present"), "{out}");
+
+    // Removing the image lets containerd's GC remove the snapshots; nothing
+    // stays mounted and no directory is left.
+    run(node
+        .containerd
+        .ctr()
+        .args(["image", "rm", "--sync", &reference]));
+    let leftover = node.sluice_snapshots();
+    for s in leftover.iter().rev() {
+        run(node
+            .containerd
+            .ctr()
+            .args(["snapshot", "--snapshotter", "sluice", "rm", s]));
+    }
+    assert!(node.sluice_snapshots().is_empty());
+    assert!(
+        lazy_mounts_under(&node.snapshotter.root).is_empty(),
+        "{:?}",
+        lazy_mounts_under(&node.snapshotter.root)
+    );
+    let dirs: Vec<PathBuf> = std::fs::read_dir(node.snapshotter.root.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(dirs.is_empty(), "{dirs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_images_fall_back_to_a_full_pull() {
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(&dir.path().join("image"), Compression::Gzip);
+    // No conversion: no twin, so no lazy form anywhere.
+    let reg = SluiceRegistry::start(
+        &workspace_binary("sluice-registry"),
+        &dir.path().join("registry"),
+        &["--no-convert-on-push"],
+    );
+    let reference = format!("{}/plain/busybox:v1", reg.host());
+    push_layout(dir.path(), &image.layout, &image.tag, &reference);
+    let node = node(&dir.path().join("node"));
+    let out = node.pull(&reference);
+    assert!(out.contains("2 layers (0 lazy, 2 full"), "{out}");
+    assert_eq!(
+        node.snapshotter
+            .metric("sluice_snapshotter_layers_total")
+            .await,
+        2.0
+    );
+    assert!(node
+        .snapshotter
+        .log()
+        .contains("layer will be pulled in full"));
+    assert!(lazy_mounts_under(&node.snapshotter.root).is_empty());
+    let out = node.run(&reference, "plain1", &["cat", "/app/data/small.txt"]);
+    assert_eq!(out, "hello from a lazy layer\n");
+
+    // containerd's own pull (no labels) through the snapshotter works too.
+    let other = format!("{}/plain/busybox2:v1", reg.host());
+    push_layout(dir.path(), &image.layout, &image.tag, &other);
+    run(node.containerd.ctr().args([
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "sluice",
+        &other,
+    ]));
+    let out = node.run(&other, "plain2", &[]);
+    assert_eq!(out.trim(), "sluice test app ready");
+}
+
+/// The python3 image (debootstrap minbase + python3), converted to
+/// zstd:chunked before the push: lazy as pushed, no twin needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python3_starts_having_fetched_a_small_share() {
+    if !needs_root() {
+        return;
+    }
+    let rootfs = sluice_testkit::fixture("python3").join("rootfs");
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("python3");
+    sluice_format::layout::build_image(
+        &layout,
+        &sluice_format::layout::ImageSpec {
+            layers: vec![rootfs.clone()],
+            compression: Compression::Gzip,
+            cmd: vec!["python3".into()],
+            env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
+            tag: "v1".into(),
+        },
+    )
+    .unwrap();
+    let converted = dir.path().join("python3-lazy");
+    run(Command::new(workspace_binary("sluice-registry"))
+        .args(["convert", "--from"])
+        .arg(format!("{}:v1", layout.display()))
+        .arg("--to")
+        .arg(format!("{}:v1", converted.display())));
+    let reg = SluiceRegistry::start(
+        &workspace_binary("sluice-registry"),
+        &dir.path().join("registry"),
+        &["--no-convert-on-push"],
+    );
+    let reference = format!("{}/py/python3:lazy", reg.host());
+    run(skopeo(dir.path())
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", converted.display()))
+        .arg(format!("docker://{reference}")));
+    let image_bytes: u64 = converted_layer_bytes(&converted);
+
+    let node = node(&dir.path().join("node"));
+    let served_before = reg.metric("sluice_registry_blob_bytes_served_total").await;
+    let out = node.pull(&reference);
+    assert!(out.contains("1 layers (1 lazy, 0 full"), "{out}");
+
+    // A script reading a known list of files; each checksum must match.
+    let files = [
+        "/usr/lib/python3.11/json/__init__.py",
+        "/usr/lib/python3.11/hashlib.py",
+        "/usr/lib/python3.11/os.py",
+        "/etc/debian_version",
+    ];
+    let script = format!(
+        "import hashlib, json\nprint('ready')\nfor p in {files:?}:\n    print(hashlib.sha256(open(p, 'rb').read()).hexdigest(), p)\n"
+    );
+    let out = node.run(&reference, "py1", &["python3", "-c", &script]);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("ready"), "{out}");
+    for (line, path) in lines.zip(files) {
+        let want = sha256_file(&rootfs.join(path.trim_start_matches('/')));
+        assert_eq!(line, format!("{want} {path}"));
+    }
+    let fetched = reg.metric("sluice_registry_blob_bytes_served_total").await - served_before;
+    let share = fetched / image_bytes as f64;
+    println!(
+        "python3: fetched {fetched} of {image_bytes} compressed bytes ({:.1}%) before and while the container ran",
+        share * 100.0
+    );
+    assert!(share < 0.25, "fetched {:.1}% of the image", share * 100.0);
+}
+
+/// Total size of the layers of the (single) image in an OCI layout.
+fn converted_layer_bytes(layout: &Path) -> u64 {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .sum()
+}
