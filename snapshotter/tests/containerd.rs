@@ -311,7 +311,7 @@ async fn python3_starts_having_fetched_a_small_share() {
     let node = node(&dir.path().join("node"));
     let served_before = reg.metric("sluice_registry_blob_bytes_served_total").await;
     let out = node.pull(&reference);
-    assert!(out.contains("1 layers (1 lazy, 0 full"), "{out}");
+    assert!(out.contains("1 layer (1 lazy, 0 full"), "{out}");
 
     // A script reading a known list of files; each checksum must match.
     let files = [

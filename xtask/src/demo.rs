@@ -5,11 +5,11 @@
 //!    and push it with skopeo as an ordinary gzip image;
 //! 3. check with skopeo that it comes back with identical digests;
 //! 4. wait for the registry's lazy twin of it (convert-on-push);
-//! 5. mount it lazily with `sluice mount`, stack the layers with overlayfs and
-//!    run python3 in it, then print how much of the image was fetched.
-//!
-//! Running it through containerd (`sluice pull` + `ctr run --snapshotter
-//! sluice`) replaces step 5 once the snapshotter lands.
+//! 5. start the sluice snapshotter and a containerd that uses it (its own
+//!    root, state and socket: the machine's containerd is left alone);
+//! 6. `sluice pull` the image (layers mounted lazily, nothing unpacked) and
+//!    `ctr run --snapshotter sluice` python3 in it, then print how much of the
+//!    image was fetched before the container printed its first line.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use sluice_format::layout::{build_image, Compression, ImageSpec};
 use sluice_format::Digest;
-use sluice_testkit::process::SluiceRegistry;
+use sluice_testkit::process::{Containerd, SluiceRegistry, SluiceSnapshotter};
 
 use crate::setup::{build_release, step};
 
@@ -48,30 +48,29 @@ fn metric(text: &str, prefix: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Unmounts on drop, so a failing demo leaves nothing mounted.
-struct Mounted(std::path::PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 pub fn run() -> anyhow::Result<()> {
     if !sluice_testkit::is_root() {
         bail!("the demo mounts filesystems: run it as root");
     }
-    step("building sluice-registry and sluice (release)");
-    let bin = build_release(&["sluice-registry", "sluice-puller"])?;
+    step("building sluice-registry, sluice-snapshotter and sluice (release)");
+    let bin = build_release(&["sluice-registry", "sluice-snapshotter", "sluice-puller"])?;
     crate::fixtures::ensure()?;
     let rootfs = crate::fixtures::dir().join("python3/rootfs");
 
     let work = std::env::temp_dir().join("sluice-demo");
-    if work.join("merged").exists() {
-        let _ = Command::new("umount")
-            .arg(work.join("merged"))
-            .stderr(Stdio::null())
-            .status();
+    // A previous demo killed half-way may have left lazy mounts behind.
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for line in mounts
+            .lines()
+            .filter(|l| l.contains(work.to_str().unwrap_or("-")))
+        {
+            if let Some(point) = line.split(' ').nth(4) {
+                let _ = Command::new("umount")
+                    .args(["-l", point])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
     }
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -180,63 +179,50 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!("    converted in {:.1}s", t.elapsed().as_secs_f64());
 
-    step("5. mounting it lazily (sluice mount) and running python3 on overlayfs");
-    let mnt = work.join("layers");
-    let mut mount = Command::new(bin.join("sluice"))
-        .args(["mount", &reference])
-        .arg(&mnt)
-        .arg("--cache")
-        .arg(work.join("cache"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(work.join("sluice-mount.log"))?)
-        .spawn()
-        .context("starting sluice mount")?;
-    let mut ready = String::new();
-    BufReader::new(mount.stdout.take().context("stdout")?).read_line(&mut ready)?;
-    if !ready.starts_with("ready") {
-        let _ = mount.kill();
-        bail!("sluice mount did not come up: {ready:?}");
-    }
-    let started = Instant::now();
-    println!("    {}", ready.trim());
-    let (upper, wk, merged) = (work.join("upper"), work.join("work"), work.join("merged"));
-    for d in [&upper, &wk, &merged] {
-        std::fs::create_dir_all(d)?;
-    }
-    // overlayfs lists the top layer first.
-    let layer_count = std::fs::read_dir(&mnt)?.count();
-    let lowerdir: Vec<String> = (0..layer_count)
-        .rev()
-        .map(|i| mnt.join(format!("layer-{i}")).display().to_string())
-        .collect();
-    let status = Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o"])
-        .arg(format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lowerdir.join(":"),
-            upper.display(),
-            wk.display()
-        ))
-        .arg(&merged)
-        .status()?;
-    if !status.success() {
-        let _ = mount.kill();
-        bail!("overlay mount failed");
-    }
-    let overlay = Mounted(merged.clone());
-    let out = Command::new("chroot")
-        .arg(&merged)
-        .args(["python3", "-c", "import json, sys; print(json.dumps({'hello': 'from a lazily mounted image', 'python': sys.version.split()[0]}))"])
-        .output()?;
-    let elapsed = started.elapsed();
-    print!(
-        "    container says: {}",
-        String::from_utf8_lossy(&out.stdout)
+    step("5. starting the sluice snapshotter and containerd with it as proxy plugin `sluice`");
+    let snapshotter =
+        SluiceSnapshotter::start(&bin.join("sluice-snapshotter"), &work.join("sluice"));
+    let containerd = Containerd::start(&work.join("containerd"), &snapshotter.containerd_config());
+    println!(
+        "    sluice-snapshotter on {} (log {}), containerd on {}",
+        snapshotter.socket.display(),
+        snapshotter.root.with_extension("log").display(),
+        containerd.socket.display()
     );
-    if !out.status.success() {
-        bail!("python3 failed: {}", String::from_utf8_lossy(&out.stderr));
+
+    step("6. sluice pull + ctr run --snapshotter sluice: python3 from a lazily mounted image");
+    let started = Instant::now();
+    let pull = Command::new(bin.join("sluice"))
+        .args(["pull", "--address"])
+        .arg(&containerd.socket)
+        .arg(&reference)
+        .output()
+        .context("running sluice pull")?;
+    for line in String::from_utf8_lossy(&pull.stdout).lines() {
+        println!("    {line}");
     }
+    if !pull.status.success() {
+        bail!(
+            "sluice pull failed: {}\nsnapshotter log:\n{}",
+            String::from_utf8_lossy(&pull.stderr),
+            snapshotter.log()
+        );
+    }
+    let mut ctr = containerd
+        .ctr()
+        .args(["run", "--rm", "--snapshotter", "sluice", &reference, "sluice-demo"])
+        .args([
+            "python3",
+            "-c",
+            "import json, sys; print(json.dumps({'hello': 'from a lazily mounted image', 'python': sys.version.split()[0]}))",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running ctr run")?;
+    let mut first = String::new();
+    BufReader::new(ctr.stdout.take().context("ctr stdout")?).read_line(&mut first)?;
+    let elapsed = started.elapsed();
     let served = metric(
         &String::from_utf8_lossy(
             &rt.block_on(sluice_testkit::http::get(&reg.url("/metrics")))
@@ -244,18 +230,24 @@ pub fn run() -> anyhow::Result<()> {
         ),
         "sluice_registry_blob_bytes_served_total{repository=\"demo/python3\"}",
     ) - served_before;
-    drop(overlay);
-    let _ = Command::new("kill")
-        .args(["-TERM", &mount.id().to_string()])
-        .status();
-    let _ = mount.wait();
+    let out = ctr.wait_with_output()?;
+    if first.is_empty() || !out.status.success() {
+        bail!(
+            "the container failed: {}\nsnapshotter log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            snapshotter.log()
+        );
+    }
+    print!("    container says: {first}");
+    let _ = containerd
+        .ctr()
+        .args(["image", "rm", "--sync", &reference])
+        .output();
+    drop(containerd);
+    snapshotter.service.stop();
     reg.service.stop();
     println!(
-        "    daemon log and final metrics: {}",
-        work.join("sluice-mount.log").display()
-    );
-    println!(
-        "demo OK: python3 ran {:.2}s after the lazy mount, having fetched {:.1} MB of a {:.1} MB image ({:.1}%)",
+        "demo OK: python3 printed its first line {:.2}s after `sluice pull` started, having fetched {:.1} MB of a {:.1} MB image ({:.1}%)",
         elapsed.as_secs_f64(),
         served as f64 / 1e6,
         image_bytes as f64 / 1e6,

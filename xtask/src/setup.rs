@@ -26,6 +26,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "builds the Debian + python3 test root filesystem",
     ),
     ("fuse3", "FUSE mounts for lazy layers"),
+    (
+        "protobuf-compiler",
+        "protoc, for containerd's gRPC API (snapshotter build)",
+    ),
 ];
 
 /// Prints a step header.

@@ -200,10 +200,11 @@ fn pull(
         );
     }))?;
     println!(
-        "pulled {} ({}): {} layers ({} lazy, {} full, {} present), {} fetched, {:.2} s",
+        "pulled {} ({}): {} layer{} ({} lazy, {} full, {} present), {} fetched, {:.2} s",
         report.image,
         report.manifest,
         report.layers,
+        if report.layers == 1 { "" } else { "s" },
         report.lazy,
         report.full,
         report.present,
