@@ -71,6 +71,8 @@ pub enum PullError {
     Connect { address: String, reason: String },
     #[error("{image}: {reason}")]
     Image { image: String, reason: String },
+    #[error(transparent)]
+    Resolve(#[from] crate::image::ImageError),
     #[error("{image}, layer {layer}: {reason}")]
     Layer {
         image: String,
@@ -349,9 +351,7 @@ async fn pull_in_lease(
         image: image.to_string(),
         reason,
     };
-    let resolved: ResolvedImage = image::resolve(client, image)
-        .await
-        .map_err(|e| image_err(e.to_string()))?;
+    let resolved: ResolvedImage = image::resolve(client, image).await?;
     let mut fetched = resolved.manifest_bytes.len() as u64;
     let config_bytes = client
         .blob(image, &resolved.config.digest)

@@ -332,13 +332,15 @@ fn corrupt_bytes_are_never_served_nor_cached() {
         LayerOptions::default(),
         &no_passthrough,
     );
-    client.configure_host(
-        &f.image.host,
-        HostConfig {
-            mirrors: vec![proxy.to_string()],
-            ..HostConfig::default()
-        },
-    );
+    client
+        .configure_host(
+            &f.image.host,
+            HostConfig {
+                mirrors: vec![proxy.to_string()],
+                ..HostConfig::default()
+            },
+        )
+        .unwrap();
     assert_eq!(
         std::fs::read(m.path.join("app/data/blob.bin")).unwrap(),
         original
@@ -361,13 +363,15 @@ fn corrupt_bytes_are_never_served_nor_cached() {
     );
     // Three corrupt mirrors for three verification attempts: every attempt
     // gets answered, with bad bytes.
-    client.configure_host(
-        &f.image.host,
-        HostConfig {
-            mirrors: vec![proxy.to_string(); 3],
-            ..HostConfig::default()
-        },
-    );
+    client
+        .configure_host(
+            &f.image.host,
+            HostConfig {
+                mirrors: vec![proxy.to_string(); 3],
+                ..HostConfig::default()
+            },
+        )
+        .unwrap();
     let err = std::fs::read(m.path.join("app/data/blob.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(5), "expected EIO, got {err}");
     assert_cache_is_clean(&cache_dir);

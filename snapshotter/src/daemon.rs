@@ -34,6 +34,8 @@ pub enum StartError {
     Cache(#[from] sluice_puller::cache::CacheError),
     #[error("registry configuration: {0}")]
     Hosts(#[from] hosts::HostsError),
+    #[error("registry configuration: {0}")]
+    Registry(#[from] sluice_puller::registry::FetchError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -67,7 +69,7 @@ pub fn registry_client(config: &Config) -> Result<RegistryClient, StartError> {
     for (host, cfg) in hosts {
         tracing::info!(host, mirrors = ?cfg.mirrors, plain_http = cfg.plain_http,
             credentials = cfg.credentials.is_some(), "registry host configured");
-        client.configure_host(&host, cfg);
+        client.configure_host(&host, cfg)?;
     }
     Ok(client)
 }

@@ -8,7 +8,9 @@ use std::process::Command;
 use sluice_format::layout::Compression;
 use sluice_format::Digest;
 use sluice_testkit::images::busybox_image;
-use sluice_testkit::process::{Containerd, SluiceRegistry, SluiceSnapshotter};
+use sluice_testkit::process::{
+    Containerd, DistributionRegistry, SluiceRegistry, SluiceSnapshotter,
+};
 use sluice_testkit::{is_root, push_layout, run, skopeo, workspace_binary};
 
 struct Node {
@@ -359,4 +361,100 @@ fn converted_layer_bytes(layout: &Path) -> u64 {
         .iter()
         .map(|l| l["size"].as_u64().unwrap())
         .sum()
+}
+
+/// Any OCI registry works, not only ours: the CNCF distribution registry over
+/// TLS with a private CA, trusted through hosts.toml, holding an image that
+/// skopeo pushed as zstd:chunked (lazy as pushed, no conversion involved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distribution_registry_over_tls_with_a_private_ca() {
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = sluice_testkit::test_tls_certificates(&dir.path().join("tls"));
+    let reg = DistributionRegistry::start_tls(&dir.path().join("distribution"), &cert, &key);
+    let host = reg.addr.to_string();
+    // skopeo trusts the CA through a cert dir.
+    let skopeo_certs = dir.path().join("skopeo-certs");
+    std::fs::create_dir_all(&skopeo_certs).unwrap();
+    std::fs::copy(&ca, skopeo_certs.join("ca.crt")).unwrap();
+    let image = busybox_image(&dir.path().join("image"), Compression::Gzip);
+    let reference = format!("{host}/tls/busybox:v1");
+    run(skopeo(dir.path())
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-compress-format",
+            "zstd:chunked",
+            "--dest-cert-dir",
+        ])
+        .arg(&skopeo_certs)
+        .arg(image.oci_ref())
+        .arg(format!("docker://{reference}")));
+
+    // hosts.toml, as containerd's config_path: https on a loopback host.
+    let hosts = dir.path().join("certs.d");
+    std::fs::create_dir_all(hosts.join(&host)).unwrap();
+    std::fs::copy(&ca, hosts.join(&host).join("ca.pem")).unwrap();
+    std::fs::write(
+        hosts.join(&host).join("hosts.toml"),
+        format!("server = \"https://{host}\"\nca = \"ca.pem\"\n"),
+    )
+    .unwrap();
+    let snapshotter = SluiceSnapshotter::start_with_hosts(
+        &workspace_binary("sluice-snapshotter"),
+        &dir.path().join("node/sluice"),
+        &hosts,
+    );
+    let containerd = Containerd::start(
+        &dir.path().join("node/containerd"),
+        &snapshotter.containerd_config(),
+    );
+    let node = Node {
+        snapshotter,
+        containerd,
+    };
+
+    // Without the CA the pull fails, naming the host and the reason.
+    let untrusted = dir.path().join("certs.d-without-ca");
+    std::fs::create_dir_all(untrusted.join(&host)).unwrap();
+    std::fs::write(
+        untrusted.join(&host).join("hosts.toml"),
+        format!("server = \"https://{host}\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(workspace_binary("sluice"))
+        .args(["pull", "--hosts-dir"])
+        .arg(&untrusted)
+        .arg("--address")
+        .arg(&node.containerd.socket)
+        .arg(&reference)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&host) && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+
+    let out = Command::new(workspace_binary("sluice"))
+        .args(["pull", "--hosts-dir"])
+        .arg(&hosts)
+        .arg("--address")
+        .arg(&node.containerd.socket)
+        .arg(&reference)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.snapshotter.log()
+    );
+    assert!(stdout.contains("2 layers (2 lazy, 0 full"), "{stdout}");
+    let out = node.run(&reference, "tls1", &["cat", "/app/data/small.txt"]);
+    assert_eq!(out, "hello from a lazy layer\n");
 }

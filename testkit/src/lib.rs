@@ -9,7 +9,7 @@ pub mod images;
 pub mod process;
 pub mod proxy;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Fails the test with a clear message if `tool` is not on PATH.
 pub fn require_tool(tool: &str, package: &str) {
@@ -97,4 +97,52 @@ pub fn push_layout(work: &Path, layout: &Path, tag: &str, dest: &str) {
         .args(["copy", "--quiet", "--dest-tls-verify=false"])
         .arg(format!("oci:{}:{tag}", layout.display()))
         .arg(format!("docker://{dest}")));
+}
+
+/// A throwaway certificate authority and a server certificate it signed for
+/// 127.0.0.1 and localhost, made with the openssl command line. Returns
+/// (ca.pem, server.pem, server.key) under `dir`.
+pub fn test_tls_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    require_tool("openssl", "openssl");
+    std::fs::create_dir_all(dir).expect("certificate dir");
+    let p = |n: &str| dir.join(n);
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(std::process::Command::new("openssl")
+        .args(["req", "-x509", "-days", "2", "-subj", "/CN=sluice test CA"])
+        .args(ec)
+        .arg("-keyout")
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.pem")));
+    run(std::process::Command::new("openssl")
+        .args(["req", "-subj", "/CN=127.0.0.1"])
+        .args(ec)
+        .arg("-keyout")
+        .arg(p("server.key"))
+        .arg("-out")
+        .arg(p("server.csr")));
+    std::fs::write(
+        p("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("extensions file");
+    run(std::process::Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(p("server.csr"))
+        .arg("-CA")
+        .arg(p("ca.pem"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-extfile")
+        .arg(p("server.ext"))
+        .arg("-out")
+        .arg(p("server.pem")));
+    (p("ca.pem"), p("server.pem"), p("server.key"))
 }

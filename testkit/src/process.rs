@@ -178,16 +178,28 @@ pub struct SluiceSnapshotter {
     pub socket: PathBuf,
     pub metrics_addr: SocketAddr,
     binary: PathBuf,
+    hosts_dir: PathBuf,
 }
 
 impl SluiceSnapshotter {
     pub fn start(binary: &Path, root: &Path) -> Self {
-        let socket = root.join("snapshotter.sock");
-        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        Self::spawn(binary, root, &socket, metrics_addr)
+        Self::start_with_hosts(binary, root, &root.join("no-hosts"))
     }
 
-    fn spawn(binary: &Path, root: &Path, socket: &Path, metrics_addr: SocketAddr) -> Self {
+    /// With registry host configuration (`<host>/hosts.toml`) in `hosts_dir`.
+    pub fn start_with_hosts(binary: &Path, root: &Path, hosts_dir: &Path) -> Self {
+        let socket = root.join("snapshotter.sock");
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::spawn(binary, root, &socket, metrics_addr, hosts_dir)
+    }
+
+    fn spawn(
+        binary: &Path,
+        root: &Path,
+        socket: &Path,
+        metrics_addr: SocketAddr,
+        hosts_dir: &Path,
+    ) -> Self {
         std::fs::create_dir_all(root).expect("snapshotter root");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -202,7 +214,7 @@ impl SluiceSnapshotter {
             .arg("--metrics-address")
             .arg(metrics_addr.to_string())
             .arg("--hosts-dir")
-            .arg(root.join("no-hosts"))
+            .arg(hosts_dir)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -220,6 +232,7 @@ impl SluiceSnapshotter {
             socket: socket.to_owned(),
             metrics_addr,
             binary: binary.to_owned(),
+            hosts_dir: hosts_dir.to_owned(),
         }
     }
 
@@ -232,11 +245,12 @@ impl SluiceSnapshotter {
             socket,
             metrics_addr,
             binary,
+            hosts_dir,
         } = self;
         let _ = service.child.kill();
         let _ = service.child.wait();
         service.stopped = true;
-        Self::spawn(&binary, &root, &socket, metrics_addr)
+        Self::spawn(&binary, &root, &socket, metrics_addr, &hosts_dir)
     }
 
     /// The daemon's log so far, for failure messages.
@@ -267,6 +281,15 @@ pub struct DistributionRegistry {
 
 impl DistributionRegistry {
     pub fn start(root: &Path) -> Self {
+        Self::start_with(root, None)
+    }
+
+    /// Serving HTTPS with `tls` = (certificate, key) PEM files.
+    pub fn start_tls(root: &Path, cert: &Path, key: &Path) -> Self {
+        Self::start_with(root, Some((cert, key)))
+    }
+
+    fn start_with(root: &Path, tls: Option<(&Path, &Path)>) -> Self {
         crate::require_tool("docker-registry", "docker-registry");
         let port = free_port();
         let config = root.join("config.yml");
@@ -274,8 +297,14 @@ impl DistributionRegistry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                root.join("data").display()
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{}",
+                root.join("data").display(),
+                tls.map(|(c, k)| format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    c.display(),
+                    k.display()
+                ))
+                .unwrap_or_default()
             ),
         )
         .expect("writing registry config");

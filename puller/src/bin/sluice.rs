@@ -171,10 +171,10 @@ fn pull(
         }
     }
     if plain_http {
-        hosts.entry(image.host.clone()).or_default().plain_http = true;
+        hosts.entry(image.host.clone()).or_default().plain_http = Some(true);
     }
     for (host, cfg) in hosts {
-        client.configure_host(&host, cfg);
+        client.configure_host(&host, cfg)?;
     }
     println!(
         "pulling {image} into containerd ({}) with snapshotter {}",

@@ -6,10 +6,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use base64::Engine as _;
-use bytes::Bytes;
 use http::{header, Request};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
 
 use super::FetchError;
 
@@ -96,7 +94,7 @@ impl TokenCache {
     /// Answers a 401 challenge; returns the Authorization header to retry with.
     pub(super) async fn authorize(
         &self,
-        http: &Client<HttpConnector, Empty<Bytes>>,
+        http: &super::HttpClient,
         host: &str,
         repo: &str,
         challenge: &str,
@@ -130,8 +128,11 @@ impl TokenCache {
                         .unwrap_or_else(|| format!("repository:{repo}:pull"))
                 ));
                 let url = format!("{realm}?{}", query.join("&"));
-                if !url.starts_with("http://") {
-                    return Err(FetchError::Tls { host: realm });
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(FetchError::Auth {
+                        realm: realm.clone(),
+                        reason: "the token realm is not an http(s) URL".into(),
+                    });
                 }
                 let mut req = Request::get(&url);
                 if let Some(c) = creds {

@@ -3,10 +3,14 @@
 //!
 //! `DIR/<host>/hosts.toml` (containerd's `config_path` layout):
 //! ```toml
-//! server = "http://registry.internal:5000"   # the host itself; http:// = plain HTTP
-//! [host."http://mirror-a:5000"]              # mirrors, tried in file order
+//! server = "https://registry.internal:5000"  # the host itself; http:// = plain HTTP
+//! ca = "/etc/sluice/certs.d/registry.internal:5000/ca.crt"  # extra CA(s) to trust
+//! [host."https://mirror-a:5000"]             # mirrors, tried in file order
 //!   capabilities = ["pull", "resolve"]       # mirrors without "pull" are ignored
+//!   ca = ["/etc/ssl/mirror-ca.pem"]
 //! ```
+//! Relative `ca` paths are relative to the file's directory. `skip_verify`
+//! is refused: trust the registry's CA with `ca` instead.
 //! Docker config: `{"auths": {"<host>": {"auth": "base64(user:password)"}}}`
 //! (or `username`/`password` fields).
 
@@ -32,8 +36,27 @@ fn file_err(path: &Path, reason: impl ToString) -> HostsError {
 }
 
 #[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn paths(&self, base: &Path) -> Vec<PathBuf> {
+        let list = match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        };
+        list.into_iter().map(|p| base.join(p)).collect()
+    }
+}
+
+#[derive(Deserialize)]
 struct HostsFile {
     server: Option<String>,
+    ca: Option<OneOrMany>,
+    skip_verify: Option<bool>,
     #[serde(default)]
     host: toml::Table,
 }
@@ -41,7 +64,18 @@ struct HostsFile {
 #[derive(Deserialize)]
 struct HostEntry {
     capabilities: Option<Vec<String>>,
+    ca: Option<OneOrMany>,
+    skip_verify: Option<bool>,
 }
+
+/// `host[:port]` of an `http(s)://host[:port][/path]` URL.
+fn authority(url: &str) -> &str {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+const NO_SKIP_VERIFY: &str =
+    "skip_verify is not supported: add the registry's CA certificate with `ca` instead";
 
 /// Reads every `DIR/<host>/hosts.toml`. A missing directory is no config.
 pub fn load_hosts_dir(dir: &Path) -> Result<HashMap<String, HostConfig>, HostsError> {
@@ -60,28 +94,39 @@ pub fn load_hosts_dir(dir: &Path) -> Result<HashMap<String, HostConfig>, HostsEr
             Err(err) => return Err(file_err(&path, err)),
         };
         let host = e.file_name().to_string_lossy().into_owned();
-        out.insert(
-            host,
-            parse_hosts_toml(&text).map_err(|r| file_err(&path, r))?,
-        );
+        let cfg = parse_hosts_toml(&host, &text, &e.path()).map_err(|r| file_err(&path, r))?;
+        out.insert(host, cfg);
     }
     Ok(out)
 }
 
-/// Parses one `hosts.toml`.
-pub fn parse_hosts_toml(text: &str) -> Result<HostConfig, String> {
+/// Parses the `hosts.toml` of `host`; relative CA paths are under `base`.
+pub fn parse_hosts_toml(host: &str, text: &str, base: &Path) -> Result<HostConfig, String> {
     let file: HostsFile = toml::from_str(text).map_err(|e| e.to_string())?;
     let mut cfg = HostConfig::default();
+    if file.skip_verify == Some(true) {
+        return Err(NO_SKIP_VERIFY.into());
+    }
+    let mut server_authority = host.to_owned();
     if let Some(server) = &file.server {
         match server.split_once("://") {
-            Some(("http", _)) => cfg.plain_http = true,
-            Some(("https", _)) => {}
+            Some(("http", _)) => cfg.plain_http = Some(true),
+            Some(("https", _)) => cfg.plain_http = Some(false),
             _ => {
                 return Err(format!(
                     "server {server:?}: expected an http:// or https:// URL"
                 ))
             }
         }
+        server_authority = authority(server).to_owned();
+        if server_authority != host {
+            return Err(format!(
+                "server {server:?} is not host {host:?}; list other endpoints as [host.\"…\"] mirrors"
+            ));
+        }
+    }
+    if let Some(ca) = &file.ca {
+        cfg.ca.insert(server_authority, ca.paths(base));
     }
     // toml keeps the file's order (preserve_order), which is the mirror order.
     for (url, entry) in &file.host {
@@ -96,6 +141,12 @@ pub fn parse_hosts_toml(text: &str) -> Result<HostConfig, String> {
         }
         if !url.contains("://") {
             return Err(format!("host {url:?}: expected an http:// or https:// URL"));
+        }
+        if entry.skip_verify == Some(true) {
+            return Err(format!("host {url:?}: {NO_SKIP_VERIFY}"));
+        }
+        if let Some(ca) = &entry.ca {
+            cfg.ca.insert(authority(url).to_owned(), ca.paths(base));
         }
         cfg.mirrors.push(url.clone());
     }
@@ -175,24 +226,43 @@ mod tests {
 
     #[test]
     fn hosts_toml_mirrors_in_order() {
-        let cfg = parse_hosts_toml(
+        let base = Path::new("/etc/sluice/certs.d/registry.internal:5000");
+        let parse = |text: &str| parse_hosts_toml("registry.internal:5000", text, base);
+        let cfg = parse(
             r#"
 server = "http://registry.internal:5000"
 [host."http://b-mirror:5000"]
   capabilities = ["pull", "resolve"]
-[host."http://a-mirror:5000"]
+[host."https://a-mirror:5000/v2"]
+  ca = "mirror-ca.pem"
 [host."http://push-only:5000"]
   capabilities = ["push"]
 "#,
         )
         .unwrap();
-        assert!(cfg.plain_http);
+        assert_eq!(cfg.plain_http, Some(true));
         assert_eq!(
             cfg.mirrors,
-            ["http://b-mirror:5000", "http://a-mirror:5000"]
+            ["http://b-mirror:5000", "https://a-mirror:5000/v2"]
         );
-        assert!(parse_hosts_toml("server = 'ftp://x'").is_err());
-        assert!(parse_hosts_toml("[host.\"mirror\"]").is_err());
+        assert_eq!(cfg.ca["a-mirror:5000"], [base.join("mirror-ca.pem")]);
+
+        let cfg = parse("server = 'https://registry.internal:5000'\nca = ['/abs/ca.pem']").unwrap();
+        assert_eq!(cfg.plain_http, Some(false));
+        assert_eq!(
+            cfg.ca["registry.internal:5000"],
+            [PathBuf::from("/abs/ca.pem")]
+        );
+
+        for bad in [
+            "server = 'ftp://x'",
+            "[host.\"mirror\"]",
+            "skip_verify = true",
+            "server = 'https://elsewhere'",
+            "[host.\"https://m\"]\nskip_verify = true",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! Talking to OCI registries: manifests, blobs and byte ranges of blobs over
-//! one pooled hyper client (HTTP/1.1 keep-alive), with the distribution token
-//! flow, retries with exponential backoff and jitter, and mirrors tried in
-//! order before the image's own host.
+//! one pooled hyper client (HTTP/1.1 keep-alive, HTTP/2 where TLS negotiates
+//! it), with the distribution token flow, retries with exponential backoff
+//! and jitter, and mirrors tried in order before the image's own host.
+//!
+//! TLS is rustls with the system's roots; a host configured with its own CA
+//! certificates gets its own client that trusts them too (and only that
+//! host does). As in containerd, loopback hosts use plain HTTP unless told
+//! otherwise.
 
 mod auth;
 pub mod hosts;
@@ -14,6 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use sluice_format::Digest;
@@ -48,9 +54,65 @@ pub struct HostConfig {
     /// Mirrors tried before the host itself, in order: `host[:port]`, or a
     /// URL whose scheme says how to reach it (`http://mirror:5000`).
     pub mirrors: Vec<String>,
-    /// Use plain HTTP. Loopback hosts always may, as in containerd.
-    pub plain_http: bool,
+    /// `Some(true)`: plain HTTP; `Some(false)`: TLS; `None`: plain HTTP on
+    /// loopback hosts only, as in containerd.
+    pub plain_http: Option<bool>,
     pub credentials: Option<Credentials>,
+    /// Extra CA certificates (PEM files) to trust, per endpoint `host[:port]`
+    /// (the host itself or a mirror).
+    pub ca: std::collections::BTreeMap<String, Vec<std::path::PathBuf>>,
+}
+
+/// The HTTP client type: plain HTTP or rustls, pooled.
+pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// Builds a pooled client trusting the system roots plus `extra_ca`.
+fn build_client(extra_ca: &[std::path::PathBuf]) -> Result<HttpClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates are skipped, as other clients do.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    for path in extra_ca {
+        use rustls::pki_types::pem::PemObject;
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+        let mut n = 0;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(format!(
+                "CA file {}: no PEM certificate in it",
+                path.display()
+            ));
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(32)
+        .build(connector))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,8 +139,8 @@ pub enum FetchError {
         expected: Digest,
         actual: Digest,
     },
-    #[error("{host}: TLS is not supported yet; configure plain HTTP for this host")]
-    Tls { host: String },
+    #[error("{host}: TLS setup: {reason}")]
+    Tls { host: String, reason: String },
     #[error("authentication with {realm}: {reason}")]
     Auth { realm: String, reason: String },
 }
@@ -103,7 +165,9 @@ impl FetchError {
 
 /// A registry client shared by every layer of a node.
 pub struct RegistryClient {
-    http: Client<HttpConnector, Empty<Bytes>>,
+    http: HttpClient,
+    /// Clients of endpoints with their own CA certificates, by `host[:port]`.
+    tls_clients: Mutex<std::collections::HashMap<String, HttpClient>>,
     hosts: Mutex<std::collections::HashMap<String, HostConfig>>,
     tokens: auth::TokenCache,
     retry: RetryPolicy,
@@ -122,6 +186,22 @@ fn is_loopback(host: &str) -> bool {
     name == "localhost" || name == "::1" || name.starts_with("127.")
 }
 
+/// An error with its causes ("client error (Connect): invalid peer
+/// certificate: UnknownIssuer"): hyper's own message hides the useful part.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 /// Cheap jitter without a random-number crate: the clock's nanoseconds.
 fn jitter(d: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
@@ -134,26 +214,47 @@ fn jitter(d: Duration) -> Duration {
 
 impl RegistryClient {
     pub fn new(retry: RetryPolicy) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
         RegistryClient {
-            http: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(32)
-                .build(connector),
+            // Only CA files can fail, and there are none here.
+            http: build_client(&[]).expect("a client with the system roots"),
+            tls_clients: Mutex::new(Default::default()),
             hosts: Mutex::new(Default::default()),
             tokens: auth::TokenCache::default(),
             retry,
         }
     }
 
-    /// Sets how to reach `host`.
-    pub fn configure_host(&self, host: &str, config: HostConfig) {
+    /// Sets how to reach `host`. Fails if a CA file cannot be used.
+    pub fn configure_host(&self, host: &str, config: HostConfig) -> Result<(), FetchError> {
+        for (endpoint, files) in &config.ca {
+            let client = build_client(files).map_err(|reason| FetchError::Tls {
+                host: endpoint.clone(),
+                reason,
+            })?;
+            self.tls_clients
+                .lock()
+                .expect("tls clients")
+                .insert(endpoint.clone(), client);
+        }
         self.hosts
             .lock()
             .expect("hosts")
             .insert(host.to_owned(), config);
+        Ok(())
+    }
+
+    /// The client for a URL: one trusting the endpoint's own CAs, if any.
+    fn client_for(&self, url: &str) -> HttpClient {
+        let authority = url
+            .split_once("://")
+            .map(|(_, rest)| rest.split('/').next().unwrap_or(rest))
+            .unwrap_or(url);
+        self.tls_clients
+            .lock()
+            .expect("tls clients")
+            .get(authority)
+            .cloned()
+            .unwrap_or_else(|| self.http.clone())
     }
 
     fn host_config(&self, host: &str) -> HostConfig {
@@ -168,27 +269,27 @@ impl RegistryClient {
     /// Base URLs to try for `host`: mirrors first, then the host.
     fn endpoints(&self, host: &str) -> Result<Vec<String>, FetchError> {
         let cfg = self.host_config(host);
+        let host_plain = cfg.plain_http.unwrap_or_else(|| is_loopback(host));
         let mut out = Vec::new();
         for m in cfg.mirrors.iter().map(String::as_str) {
             let (plain, h) = match m.split_once("://") {
                 Some(("http", h)) => (true, h),
-                Some((_, h)) => (false, h),
-                None => (cfg.plain_http || is_loopback(m), m),
+                Some(("https", h)) => (false, h),
+                Some((scheme, _)) => {
+                    return Err(FetchError::Tls {
+                        host: m.to_owned(),
+                        reason: format!("unknown scheme {scheme:?} (use http:// or https://)"),
+                    })
+                }
+                None => (host_plain, m),
             };
             let h = h.trim_end_matches('/');
-            if !plain {
-                // Until TLS lands, such a mirror is skipped, not fatal.
-                tracing::debug!(mirror = h, "skipping a mirror that needs TLS");
-                continue;
-            }
-            out.push(format!("http://{h}"));
+            out.push(format!("{}://{h}", if plain { "http" } else { "https" }));
         }
-        if !(cfg.plain_http || is_loopback(host)) {
-            return Err(FetchError::Tls {
-                host: host.to_owned(),
-            });
-        }
-        out.push(format!("http://{host}"));
+        out.push(format!(
+            "{}://{host}",
+            if host_plain { "http" } else { "https" }
+        ));
         Ok(out)
     }
 
@@ -264,9 +365,9 @@ impl RegistryClient {
         accept: Option<&str>,
         range: Option<Range<u64>>,
     ) -> Result<Fetched, FetchError> {
-        let transport = |e: &dyn std::fmt::Display| FetchError::Transport {
+        let transport = |e: &dyn std::error::Error| FetchError::Transport {
             url: url.to_owned(),
-            reason: e.to_string(),
+            reason: error_chain(e),
         };
         let creds = self.host_config(&image.host).credentials;
         let mut authorization = self
@@ -284,7 +385,8 @@ impl RegistryClient {
                 req = req.header(header::AUTHORIZATION, a);
             }
             let req = req.body(Empty::new()).map_err(|e| transport(&e))?;
-            let resp = self.http.request(req).await.map_err(|e| transport(&e))?;
+            let http = self.client_for(url);
+            let resp = http.request(req).await.map_err(|e| transport(&e))?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && round == 0 {
                 let challenge = resp
@@ -296,7 +398,7 @@ impl RegistryClient {
                 authorization = Some(
                     self.tokens
                         .authorize(
-                            &self.http,
+                            &http,
                             &image.host,
                             &image.repository,
                             &challenge,
