@@ -116,6 +116,7 @@ pub struct RemoteLayer {
     client: Arc<RegistryClient>,
     image: ImageRef,
     digest: Digest,
+    toc_digest: Digest,
     index: LayerIndex,
     cache: Arc<ChunkCache>,
     opts: LayerOptions,
@@ -175,8 +176,14 @@ impl RemoteLayer {
         }
         let range = footer.toc.offset..footer.toc.end();
         let mut last = String::new();
-        let mut toc = None;
+        // A TOC kept from an earlier mount is used if it still verifies.
+        let mut toc = cache
+            .toc(&toc_digest)
+            .and_then(|b| Toc::decode(&b, Some(&toc_digest), MAX_TOC_BYTES).ok());
         for attempt in 0..VERIFY_ATTEMPTS {
+            if toc.is_some() {
+                break;
+            }
             let bytes = client
                 .blob_range(&image, &layer.digest, range.clone(), attempt as usize)
                 .await
@@ -187,8 +194,8 @@ impl RemoteLayer {
                 })?;
             match Toc::decode(&bytes, Some(&toc_digest), MAX_TOC_BYTES) {
                 Ok(t) => {
+                    cache.put_toc(&toc_digest, &bytes);
                     toc = Some(t);
-                    break;
                 }
                 Err(e) => last = e.to_string(),
             }
@@ -208,6 +215,7 @@ impl RemoteLayer {
             client,
             image,
             digest: layer.digest.clone(),
+            toc_digest,
             index,
             cache,
             opts,
@@ -215,6 +223,23 @@ impl RemoteLayer {
             prefetched: Mutex::new(HashMap::new()),
             stats: LayerStats::default(),
         })
+    }
+
+    /// Every cache key this layer uses: its chunks, whole files (made for
+    /// passthrough) and its TOC.
+    pub fn cache_keys(&self) -> impl Iterator<Item = &Digest> {
+        let files = self.index.nodes().iter().filter_map(|n| match &n.kind {
+            sluice_format::chunked::NodeKind::File {
+                digest: Some(d), ..
+            } => Some(d),
+            _ => None,
+        });
+        self.index
+            .chunks()
+            .iter()
+            .map(|c| &c.digest)
+            .chain(files)
+            .chain(std::iter::once(&self.toc_digest))
     }
 
     pub fn index(&self) -> &LayerIndex {

@@ -93,7 +93,7 @@ pub enum Lookup {
 struct Mounted {
     // Dropping the session unmounts; keep the layer alive as long.
     _session: fuser::BackgroundSession,
-    _layer: Arc<RemoteLayer>,
+    layer: Arc<RemoteLayer>,
 }
 
 /// Options of the lazy mounts.
@@ -238,7 +238,7 @@ impl RemoteLayers {
             id,
             Mounted {
                 _session: session,
-                _layer: layer,
+                layer,
             },
         );
         Ok(usage)
@@ -258,6 +258,15 @@ impl RemoteLayers {
     pub fn unmount_all(&self) {
         let all: Vec<_> = self.mounts.lock().expect("mounts").drain().collect();
         drop(all);
+    }
+
+    /// Drops cached chunks and TOCs that no mounted layer uses (after
+    /// containerd removed images). Returns the bytes freed.
+    pub fn clean_cache(&self) -> u64 {
+        let mounts = self.mounts.lock().expect("mounts");
+        let keep: std::collections::HashSet<&Digest> =
+            mounts.values().flat_map(|m| m.layer.cache_keys()).collect();
+        self.cache.retain(|d| keep.contains(d))
     }
 
     pub fn mounted(&self) -> usize {

@@ -322,6 +322,17 @@ impl Snapshots for SnapshotService {
         if removed > 0 {
             tracing::info!(removed, "cleanup removed unreferenced snapshot directories");
         }
+        if let Some(remote) = self.remote.clone() {
+            let freed = tokio::task::spawn_blocking(move || remote.clean_cache())
+                .await
+                .unwrap_or(0);
+            if freed > 0 {
+                tracing::info!(
+                    freed_bytes = freed,
+                    "cleanup dropped cached chunks no mounted layer uses"
+                );
+            }
+        }
         Ok(Response::new(()))
     }
 }

@@ -4,6 +4,9 @@
 //!
 //! ```text
 //! CACHE/chunks/<hex[..2]>/<hex>   one verified chunk, immutable
+//! CACHE/tocs/<hex>                a layer's TOC as fetched (compressed), by
+//!                                 its digest: lets a restarted daemon mount
+//!                                 layers again without the registry
 //! CACHE/tmp/                      chunks being written
 //! ```
 //!
@@ -156,6 +159,65 @@ impl ChunkCache {
 
     fn path(&self, d: &Digest) -> PathBuf {
         self.dir.join("chunks").join(&d.hex()[..2]).join(d.hex())
+    }
+
+    fn toc_path(&self, d: &Digest) -> PathBuf {
+        self.dir.join("tocs").join(d.hex())
+    }
+
+    /// A stored TOC (unverified: the caller checks it against `d`).
+    pub fn toc(&self, d: &Digest) -> Option<Vec<u8>> {
+        fs::read(self.toc_path(d)).ok()
+    }
+
+    /// Stores a TOC that was verified against `d`. Best effort: a TOC that
+    /// cannot be stored is fetched again next time.
+    pub fn put_toc(&self, d: &Digest, bytes: &[u8]) {
+        let path = self.toc_path(d);
+        let tmp = self.dir.join("tmp").join(format!("toc-{}", d.hex()));
+        let written = fs::create_dir_all(self.dir.join("tocs"))
+            .and_then(|_| fs::write(&tmp, bytes))
+            .and_then(|_| fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            tracing::debug!("storing TOC {d}: {e}");
+        }
+    }
+
+    /// Removes every chunk and TOC that `keep` does not want and no reader
+    /// holds (for a daemon whose images were removed). Returns bytes freed.
+    pub fn retain(&self, keep: impl Fn(&Digest) -> bool) -> u64 {
+        let mut freed = 0;
+        {
+            let mut st = self.state.lock().expect("cache state");
+            st.recent.clear();
+            let drop: Vec<(Digest, u64)> = st
+                .entries
+                .iter()
+                .filter(|(d, e)| e.map.strong_count() == 0 && !keep(d))
+                .map(|(d, e)| (d.clone(), e.size))
+                .collect();
+            for (d, size) in drop {
+                st.entries.remove(&d);
+                st.verified.remove(&d);
+                st.total -= size;
+                freed += size;
+                let _ = fs::remove_file(self.path(&d));
+            }
+        }
+        if let Ok(tocs) = fs::read_dir(self.dir.join("tocs")) {
+            for t in tocs.flatten() {
+                let name = t.file_name().to_string_lossy().into_owned();
+                match format!("sha256:{name}").parse::<Digest>() {
+                    Ok(d) if keep(&d) => {}
+                    _ => {
+                        freed += t.metadata().map(|m| m.len()).unwrap_or(0);
+                        let _ = fs::remove_file(t.path());
+                    }
+                }
+            }
+        }
+        freed
     }
 
     /// Opens a cached, verified entry as a file (for FUSE passthrough, which
@@ -408,5 +470,28 @@ mod tests {
         assert!(cache.get(&d_b).is_none());
         assert!(!path.exists());
         assert_eq!(cache.stats.torn.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn retain_drops_unwanted_chunks_and_tocs_but_not_held_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, b, c) = (vec![1u8; 100], vec![2u8; 100], vec![3u8; 100]);
+        let (da, db, dc) = (Digest::sha256(&a), Digest::sha256(&b), Digest::sha256(&c));
+        drop(cache.insert_with(&da, 100, fill_with(&a)).unwrap());
+        let held = cache.insert_with(&db, 100, fill_with(&b)).unwrap();
+        drop(cache.insert_with(&dc, 100, fill_with(&c)).unwrap());
+        let (t_keep, t_drop) = (Digest::sha256(b"toc1"), Digest::sha256(b"toc2"));
+        cache.put_toc(&t_keep, b"toc1");
+        cache.put_toc(&t_drop, b"toc2");
+        let freed = cache.retain(|d| *d == dc || *d == t_keep);
+        assert_eq!(freed, 100 + 4);
+        assert!(!cache.contains(&da));
+        assert!(cache.contains(&db), "held by a reader");
+        assert!(cache.contains(&dc));
+        assert_eq!(cache.toc(&t_keep).as_deref(), Some(&b"toc1"[..]));
+        assert!(cache.toc(&t_drop).is_none());
+        assert_eq!(cache.size(), 200);
+        drop(held);
     }
 }
