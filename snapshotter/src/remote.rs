@@ -204,6 +204,8 @@ impl RemoteLayers {
             layer: source.layer.digest.to_string(),
             reason,
         };
+        // A mount left by a previous daemon (killed) is dead: detach it first.
+        crate::snapshots::detach_mount(mountpoint);
         let image = ImageRef::parse(&source.image).map_err(|e| err(e.to_string()))?;
         let opts = LayerOptions {
             read_deadline: self.options.read_deadline,
@@ -222,8 +224,6 @@ impl RemoteLayers {
         );
         self.metrics.track(&layer);
         let usage = layer_usage(&layer);
-        // A mount left by a previous daemon (killed) is dead: detach it first.
-        crate::snapshots::detach_mount(mountpoint);
         let (l, rt, mp, fs) = (
             layer.clone(),
             self.runtime.clone(),

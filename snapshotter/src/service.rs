@@ -155,9 +155,55 @@ impl SnapshotService {
             }
             Err(e) => {
                 undo(self.core.clone(), remote.clone(), key.to_owned(), record.id).await;
+                // A concurrent Prepare of the same layer won the race: fine.
+                let core = self.core.clone();
+                let t = target.to_owned();
+                if let Ok(existing) = blocking(move || core.stat(&t)).await {
+                    if existing.record.kind == Kind::Committed
+                        && existing.record.parent.as_deref().unwrap_or("") == parent
+                    {
+                        return Ok(true);
+                    }
+                }
                 Err(format!("committing the lazy snapshot: {e}"))
             }
         }
+    }
+}
+
+impl SnapshotService {
+    /// Makes sure every lazy layer below `parent` is mounted before mounts
+    /// that stack on it are handed out: an unmounted layer would show up as
+    /// an empty directory, i.e. silently missing files. A layer that could
+    /// not be mounted at start (say, the registry was down and its TOC was
+    /// not cached) is mounted now, or the request fails.
+    async fn ensure_lower_mounted(&self, parent: &str) -> Result<(), Status> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        if parent.is_empty() {
+            return Ok(());
+        }
+        let core = self.core.clone();
+        let p = parent.to_owned();
+        let chain = blocking(move || core.ancestors(Some(&p))).await?;
+        for (name, record) in chain {
+            let Some(src) = &record.remote else { continue };
+            if remote.is_mounted(record.id) {
+                continue;
+            }
+            remote
+                .mount(record.id, &self.core.fs_dir(record.id), src)
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!(
+                        "lazy layer {name} is not mounted and mounting it failed: {e}"
+                    ))
+                })?;
+            self.metrics.lazy_mounts.set(remote.mounted() as i64);
+            tracing::info!(snapshot = %name, "lazy layer mounted on demand");
+        }
+        Ok(())
     }
 }
 
@@ -195,6 +241,7 @@ impl Snapshots for SnapshotService {
                 }
             }
         }
+        self.ensure_lower_mounted(&r.parent).await?;
         let core = self.core.clone();
         let mounts = blocking(move || {
             let rec = core.create(Kind::Active, &r.key, &r.parent, labels)?;
@@ -209,6 +256,7 @@ impl Snapshots for SnapshotService {
         request: Request<ViewSnapshotRequest>,
     ) -> Result<Response<ViewSnapshotResponse>, Status> {
         let r = request.into_inner();
+        self.ensure_lower_mounted(&r.parent).await?;
         let core = self.core.clone();
         let mounts = blocking(move || {
             let rec = core.create(Kind::View, &r.key, &r.parent, labels(r.labels))?;
@@ -223,6 +271,14 @@ impl Snapshots for SnapshotService {
         request: Request<MountsRequest>,
     ) -> Result<Response<MountsResponse>, Status> {
         let key = request.into_inner().key;
+        let core = self.core.clone();
+        let k = key.clone();
+        let parent = blocking(move || core.stat(&k))
+            .await?
+            .record
+            .parent
+            .unwrap_or_default();
+        self.ensure_lower_mounted(&parent).await?;
         let core = self.core.clone();
         let mounts = blocking(move || core.mounts(&key)).await?;
         Ok(Response::new(MountsResponse { mounts }))

@@ -152,6 +152,7 @@ impl Snapshotter {
         self.store.create(key, record, |id| {
             let d = self.snapshot_dir(id);
             // A leftover of a crash between mkdir and commit has this id: reuse.
+            detach_mount(&d.join("fs"));
             let _ = std::fs::remove_dir_all(&d);
             let mk = |p: PathBuf| {
                 std::fs::create_dir_all(&p)
@@ -167,22 +168,29 @@ impl Snapshotter {
 
     /// The ids of `parent` and its ancestors, nearest first.
     fn chain(&self, parent: Option<&str>) -> Result<Vec<u64>, SnapshotError> {
-        let mut ids = Vec::new();
+        Ok(self
+            .ancestors(parent)?
+            .into_iter()
+            .map(|(_, r)| r.id)
+            .collect())
+    }
+
+    /// `parent` and its ancestors with their records, nearest first.
+    pub fn ancestors(&self, parent: Option<&str>) -> Result<Vec<(String, Record)>, SnapshotError> {
+        let mut out = Vec::new();
         let mut next = parent.map(str::to_owned);
         while let Some(name) = next {
             let r = self
                 .store
                 .get(&name)?
                 .ok_or_else(|| SnapshotError::NotFound(format!("parent {name}")))?;
-            ids.push(r.id);
-            next = r.parent;
-            if ids.len() > 10_000 {
-                return Err(SnapshotError::Store(format!(
-                    "parent chain of {name} loops"
-                )));
+            next = r.parent.clone();
+            out.push((name, r));
+            if out.len() > 10_000 {
+                return Err(SnapshotError::Store("parent chain loops".into()));
             }
         }
-        Ok(ids)
+        Ok(out)
     }
 
     /// How to mount snapshot `key`.

@@ -201,6 +201,44 @@ async fn busybox_runs_lazily_survives_kill9_and_cleans_up() {
     let out = node.run(&reference, "bb3", &["cat", "/app/data/small-link.txt"]);
     assert_eq!(out, "hello from a lazy layer\n");
 
+    // Once more without the TOCs either: the layers cannot be mounted, and a
+    // container must then fail to start, not run on empty layers.
+    std::fs::remove_dir_all(node.snapshotter.root.join("cache/tocs")).unwrap();
+    let Node {
+        snapshotter,
+        containerd,
+    } = node;
+    let snapshotter = snapshotter.kill9_and_restart();
+    let node = Node {
+        snapshotter,
+        containerd,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let failed = loop {
+        let out = node
+            .containerd
+            .ctr()
+            .args([
+                "run",
+                "--rm",
+                "--snapshotter",
+                "sluice",
+                &reference,
+                "bb4",
+                "true",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "a container ran on unmounted layers");
+        if err.contains("not mounted") || std::time::Instant::now() > deadline {
+            break err;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert!(failed.contains("not mounted"), "{failed}");
+    assert!(lazy_mounts_under(&node.snapshotter.root).is_empty());
+
     // Removing the image is enough: containerd's GC removes the snapshots
     // through the daemon; nothing stays mounted and no directory is left.
     run(node
