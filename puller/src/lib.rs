@@ -22,4 +22,4 @@ pub mod registry;
 
 pub use cache::ChunkCache;
 pub use layer::{LayerError, LayerOptions, RemoteLayer};
-pub use registry::{ImageRef, RegistryClient};
+pub use registry::{error_chain, ImageRef, RegistryClient};

@@ -466,10 +466,10 @@ async fn distribution_registry_over_tls_with_a_private_ca() {
         format!("server = \"https://{host}\"\nca = \"ca.pem\"\n"),
     )
     .unwrap();
-    let snapshotter = SluiceSnapshotter::start_with_hosts(
+    let snapshotter = SluiceSnapshotter::start_with_args(
         &workspace_binary("sluice-snapshotter"),
         &dir.path().join("node/sluice"),
-        &hosts,
+        &["--hosts-dir", hosts.to_str().unwrap()],
     );
     let containerd = Containerd::start(
         &dir.path().join("node/containerd"),
@@ -520,5 +520,95 @@ async fn distribution_registry_over_tls_with_a_private_ca() {
     );
     assert!(stdout.contains("2 layers (2 lazy, 0 full"), "{stdout}");
     let out = node.run(&reference, "tls1", &["cat", "/app/data/small.txt"]);
+    assert_eq!(out, "hello from a lazy layer\n");
+}
+
+/// Credentials from a docker config.json reach both `sluice pull` and the
+/// daemon's lazy fetches; without them the pull fails and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_credentials_from_a_docker_config() {
+    if !needs_root() {
+        return;
+    }
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        format!("puller:{}\n", bcrypt::hash("s3cret", 4).unwrap()),
+    )
+    .unwrap();
+    let reg = SluiceRegistry::start(
+        &workspace_binary("sluice-registry"),
+        &dir.path().join("registry"),
+        &["--htpasswd", htpasswd.to_str().unwrap()],
+    );
+    let image = busybox_image(&dir.path().join("image"), Compression::Gzip);
+    let reference = format!("{}/private/busybox:v1", reg.host());
+    run(skopeo(dir.path())
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "puller:s3cret",
+        ])
+        .arg(image.oci_ref())
+        .arg(format!("docker://{reference}")));
+    reg.wait_for_twin_with_auth(
+        "private/busybox",
+        &image.manifest.digest.to_string(),
+        ("puller", "s3cret"),
+    )
+    .await;
+
+    let docker_config = dir.path().join("config.json");
+    let auth = base64::engine::general_purpose::STANDARD.encode("puller:s3cret");
+    std::fs::write(
+        &docker_config,
+        format!(r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#, reg.host()),
+    )
+    .unwrap();
+    let snapshotter = SluiceSnapshotter::start_with_args(
+        &workspace_binary("sluice-snapshotter"),
+        &dir.path().join("node/sluice"),
+        &["--docker-config", docker_config.to_str().unwrap()],
+    );
+    let containerd = Containerd::start(
+        &dir.path().join("node/containerd"),
+        &snapshotter.containerd_config(),
+    );
+    let node = Node {
+        snapshotter,
+        containerd,
+    };
+    let without = Command::new(workspace_binary("sluice"))
+        .args(["pull", "--address"])
+        .arg(&node.containerd.socket)
+        .arg(&reference)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&without.stderr);
+    assert!(!without.status.success());
+    assert!(err.contains("credentials"), "{err}");
+    assert_eq!(err.matches("credentials").count(), 1, "said once: {err}");
+
+    let out = Command::new(workspace_binary("sluice"))
+        .args(["pull", "--docker-config"])
+        .arg(&docker_config)
+        .arg("--address")
+        .arg(&node.containerd.socket)
+        .arg(&reference)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.snapshotter.log()
+    );
+    assert!(stdout.contains("2 layers (2 lazy, 0 full"), "{stdout}");
+    let out = node.run(&reference, "auth1", &["cat", "/app/data/small.txt"]);
     assert_eq!(out, "hello from a lazy layer\n");
 }

@@ -136,11 +136,47 @@ impl SluiceRegistry {
     /// Waits (up to 120 s) for convert-on-push to publish the lazy twin of
     /// manifest `subject`; returns the twin's descriptor from the referrers list.
     pub async fn wait_for_twin(&self, repo: &str, subject: &str) -> serde_json::Value {
+        self.wait_for_twin_as(repo, subject, None).await
+    }
+
+    /// [`wait_for_twin`](Self::wait_for_twin) on a registry that needs
+    /// credentials (user, password).
+    pub async fn wait_for_twin_with_auth(
+        &self,
+        repo: &str,
+        subject: &str,
+        creds: (&str, &str),
+    ) -> serde_json::Value {
+        self.wait_for_twin_as(repo, subject, Some(creds)).await
+    }
+
+    async fn wait_for_twin_as(
+        &self,
+        repo: &str,
+        subject: &str,
+        creds: Option<(&str, &str)>,
+    ) -> serde_json::Value {
+        use base64::Engine as _;
+        let auth = creds.map(|(u, p)| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        });
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("authorization", a)])
+            .unwrap_or_default();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let r = crate::http::get(&self.url(&format!(
-                "/v2/{repo}/referrers/{subject}?artifactType=application/vnd.sluice.image.lazy.v1"
-            )))
+            let r = crate::http::request(
+                http::Method::GET,
+                &self.url(&format!(
+                    "/v2/{repo}/referrers/{subject}?artifactType=application/vnd.sluice.image.lazy.v1"
+                )),
+                &headers,
+                bytes::Bytes::new(),
+            )
             .await;
             if let Some(m) = r.json()["manifests"].as_array().and_then(|a| a.first()) {
                 return m.clone();
@@ -178,19 +214,22 @@ pub struct SluiceSnapshotter {
     pub socket: PathBuf,
     pub metrics_addr: SocketAddr,
     binary: PathBuf,
-    hosts_dir: PathBuf,
+    args: Vec<String>,
 }
 
 impl SluiceSnapshotter {
+    /// With no registry host configuration (an empty hosts dir).
     pub fn start(binary: &Path, root: &Path) -> Self {
-        Self::start_with_hosts(binary, root, &root.join("no-hosts"))
+        let hosts = root.join("no-hosts").display().to_string();
+        Self::start_with_args(binary, root, &["--hosts-dir", &hosts])
     }
 
-    /// With registry host configuration (`<host>/hosts.toml`) in `hosts_dir`.
-    pub fn start_with_hosts(binary: &Path, root: &Path, hosts_dir: &Path) -> Self {
+    /// With extra command-line flags (`--hosts-dir`, `--docker-config`, …).
+    pub fn start_with_args(binary: &Path, root: &Path, args: &[&str]) -> Self {
         let socket = root.join("snapshotter.sock");
         let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        Self::spawn(binary, root, &socket, metrics_addr, hosts_dir)
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Self::spawn(binary, root, &socket, metrics_addr, args)
     }
 
     fn spawn(
@@ -198,7 +237,7 @@ impl SluiceSnapshotter {
         root: &Path,
         socket: &Path,
         metrics_addr: SocketAddr,
-        hosts_dir: &Path,
+        args: Vec<String>,
     ) -> Self {
         std::fs::create_dir_all(root).expect("snapshotter root");
         let log = std::fs::OpenOptions::new()
@@ -213,8 +252,7 @@ impl SluiceSnapshotter {
             .arg(socket)
             .arg("--metrics-address")
             .arg(metrics_addr.to_string())
-            .arg("--hosts-dir")
-            .arg(hosts_dir)
+            .args(&args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -232,7 +270,7 @@ impl SluiceSnapshotter {
             socket: socket.to_owned(),
             metrics_addr,
             binary: binary.to_owned(),
-            hosts_dir: hosts_dir.to_owned(),
+            args,
         }
     }
 
@@ -245,12 +283,12 @@ impl SluiceSnapshotter {
             socket,
             metrics_addr,
             binary,
-            hosts_dir,
+            args,
         } = self;
         let _ = service.child.kill();
         let _ = service.child.wait();
         service.stopped = true;
-        Self::spawn(&binary, &root, &socket, metrics_addr, &hosts_dir)
+        Self::spawn(&binary, &root, &socket, metrics_addr, args)
     }
 
     /// The daemon's log so far, for failure messages.

@@ -94,7 +94,19 @@ fn fix_malloc_threshold() {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// Prints an error once, with the causes its message does not already quote
+/// (instead of anyhow's "Caused by" list, which repeats them).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice: error: {}", sluice_puller::error_chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     fix_malloc_threshold();
     tracing_subscriber::fmt()
         .with_env_filter(

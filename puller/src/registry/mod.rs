@@ -187,8 +187,9 @@ fn is_loopback(host: &str) -> bool {
 }
 
 /// An error with its causes ("client error (Connect): invalid peer
-/// certificate: UnknownIssuer"): hyper's own message hides the useful part.
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// certificate: UnknownIssuer"): hyper's own message hides the useful part,
+/// while ours already include theirs, so causes already quoted are skipped.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(cause) = next {

@@ -29,9 +29,27 @@ struct Cli {
     /// Directory of <host>/hosts.toml files. Overrides `registry.hosts_dir`.
     #[arg(long)]
     hosts_dir: Option<PathBuf>,
+    /// Docker config.json with registry credentials. Overrides `registry.docker_config`.
+    #[arg(long)]
+    docker_config: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Prints an error once, with the causes its message does not already quote
+/// (instead of anyhow's "Caused by" list, which repeats them).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "sluice-snapshotter: error: {}",
+                sluice_puller::error_chain(e.as_ref())
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     // See puller's `sluice` binary: keeps FUSE threads' receive buffers out of
     // the heap so that idle mounts cost little memory.
     // SAFETY: only adjusts an allocator tunable, before any thread starts.
@@ -64,6 +82,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(h) = cli.hosts_dir {
         config.registry.hosts_dir = h;
+    }
+    if let Some(d) = cli.docker_config {
+        config.registry.docker_config = d;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
