@@ -17,8 +17,10 @@ pub mod image;
 pub mod layer;
 pub mod metrics;
 pub mod prefetch;
+pub mod profile;
 pub mod pull;
 pub mod registry;
+pub mod trace;
 
 pub use cache::ChunkCache;
 pub use layer::{LayerError, LayerOptions, RemoteLayer};

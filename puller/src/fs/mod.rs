@@ -40,7 +40,7 @@ const OPAQUE_MARKER: &str = ".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// How a layer is served.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FsOptions {
     /// Use FUSE passthrough when the kernel has it.
     pub passthrough: bool,
@@ -49,6 +49,19 @@ pub struct FsOptions {
     pub open_fetch_max: u64,
     /// Threads serving requests.
     pub threads: usize,
+    /// Told about reads and passthrough backing files (access recording).
+    pub observer: Option<Arc<dyn crate::trace::AccessObserver>>,
+}
+
+impl std::fmt::Debug for FsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsOptions")
+            .field("passthrough", &self.passthrough)
+            .field("open_fetch_max", &self.open_fetch_max)
+            .field("threads", &self.threads)
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
 }
 
 impl Default for FsOptions {
@@ -57,6 +70,7 @@ impl Default for FsOptions {
             passthrough: true,
             open_fetch_max: 1 << 20,
             threads: 4,
+            observer: None,
         }
     }
 }
@@ -234,7 +248,13 @@ impl LayerFs {
 
     /// Tries to answer an open with a passthrough file; gives the reply back
     /// if this open should be served by the daemon instead.
-    fn open_passthrough(&self, i: usize, size: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+    fn open_passthrough(
+        &self,
+        i: usize,
+        size: u64,
+        pid: u32,
+        reply: ReplyOpen,
+    ) -> Option<ReplyOpen> {
         if !self.passthrough_active()
             || !(size <= self.options.open_fetch_max || self.layer.is_local(i))
         {
@@ -250,6 +270,12 @@ impl LayerFs {
             }
         };
         let content = self.layer.index().resolve(i) as u64;
+        if let Some(o) = &self.options.observer {
+            // Reads of a passthrough file never reach the daemon: the open
+            // stands for them, and the backing file is where eBPF sees them.
+            o.backing_file(&self.layer, i, &file);
+            o.read(&self.layer, i, 0, size, pid);
+        }
         let mut backing = self.backing.lock().expect("backing");
         let id = match backing.by_ino.get(&content).and_then(Weak::upgrade) {
             Some(id) => id,
@@ -417,7 +443,7 @@ impl Filesystem for LayerFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let Some(i) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -426,7 +452,7 @@ impl Filesystem for LayerFs {
         }
         match self.layer.index().node(self.layer.index().resolve(i)).kind {
             NodeKind::File { size, .. } => {
-                if let Some(reply) = self.open_passthrough(i, size, reply) {
+                if let Some(reply) = self.open_passthrough(i, size, req.pid(), reply) {
                     reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
                 }
             }
@@ -455,7 +481,7 @@ impl Filesystem for LayerFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -468,6 +494,9 @@ impl Filesystem for LayerFs {
             return reply.error(Errno::ENOENT);
         };
         self.read_ahead(i, offset, size);
+        if let Some(o) = &self.options.observer {
+            o.read(&self.layer, i, offset, u64::from(size), req.pid());
+        }
         match self.layer.read_blocking(&self.runtime, i, offset, size) {
             Ok(data) => reply.data(data.as_slice()),
             Err(_) => reply.error(Errno::EIO),

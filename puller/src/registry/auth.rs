@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use base64::Engine as _;
 use http::{header, Request};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 
 use super::FetchError;
 
@@ -138,10 +138,12 @@ impl TokenCache {
                 if let Some(c) = creds {
                     req = req.header(header::AUTHORIZATION, c.basic());
                 }
-                let req = req.body(Empty::new()).map_err(|e| FetchError::Auth {
-                    realm: realm.clone(),
-                    reason: e.to_string(),
-                })?;
+                let req =
+                    req.body(Full::new(bytes::Bytes::new()))
+                        .map_err(|e| FetchError::Auth {
+                            realm: realm.clone(),
+                            reason: e.to_string(),
+                        })?;
                 let auth_err = |reason: String| FetchError::Auth {
                     realm: realm.clone(),
                     reason,

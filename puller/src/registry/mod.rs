@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
@@ -64,7 +64,7 @@ pub struct HostConfig {
 }
 
 /// The HTTP client type: plain HTTP or rustls, pooled.
-pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Builds a pooled client trusting the system roots plus `extra_ca`.
 fn build_client(extra_ca: &[std::path::PathBuf]) -> Result<HttpClient, String> {
@@ -385,7 +385,9 @@ impl RegistryClient {
             if let Some(a) = &authorization {
                 req = req.header(header::AUTHORIZATION, a);
             }
-            let req = req.body(Empty::new()).map_err(|e| transport(&e))?;
+            let req = req
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| transport(&e))?;
             let http = self.client_for(url);
             let resp = http.request(req).await.map_err(|e| transport(&e))?;
             let status = resp.status();
@@ -447,6 +449,177 @@ impl RegistryClient {
             status: StatusCode::UNAUTHORIZED,
             message: "credentials refused".into(),
         })
+    }
+
+    /// Sends a request with a body to the image's own host (writes never go
+    /// to mirrors), answering an authentication challenge once. `target` is a
+    /// path below the repository (`blobs/uploads/`), an absolute path, or a
+    /// URL (an upload `Location`). Returns status, headers and body; any
+    /// status is returned, the caller judges it.
+    pub async fn send(
+        &self,
+        image: &ImageRef,
+        method: http::Method,
+        target: &str,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), FetchError> {
+        let base = self
+            .endpoints(&image.host)?
+            .pop()
+            .expect("the host itself is always an endpoint");
+        let url = if target.starts_with("http://") || target.starts_with("https://") {
+            target.to_owned()
+        } else if target.starts_with('/') {
+            format!("{base}{target}")
+        } else {
+            format!("{base}/v2/{}/{target}", image.repository)
+        };
+        let transport = |e: &dyn std::error::Error| FetchError::Transport {
+            url: url.clone(),
+            reason: error_chain(e),
+        };
+        let http = self.client_for(&url);
+        let creds = self.host_config(&image.host).credentials;
+        let mut authorization = self
+            .tokens
+            .header(&image.host, &image.repository, creds.as_ref());
+        for round in 0..2 {
+            let mut req = Request::builder().method(method.clone()).uri(&url);
+            if let Some(ct) = content_type {
+                req = req.header(header::CONTENT_TYPE, ct);
+            }
+            if let Some(a) = &authorization {
+                req = req.header(header::AUTHORIZATION, a);
+            }
+            let req = req
+                .body(Full::new(body.clone()))
+                .map_err(|e| transport(&e))?;
+            let resp = tokio::time::timeout(self.retry.attempt_timeout, http.request(req))
+                .await
+                .map_err(|_| FetchError::Timeout {
+                    url: url.clone(),
+                    timeout: self.retry.attempt_timeout,
+                })?
+                .map_err(|e| transport(&e))?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && round == 0 {
+                let challenge = resp
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                authorization = Some(
+                    self.tokens
+                        .authorize(
+                            &http,
+                            &image.host,
+                            &image.repository,
+                            &challenge,
+                            creds.as_ref(),
+                        )
+                        .await?,
+                );
+                continue;
+            }
+            let headers = resp.headers().clone();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| transport(&e))?
+                .to_bytes();
+            return Ok((status, headers, body));
+        }
+        Err(FetchError::Status {
+            url,
+            status: StatusCode::UNAUTHORIZED,
+            message: "credentials refused".into(),
+        })
+    }
+
+    /// Uploads a blob (POST, then PUT with the digest), unless the
+    /// repository has it already.
+    pub async fn push_blob(&self, image: &ImageRef, data: Bytes) -> Result<Digest, FetchError> {
+        let digest = Digest::sha256(&data);
+        let (status, _, _) = self
+            .send(
+                image,
+                http::Method::HEAD,
+                &format!("blobs/{digest}"),
+                None,
+                Bytes::new(),
+            )
+            .await?;
+        if status == StatusCode::OK {
+            return Ok(digest);
+        }
+        let url = format!("{}/{}/blobs/uploads/", image.host, image.repository);
+        let fail = |status: StatusCode, body: &[u8]| FetchError::Status {
+            url: url.clone(),
+            status,
+            message: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+        };
+        let (status, headers, body) = self
+            .send(
+                image,
+                http::Method::POST,
+                "blobs/uploads/",
+                None,
+                Bytes::new(),
+            )
+            .await?;
+        if status != StatusCode::ACCEPTED {
+            return Err(fail(status, &body));
+        }
+        let location = headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| fail(status, b"upload answer without Location"))?;
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let target = format!("{location}{sep}digest={digest}");
+        let (status, _, body) = self
+            .send(
+                image,
+                http::Method::PUT,
+                &target,
+                Some("application/octet-stream"),
+                data,
+            )
+            .await?;
+        if status != StatusCode::CREATED {
+            return Err(fail(status, &body));
+        }
+        Ok(digest)
+    }
+
+    /// Stores a manifest under `reference` (a tag or its digest).
+    pub async fn push_manifest(
+        &self,
+        image: &ImageRef,
+        reference: &str,
+        media_type: &str,
+        data: Bytes,
+    ) -> Result<Digest, FetchError> {
+        let digest = Digest::sha256(&data);
+        let (status, _, body) = self
+            .send(
+                image,
+                http::Method::PUT,
+                &format!("manifests/{reference}"),
+                Some(media_type),
+                data,
+            )
+            .await?;
+        if status != StatusCode::CREATED {
+            return Err(FetchError::Status {
+                url: format!("{}/{}/manifests/{reference}", image.host, image.repository),
+                status,
+                message: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+            });
+        }
+        Ok(digest)
     }
 
     /// A byte range of a blob. `attempt` (0 first) rotates the mirrors, so

@@ -1,0 +1,152 @@
+//! The eBPF programs. Built for `bpfel-unknown-none` only; on other targets
+//! this binary is an empty stub so that workspace builds stay simple.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    };
+    use aya_ebpf::macros::{map, tracepoint};
+    use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
+    use aya_ebpf::programs::TracePointContext;
+    use sluice_puller_ebpf::{config, device, kind, AccessEvent, BackingKey};
+
+    /// Devices of lazy mounts (and of the chunk cache): see `device`.
+    #[map]
+    static DEVICES: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+    /// Backing files handed to the kernel for passthrough.
+    #[map]
+    static BACKING: HashMap<BackingKey, u8> = HashMap::with_max_entries(1 << 16, 0);
+    #[map]
+    static CONFIG: Array<u32> = Array::with_max_entries(config::SLOTS, 0);
+    #[map]
+    static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+    /// Events lost because the ring buffer was full.
+    #[map]
+    static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+    fn cfg(slot: u32) -> usize {
+        CONFIG.get(slot).copied().unwrap_or(0) as usize
+    }
+
+    fn send(ev: AccessEvent) {
+        match EVENTS.reserve::<AccessEvent>(0) {
+            Some(mut entry) => {
+                entry.write(ev);
+                entry.submit(0);
+            }
+            None => {
+                if let Some(n) = DROPS.get_ptr_mut(0) {
+                    // SAFETY: a per-CPU slot, only this CPU writes it.
+                    unsafe { *n += 1 };
+                }
+            }
+        }
+    }
+
+    /// The common part of the filemap tracepoints: filter, then send.
+    fn access(
+        ctx: &TracePointContext,
+        what: u32,
+        first_off: usize,
+        last_off: Option<usize>,
+    ) -> u32 {
+        // SAFETY: offsets come from the tracepoint's format file; reads are
+        // checked by the verifier-approved probe helper.
+        let dev: u32 = match unsafe { ctx.read_at(cfg(config::DEV)) } {
+            Ok(d) => d,
+            Err(_) => return 0,
+        };
+        // SAFETY: a lookup in a map this program owns.
+        let Some(mode) = (unsafe { DEVICES.get(&dev) }).copied() else {
+            return 0;
+        };
+        let ino: u64 = match unsafe { ctx.read_at(cfg(config::INO)) } {
+            Ok(i) => i,
+            Err(_) => return 0,
+        };
+        if mode == device::LISTED {
+            let key = BackingKey { ino, dev, _pad: 0 };
+            // SAFETY: as above.
+            if unsafe { BACKING.get(&key) }.is_none() {
+                return 0;
+            }
+        }
+        let first: u64 = unsafe { ctx.read_at(first_off) }.unwrap_or(0);
+        let last: u64 = match last_off {
+            Some(off) => unsafe { ctx.read_at(off) }.unwrap_or(first),
+            None => first,
+        };
+        send(AccessEvent {
+            ino,
+            first_page: first,
+            last_page: last,
+            // SAFETY: helpers without arguments.
+            cgroup: unsafe { bpf_get_current_cgroup_id() },
+            time_ns: unsafe { bpf_ktime_get_ns() },
+            dev,
+            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            kind: what,
+            _pad: 0,
+        });
+        0
+    }
+
+    #[tracepoint]
+    pub fn sluice_get_pages(ctx: TracePointContext) -> u32 {
+        access(
+            &ctx,
+            kind::READ,
+            cfg(config::INDEX),
+            Some(cfg(config::LAST_INDEX)),
+        )
+    }
+
+    #[tracepoint]
+    pub fn sluice_fault(ctx: TracePointContext) -> u32 {
+        access(&ctx, kind::FAULT, cfg(config::INDEX), None)
+    }
+
+    #[tracepoint]
+    pub fn sluice_map_pages(ctx: TracePointContext) -> u32 {
+        access(
+            &ctx,
+            kind::MAP_PAGES,
+            cfg(config::MAP_START),
+            Some(cfg(config::MAP_END)),
+        )
+    }
+
+    #[tracepoint]
+    pub fn sluice_exec(_ctx: TracePointContext) -> u32 {
+        if cfg(config::ENABLED) == 0 {
+            return 0;
+        }
+        send(AccessEvent {
+            // SAFETY: helpers without arguments.
+            cgroup: unsafe { bpf_get_current_cgroup_id() },
+            time_ns: unsafe { bpf_ktime_get_ns() },
+            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            kind: kind::EXEC,
+            ..AccessEvent::default()
+        });
+        0
+    }
+
+    #[cfg(not(test))]
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[link_section = "license"]
+    #[no_mangle]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("sluice-puller-ebpf holds eBPF programs: build it for bpfel-unknown-none (cargo xtask build-ebpf)");
+}

@@ -1,0 +1,271 @@
+//! Loading and attaching the eBPF programs of `puller-ebpf`, and keeping
+//! their maps in step with the mounts.
+//!
+//! Tracepoint field offsets are read from tracefs at load time and handed to
+//! the programs in a config map, so one object works on every kernel that has
+//! the tracepoints. A tracepoint the kernel lacks is skipped (logged); if none
+//! attaches, loading fails and the caller falls back to FUSE-side recording.
+
+use std::collections::HashMap as StdHashMap;
+use std::sync::{Arc, Mutex};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::Ebpf;
+use sluice_puller_ebpf::{config, device, AccessEvent, BackingKey};
+
+use super::Recorder;
+
+/// The object built by puller's build script (empty with AYA_BUILD_SKIP=1).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-puller-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("this build has no eBPF programs (built with AYA_BUILD_SKIP)")]
+    NotBuilt,
+    #[error("loading the eBPF programs: {0}")]
+    Load(String),
+    #[error("no tracepoint could be attached: {0}")]
+    Attach(String),
+    #[error("tracefs: {0}")]
+    Tracefs(String),
+}
+
+/// (program, tracepoint category, tracepoint name).
+const PROGRAMS: [(&str, &str, &str); 4] = [
+    ("sluice_get_pages", "filemap", "mm_filemap_get_pages"),
+    ("sluice_fault", "filemap", "mm_filemap_fault"),
+    ("sluice_map_pages", "filemap", "mm_filemap_map_pages"),
+    ("sluice_exec", "sched", "sched_process_exec"),
+];
+
+fn tracefs_root() -> Option<std::path::PathBuf> {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.join("events").is_dir())
+}
+
+/// Field offsets of a tracepoint, from its `format` file.
+fn field_offsets(category: &str, name: &str) -> Result<StdHashMap<String, u32>, TraceError> {
+    let root = tracefs_root().ok_or_else(|| {
+        TraceError::Tracefs(
+            "not mounted at /sys/kernel/tracing or /sys/kernel/debug/tracing".into(),
+        )
+    })?;
+    let path = root.join("events").join(category).join(name).join("format");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| TraceError::Tracefs(format!("{}: {e}", path.display())))?;
+    let mut out = StdHashMap::new();
+    for line in text.lines() {
+        let Some(field) = line.trim().strip_prefix("field:") else {
+            continue;
+        };
+        let mut parts = field.split(';');
+        let decl = parts.next().unwrap_or_default();
+        let name = decl
+            .rsplit(|c: char| c.is_whitespace() || c == '*')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let offset = parts
+            .find_map(|p| p.trim().strip_prefix("offset:"))
+            .and_then(|o| o.parse::<u32>().ok());
+        if let Some(o) = offset {
+            out.insert(name, o);
+        }
+    }
+    Ok(out)
+}
+
+pub struct EbpfTracer {
+    // Keeps the programs loaded and attached for as long as it lives.
+    _ebpf: Mutex<Ebpf>,
+    devices: Mutex<HashMap<MapData, u32, u8>>,
+    backing: Mutex<HashMap<MapData, BackingKey, u8>>,
+    config: Mutex<Array<MapData, u32>>,
+    drops: PerCpuArray<MapData, u64>,
+    ring: Mutex<Option<RingBuf<MapData>>>,
+    attached: Vec<&'static str>,
+}
+
+impl EbpfTracer {
+    pub fn load(_runtime: &tokio::runtime::Handle) -> Result<Self, TraceError> {
+        if OBJECT.is_empty() {
+            return Err(TraceError::NotBuilt);
+        }
+        // Offsets first: without tracefs nothing can attach anyway.
+        let pages = field_offsets("filemap", "mm_filemap_get_pages")
+            .or_else(|_| field_offsets("filemap", "mm_filemap_fault"))?;
+        let map_pages = field_offsets("filemap", "mm_filemap_map_pages").unwrap_or_default();
+        let get = |m: &StdHashMap<String, u32>, names: &[&str]| {
+            names.iter().find_map(|n| m.get(*n).copied()).unwrap_or(0)
+        };
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| TraceError::Load(e.to_string()))?;
+        let mut cfg: Array<MapData, u32> = Array::try_from(
+            ebpf.take_map("CONFIG")
+                .ok_or_else(|| TraceError::Load("map CONFIG missing".into()))?,
+        )
+        .map_err(|e| TraceError::Load(e.to_string()))?;
+        let slots = [
+            (config::INO, get(&pages, &["i_ino"])),
+            (config::DEV, get(&pages, &["s_dev"])),
+            (config::INDEX, get(&pages, &["index"])),
+            (config::LAST_INDEX, get(&pages, &["last_index"])),
+            (
+                config::MAP_START,
+                get(&map_pages, &["start_index", "index"]),
+            ),
+            (
+                config::MAP_END,
+                get(&map_pages, &["end_index", "last_index"]),
+            ),
+        ];
+        for (slot, value) in slots {
+            cfg.set(slot, value, 0)
+                .map_err(|e| TraceError::Load(format!("config: {e}")))?;
+        }
+        let mut attached = Vec::new();
+        let mut errors = Vec::new();
+        for (prog, category, name) in PROGRAMS {
+            let result = (|| -> Result<(), String> {
+                let p: &mut TracePoint = ebpf
+                    .program_mut(prog)
+                    .ok_or_else(|| format!("program {prog} missing"))?
+                    .try_into()
+                    .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+                p.load().map_err(|e| e.to_string())?;
+                p.attach(category, name).map_err(|e| e.to_string())?;
+                Ok(())
+            })();
+            match result {
+                Ok(()) => attached.push(name),
+                Err(e) => {
+                    tracing::warn!(tracepoint = %format!("{category}:{name}"), "not attached: {e}");
+                    errors.push(format!("{category}:{name}: {e}"));
+                }
+            }
+        }
+        if !attached.iter().any(|n| n.starts_with("mm_filemap")) {
+            return Err(TraceError::Attach(errors.join("; ")));
+        }
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| TraceError::Load(format!("map {name} missing")))
+        };
+        let devices = HashMap::try_from(take(&mut ebpf, "DEVICES")?)
+            .map_err(|e| TraceError::Load(e.to_string()))?;
+        let backing = HashMap::try_from(take(&mut ebpf, "BACKING")?)
+            .map_err(|e| TraceError::Load(e.to_string()))?;
+        let drops = PerCpuArray::try_from(take(&mut ebpf, "DROPS")?)
+            .map_err(|e| TraceError::Load(e.to_string()))?;
+        let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)
+            .map_err(|e| TraceError::Load(e.to_string()))?;
+        Ok(EbpfTracer {
+            _ebpf: Mutex::new(ebpf),
+            devices: Mutex::new(devices),
+            backing: Mutex::new(backing),
+            config: Mutex::new(cfg),
+            drops,
+            ring: Mutex::new(Some(ring)),
+            attached,
+        })
+    }
+
+    /// The tracepoints that are attached.
+    pub fn attached(&self) -> &[&'static str] {
+        &self.attached
+    }
+
+    fn set_enabled(&self) {
+        let any = self
+            .devices
+            .lock()
+            .expect("devices")
+            .iter()
+            .filter_map(Result::ok)
+            .any(|(_, mode)| mode == device::ALL);
+        let _ = self
+            .config
+            .lock()
+            .expect("config")
+            .set(config::ENABLED, u32::from(any), 0);
+    }
+
+    /// Traces every inode of a lazy mount's device.
+    pub fn watch_device(&self, dev: u32) {
+        if let Err(e) = self
+            .devices
+            .lock()
+            .expect("devices")
+            .insert(dev, device::ALL, 0)
+        {
+            tracing::warn!(dev, "eBPF device map: {e}");
+        }
+        self.set_enabled();
+    }
+
+    pub fn unwatch_device(&self, dev: u32) {
+        let _ = self.devices.lock().expect("devices").remove(&dev);
+        self.set_enabled();
+    }
+
+    /// Traces listed inodes of the cache's device (passthrough backing files).
+    pub fn watch_cache_device(&self, dev: u32) {
+        let mut d = self.devices.lock().expect("devices");
+        // A lazy mount never shares the cache's device; don't downgrade one.
+        if d.get(&dev, 0).is_err() {
+            let _ = d.insert(dev, device::LISTED, 0);
+        }
+    }
+
+    pub fn watch_backing(&self, dev: u32, ino: u64) {
+        let key = BackingKey { ino, dev, _pad: 0 };
+        if let Err(e) = self.backing.lock().expect("backing").insert(key, 1, 0) {
+            tracing::debug!(dev, ino, "eBPF backing map: {e}");
+        }
+    }
+
+    /// Events the programs could not deliver (ring buffer full).
+    pub fn dropped(&self) -> u64 {
+        self.drops.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// Moves events from the ring buffer to `recorder` on the runtime.
+    pub fn start_pump(&self, runtime: &tokio::runtime::Handle, recorder: Arc<Recorder>) {
+        let Some(ring) = self.ring.lock().expect("ring").take() else {
+            return;
+        };
+        runtime.spawn(async move {
+            // SAFETY: the ring buffer owns its descriptor, and the AsyncFd
+            // owns the ring buffer: the fd stays open while registered.
+            let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(ring) } {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::error!("polling the eBPF ring buffer: {e}");
+                    return;
+                }
+            };
+            loop {
+                let mut guard = match fd.readable_mut().await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::error!("polling the eBPF ring buffer: {e}");
+                        return;
+                    }
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    if item.len() >= std::mem::size_of::<AccessEvent>() {
+                        // SAFETY: the programs write whole AccessEvents; the
+                        // read is unaligned-safe.
+                        let ev: AccessEvent =
+                            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        recorder.on_event(&ev);
+                    }
+                }
+                guard.clear_ready();
+            }
+        });
+    }
+}

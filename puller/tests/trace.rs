@@ -1,0 +1,157 @@
+//! Access recording on real FUSE mounts: the eBPF programs loaded into this
+//! kernel, and the FUSE-side fallback, each turning a "container" (a process
+//! in its own cgroup that execs and reads files) into a profile.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_puller::fs::FsOptions;
+use sluice_puller::registry::RetryPolicy;
+use sluice_puller::trace::{AccessTracer, Recording, Source};
+use sluice_puller::{ChunkCache, LayerOptions, RegistryClient, RemoteLayer};
+
+/// Mounts the app layer of the busybox fixture with a tracer, runs
+/// `sh -c 'move into a new cgroup; exec cat FILES'`, and returns the
+/// recording of that cgroup.
+fn record(try_ebpf: bool, files: &[&str]) -> (Source, Recording, u64) {
+    let f = common::fixture();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let cache_dir = f.dir.path().join("cache");
+    let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
+    let (tracer, mut done) =
+        AccessTracer::start(rt.handle(), &cache_dir, Duration::from_secs(2), try_ebpf);
+    let (_, _, manifest) = rt.block_on(client.manifest(&f.image)).unwrap();
+    let pinned = f.image.with_reference(manifest.to_string());
+    let layer = Arc::new(
+        rt.block_on(RemoteLayer::open(
+            client,
+            pinned.clone(),
+            &f.manifest.layers.as_ref().unwrap()[1],
+            cache,
+            LayerOptions::default(),
+        ))
+        .unwrap(),
+    );
+    let mnt = f.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let session = sluice_puller::fs::mount(
+        layer.clone(),
+        rt.handle().clone(),
+        &mnt,
+        FsOptions {
+            observer: Some(tracer.observer()),
+            ..FsOptions::default()
+        },
+    )
+    .unwrap();
+    tracer.layer_mounted(&mnt, layer.clone(), pinned);
+
+    let cgroup = Path::new("/sys/fs/cgroup").join(format!(
+        "sluice-trace-test-{}-{try_ebpf}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let paths: Vec<String> = files
+        .iter()
+        .map(|p| mnt.join(p).display().to_string())
+        .collect();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec /bin/busybox cat {} > /dev/null",
+            cgroup.display(),
+            paths.join(" ")
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let recording = rt.block_on(async {
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(15), done.recv())
+                .await
+                .expect("a recording within the window")
+                .expect("recorder alive");
+            if !r.profile.entries.is_empty() {
+                return r;
+            }
+        }
+    });
+    let drops = tracer.dropped_events();
+    tracer.layer_unmounted(&layer);
+    drop(session);
+    let _ = std::fs::remove_dir(&cgroup);
+    (tracer.source(), recording, drops)
+}
+
+fn paths(r: &Recording) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in &r.profile.entries {
+        if out.last() != Some(&e.path) {
+            out.push(e.path.clone());
+        }
+    }
+    out
+}
+
+#[test]
+fn ebpf_programs_record_a_containers_reads_in_order() {
+    if !sluice_testkit::is_root() {
+        eprintln!("SKIP: loading eBPF programs and FUSE mounts need root");
+        return;
+    }
+    // start.sh is small: opened with passthrough, so its reads reach the
+    // kernel on the cache's backing file; blob.bin (3 MiB) is read through
+    // the FUSE daemon. Both must be seen, in order.
+    let (source, rec, drops) = record(true, &["app/start.sh", "app/data/blob.bin"]);
+    assert_eq!(
+        source,
+        Source::Ebpf,
+        "this kernel has the tracepoints: eBPF must load"
+    );
+    assert_eq!(
+        paths(&rec),
+        ["app/start.sh", "app/data/blob.bin"],
+        "{:?}",
+        rec.profile
+    );
+    let blob: u64 = rec
+        .profile
+        .entries
+        .iter()
+        .filter(|e| e.path == "app/data/blob.bin")
+        .map(|e| e.length)
+        .sum();
+    assert_eq!(blob, 3 << 20, "every chunk of the file read whole");
+    assert_eq!(drops, 0);
+    assert_eq!(rec.profile.nodes, 1);
+    assert!(rec
+        .profile
+        .entries
+        .windows(2)
+        .all(|w| w[0].first_touch_ms <= w[1].first_touch_ms));
+}
+
+#[test]
+fn fuse_side_recording_without_ebpf() {
+    if !sluice_testkit::is_root() {
+        eprintln!("SKIP: FUSE mounts need root");
+        return;
+    }
+    let (source, rec, _) = record(false, &["app/data/blob.bin", "app/start.sh"]);
+    assert_eq!(source, Source::Fuse);
+    assert_eq!(
+        paths(&rec),
+        ["app/data/blob.bin", "app/start.sh"],
+        "{:?}",
+        rec.profile
+    );
+}
