@@ -44,6 +44,9 @@ enum Command {
         /// Targets (default: all).
         targets: Vec<String>,
     },
+    /// Build the eBPF programs (puller-ebpf) for the bpf target and print
+    /// where the object is (puller's build script does the same on its own).
+    BuildEbpf,
     /// Benchmarks; each prints a table and writes JSON under target/bench/.
     Bench {
         #[command(subcommand)]
@@ -51,9 +54,39 @@ enum Command {
     },
 }
 
+/// `cargo build` of the eBPF crate for bpfel-unknown-none, as aya-build
+/// does it (stable toolchain, build-std through RUSTC_BOOTSTRAP, BTF).
+fn build_ebpf() -> anyhow::Result<()> {
+    let root = setup::workspace();
+    let status = std::process::Command::new("rustup")
+        .args(["run", "stable", "cargo", "build", "--package", "sluice-puller-ebpf", "--bins"])
+        .args(["--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .current_dir(&root)
+        .status()
+        .map_err(|e| anyhow::anyhow!("running cargo build for the bpf target: {e}"))?;
+    if !status.success() {
+        anyhow::bail!("building the eBPF programs failed ({status})");
+    }
+    let object = root.join("target/bpfel-unknown-none/release/sluice-puller-ebpf");
+    let size = std::fs::metadata(&object).map(|m| m.len()).unwrap_or(0);
+    println!("eBPF object: {} ({size} bytes)", object.display());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::ensure(),
+        Command::BuildEbpf => {
+            setup::ensure_ebpf_toolchain()?;
+            build_ebpf()
+        }
         Command::Fixtures => {
             setup::ensure()?;
             fixtures::ensure()

@@ -49,8 +49,67 @@ fn is_root() -> bool {
     sluice_testkit::is_root()
 }
 
-/// Installs missing packages.
+/// Installs missing packages and the eBPF toolchain.
 pub fn ensure() -> anyhow::Result<()> {
+    ensure_packages()?;
+    ensure_ebpf_toolchain()
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// The eBPF programs build on the stable toolchain with `rust-src` (for
+/// `-Z build-std=core` under `RUSTC_BOOTSTRAP=1`) and bpf-linker 0.10.4,
+/// the newest that links with rustc's own LLVM on Debian 12.
+pub fn ensure_ebpf_toolchain() -> anyhow::Result<()> {
+    step("checking the eBPF toolchain (rust-src, bpf-linker)");
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "stable"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .unwrap_or(false);
+    if installed {
+        println!("    rust-src present");
+    } else {
+        step("rustup component add rust-src --toolchain stable");
+        let ok = Command::new("rustup")
+            .args(["component", "add", "rust-src", "--toolchain", "stable"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            bail!(
+                "could not install the rust-src component (rustup's download failed?); \
+                 it is needed to build the eBPF programs. Retry, or build without eBPF \
+                 with AYA_BUILD_SKIP=1 (the daemon then records from FUSE)"
+            );
+        }
+    }
+    let home_bin = std::env::var_os("HOME")
+        .map(|h| Path::new(&h).join(".cargo/bin/bpf-linker"))
+        .filter(|p| p.is_file());
+    if on_path("bpf-linker") || home_bin.is_some() {
+        println!("    bpf-linker present");
+        return Ok(());
+    }
+    step("cargo install bpf-linker@0.10.4 --locked (once; about 5 minutes on 2 cores)");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["install", "bpf-linker@0.10.4", "--locked"])
+        .status()
+        .context("running cargo install bpf-linker")?;
+    if !status.success() {
+        bail!(
+            "installing bpf-linker failed ({status}); it links the eBPF programs. \
+             Retry, or build without eBPF with AYA_BUILD_SKIP=1"
+        );
+    }
+    Ok(())
+}
+
+fn ensure_packages() -> anyhow::Result<()> {
     step("checking system packages");
     let missing: Vec<&str> = PACKAGES
         .iter()
