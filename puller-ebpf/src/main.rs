@@ -31,6 +31,7 @@ mod programs {
         CONFIG.get(slot).copied().unwrap_or(0) as usize
     }
 
+    #[inline(always)]
     fn send(ev: AccessEvent) {
         match EVENTS.reserve::<AccessEvent>(0) {
             Some(mut entry) => {
@@ -46,13 +47,13 @@ mod programs {
         }
     }
 
+    /// No last-page field (`mm_filemap_fault` reports one page).
+    const NONE: usize = usize::MAX;
+
     /// The common part of the filemap tracepoints: filter, then send.
-    fn access(
-        ctx: &TracePointContext,
-        what: u32,
-        first_off: usize,
-        last_off: Option<usize>,
-    ) -> u32 {
+    /// Inlined: BPF calls take at most five registers of arguments.
+    #[inline(always)]
+    fn access(ctx: &TracePointContext, what: u32, first_off: usize, last_off: usize) -> u32 {
         // SAFETY: offsets come from the tracepoint's format file; reads are
         // checked by the verifier-approved probe helper.
         let dev: u32 = match unsafe { ctx.read_at(cfg(config::DEV)) } {
@@ -75,9 +76,10 @@ mod programs {
             }
         }
         let first: u64 = unsafe { ctx.read_at(first_off) }.unwrap_or(0);
-        let last: u64 = match last_off {
-            Some(off) => unsafe { ctx.read_at(off) }.unwrap_or(first),
-            None => first,
+        let last: u64 = if last_off == NONE {
+            first
+        } else {
+            unsafe { ctx.read_at(last_off) }.unwrap_or(first)
         };
         send(AccessEvent {
             ino,
@@ -100,13 +102,13 @@ mod programs {
             &ctx,
             kind::READ,
             cfg(config::INDEX),
-            Some(cfg(config::LAST_INDEX)),
+            cfg(config::LAST_INDEX),
         )
     }
 
     #[tracepoint]
     pub fn sluice_fault(ctx: TracePointContext) -> u32 {
-        access(&ctx, kind::FAULT, cfg(config::INDEX), None)
+        access(&ctx, kind::FAULT, cfg(config::INDEX), NONE)
     }
 
     #[tracepoint]
@@ -115,7 +117,7 @@ mod programs {
             &ctx,
             kind::MAP_PAGES,
             cfg(config::MAP_START),
-            Some(cfg(config::MAP_END)),
+            cfg(config::MAP_END),
         )
     }
 

@@ -93,6 +93,9 @@ pub struct LayerStats {
     pub prefetched_bytes: AtomicU64,
     /// Compressed bytes of prefetched chunks that a reader then used.
     pub prefetch_hit_bytes: AtomicU64,
+    /// Compressed bytes of the distinct chunks readers needed (the base of
+    /// the prefetch hit share).
+    pub demanded_bytes: AtomicU64,
 }
 
 type Outcome = Option<Result<(), String>>;
@@ -123,6 +126,8 @@ pub struct RemoteLayer {
     inflight: Mutex<HashMap<Digest, watch::Receiver<Outcome>>>,
     /// Chunks prefetch fetched that no reader has used yet: (compressed size).
     prefetched: Mutex<HashMap<Digest, u64>>,
+    /// Chunks readers have needed so far.
+    demanded: Mutex<std::collections::HashSet<Digest>>,
     pub stats: LayerStats,
 }
 
@@ -221,6 +226,7 @@ impl RemoteLayer {
             opts,
             inflight: Mutex::new(HashMap::new()),
             prefetched: Mutex::new(HashMap::new()),
+            demanded: Mutex::new(Default::default()),
             stats: LayerStats::default(),
         })
     }
@@ -287,6 +293,16 @@ impl RemoteLayer {
 
     /// Counts prefetched chunks that a reader now uses.
     fn note_demand(&self, chunks: &[ChunkRef]) {
+        {
+            let mut d = self.demanded.lock().expect("demanded");
+            for c in chunks {
+                if d.insert(c.digest.clone()) {
+                    self.stats
+                        .demanded_bytes
+                        .fetch_add(c.blob_len, Ordering::Relaxed);
+                }
+            }
+        }
         let mut p = self.prefetched.lock().expect("prefetched");
         if p.is_empty() {
             return;
@@ -446,10 +462,11 @@ impl RemoteLayer {
         else {
             return Ok(None);
         };
+        let chunks = self.index.file_chunks_of(content);
+        self.note_demand(chunks);
         if let Some(f) = self.cache.open_file(digest) {
             return Ok(Some(f));
         }
-        let chunks = self.index.file_chunks_of(content);
         self.block_within_deadline(runtime, node, self.ensure(chunks))?;
         let mut maps = Vec::with_capacity(chunks.len());
         for c in chunks {

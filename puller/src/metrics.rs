@@ -92,6 +92,24 @@ impl Collector for LayerCollector {
             "Opens handed to the kernel as passthrough files",
             &rows(&|l| l.stats.passthrough_opens.load(Ordering::Relaxed)),
         )?;
+        counter(
+            &mut encoder,
+            "layer_prefetched_bytes",
+            "Compressed bytes fetched by prefetch (profiles, background fill)",
+            &rows(&|l| l.stats.prefetched_bytes.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
+            "layer_demanded_bytes",
+            "Compressed bytes of the distinct chunks readers needed",
+            &rows(&|l| l.stats.demanded_bytes.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
+            "layer_prefetch_hit_bytes",
+            "Compressed bytes of prefetched chunks that readers then used",
+            &rows(&|l| l.stats.prefetch_hit_bytes.load(Ordering::Relaxed)),
+        )?;
         let s = &self.cache.stats;
         for (name, help, v) in [
             (

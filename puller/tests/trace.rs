@@ -28,7 +28,7 @@ fn record(try_ebpf: bool, files: &[&str]) -> (Source, Recording, u64) {
     let cache_dir = f.dir.path().join("cache");
     let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
     let (tracer, mut done) =
-        AccessTracer::start(rt.handle(), &cache_dir, Duration::from_secs(2), try_ebpf);
+        AccessTracer::start(rt.handle(), &cache_dir, Duration::from_secs(2), 0, try_ebpf);
     let (_, _, manifest) = rt.block_on(client.manifest(&f.image)).unwrap();
     let pinned = f.image.with_reference(manifest.to_string());
     let layer = Arc::new(
@@ -55,20 +55,36 @@ fn record(try_ebpf: bool, files: &[&str]) -> (Source, Recording, u64) {
     .unwrap();
     tracer.layer_mounted(&mnt, layer.clone(), pinned);
 
-    let cgroup = Path::new("/sys/fs/cgroup").join(format!(
-        "sluice-trace-test-{}-{try_ebpf}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&cgroup).unwrap();
+    // The "container" gets its own cgroup where cgroup v2 is mounted (on
+    // cgroup v1 hosts every task shares the root v2 cgroup, and recordings
+    // are per image there).
+    let cgroup = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .map(Path::new)
+        .find(|r| r.join("cgroup.controllers").exists())
+        .map(|r| {
+            r.join(format!(
+                "sluice-trace-test-{}-{try_ebpf}",
+                std::process::id()
+            ))
+        });
+    let enter = match &cgroup {
+        Some(c) => {
+            std::fs::create_dir_all(c).unwrap();
+            format!("echo $$ > {}/cgroup.procs && ", c.display())
+        }
+        None => String::new(),
+    };
     let paths: Vec<String> = files
         .iter()
         .map(|p| mnt.join(p).display().to_string())
         .collect();
-    let status = Command::new("sh")
-        .arg("-c")
+    // Its own mount namespace, as every container has: the recorder only
+    // follows freshly executed programs outside the host's namespace.
+    let status = Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
         .arg(format!(
-            "echo $$ > {}/cgroup.procs && exec /bin/busybox cat {} > /dev/null",
-            cgroup.display(),
+            "{enter}exec /bin/busybox cat {} > /dev/null",
             paths.join(" ")
         ))
         .status()
@@ -88,7 +104,9 @@ fn record(try_ebpf: bool, files: &[&str]) -> (Source, Recording, u64) {
     let drops = tracer.dropped_events();
     tracer.layer_unmounted(&layer);
     drop(session);
-    let _ = std::fs::remove_dir(&cgroup);
+    if let Some(c) = &cgroup {
+        let _ = std::fs::remove_dir(c);
+    }
     (tracer.source(), recording, drops)
 }
 

@@ -15,6 +15,14 @@
 //! [cache]
 //! max_mib = 10240           # chunk cache bound; least recently used chunks go first
 //!
+//! [profiles]
+//! record = true             # record what starting containers read (eBPF, else FUSE)
+//! ebpf = true               # false: record from FUSE only, never load eBPF
+//! window_secs = 10          # how long after a container's first exec to record
+//! publish = true            # push recordings to the registry (merged, as referrers)
+//! prefetch = true           # fetch an image's newest profile on pull and prefetch it
+//! prefetch_concurrency = 4  # prefetch fetches at once
+//!
 //! [registry]
 //! hosts_dir = "/etc/sluice/certs.d"   # <host>/hosts.toml, as containerd's config_path
 //! docker_config = ""                  # docker config.json with credentials; "" = none
@@ -32,7 +40,32 @@ pub struct Config {
     pub metrics_address: String,
     pub lazy: LazyConfig,
     pub cache: CacheConfig,
+    pub profiles: ProfilesConfig,
     pub registry: RegistryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfilesConfig {
+    pub record: bool,
+    pub ebpf: bool,
+    pub window_secs: u64,
+    pub publish: bool,
+    pub prefetch: bool,
+    pub prefetch_concurrency: usize,
+}
+
+impl Default for ProfilesConfig {
+    fn default() -> Self {
+        ProfilesConfig {
+            record: true,
+            ebpf: true,
+            window_secs: 10,
+            publish: true,
+            prefetch: true,
+            prefetch_concurrency: 4,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +98,7 @@ impl Default for Config {
             metrics_address: "127.0.0.1:9711".into(),
             lazy: LazyConfig::default(),
             cache: CacheConfig::default(),
+            profiles: ProfilesConfig::default(),
             registry: RegistryConfig::default(),
         }
     }

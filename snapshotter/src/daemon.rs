@@ -22,9 +22,11 @@ use crate::api::snapshots::snapshots_server::SnapshotsServer;
 use crate::config::Config;
 use crate::metadata::Kind;
 use crate::metrics::SnapshotterMetrics;
-use crate::remote::{RemoteLayers, RemoteOptions};
+use crate::remote::{Profiles, RemoteLayers, RemoteOptions};
 use crate::service::SnapshotService;
 use crate::snapshots::Snapshotter;
+use sluice_puller::prefetch::{PrefetchOptions, Prefetcher};
+use sluice_puller::trace::{AccessTracer, Recording};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -86,6 +88,42 @@ impl Daemon {
         let puller_metrics = PullerMetrics::new(cache.clone());
         let metrics = SnapshotterMetrics::new(puller_metrics.clone());
         let remote = if config.lazy.enabled {
+            let client = Arc::new(registry_client(&config)?);
+            let p = &config.profiles;
+            let tracer = if p.record {
+                let whole_file_max = if config.lazy.passthrough {
+                    FsOptions::default().open_fetch_max
+                } else {
+                    0
+                };
+                let (tracer, recordings) = AccessTracer::start(
+                    &runtime,
+                    &config.root.join("cache"),
+                    Duration::from_secs(p.window_secs.max(1)),
+                    whole_file_max,
+                    p.ebpf,
+                );
+                let tracer = Arc::new(tracer);
+                runtime.spawn(publish_recordings(
+                    client.clone(),
+                    recordings,
+                    p.publish,
+                    tracer.clone(),
+                    metrics.clone(),
+                ));
+                Some(tracer)
+            } else {
+                None
+            };
+            let prefetcher = p.prefetch.then(|| {
+                Prefetcher::start(
+                    &runtime,
+                    PrefetchOptions {
+                        concurrency: p.prefetch_concurrency.max(1),
+                        ..PrefetchOptions::default()
+                    },
+                )
+            });
             let options = RemoteOptions {
                 fs: FsOptions {
                     passthrough: config.lazy.passthrough,
@@ -95,11 +133,12 @@ impl Daemon {
                 read_deadline: Duration::from_secs(config.lazy.read_deadline_secs.max(1)),
             };
             Some(Arc::new(RemoteLayers::new(
-                Arc::new(registry_client(&config)?),
+                client,
                 cache,
                 puller_metrics,
                 runtime,
                 options,
+                Profiles { tracer, prefetcher },
             )))
         } else {
             tracing::info!("lazy mounts disabled: every layer is pulled in full");
@@ -271,5 +310,51 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<SnapshotterMetrics>) 
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+/// Publishes finished recordings to the registry (merged with the profile
+/// already there), or only logs them when publishing is off.
+async fn publish_recordings(
+    client: Arc<RegistryClient>,
+    mut recordings: tokio::sync::mpsc::UnboundedReceiver<Recording>,
+    publish: bool,
+    tracer: Arc<AccessTracer>,
+    metrics: Arc<SnapshotterMetrics>,
+) {
+    while let Some(r) = recordings.recv().await {
+        metrics.trace_dropped.set(tracer.dropped_events() as i64);
+        metrics.profiles_recorded.inc();
+        if !publish {
+            continue;
+        }
+        let subject = match client.manifest(&r.image).await {
+            Ok((bytes, media_type, digest)) => sluice_format::oci::Descriptor::new(
+                media_type
+                    .split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+                digest,
+                bytes.len() as u64,
+            ),
+            Err(e) => {
+                tracing::warn!(image = %r.image, "not publishing the profile: {e}");
+                continue;
+            }
+        };
+        match sluice_puller::profile::publish(&client, &r.image, &subject, &r.profile).await {
+            Ok(merged) => {
+                metrics.profiles_published.inc();
+                tracing::info!(
+                    image = %r.image,
+                    entries = merged.entries.len(),
+                    nodes = merged.nodes,
+                    "prefetch profile published"
+                );
+            }
+            Err(e) => tracing::warn!(image = %r.image, "publishing the profile: {e}"),
+        }
     }
 }

@@ -17,6 +17,10 @@ pub struct SnapshotterMetrics {
     pub layers: Family<Vec<(String, String)>, Counter>,
     /// Lazy mounts currently served.
     pub lazy_mounts: Gauge,
+    /// Access events the eBPF programs could not deliver (ring buffer full).
+    pub trace_dropped: Gauge,
+    pub profiles_recorded: Counter,
+    pub profiles_published: Counter,
     pub puller: Arc<PullerMetrics>,
 }
 
@@ -35,10 +39,31 @@ impl SnapshotterMetrics {
             "Lazy layer mounts currently served",
             lazy_mounts.clone(),
         );
+        let trace_dropped = Gauge::default();
+        registry.register(
+            "trace_dropped_events",
+            "Access events the eBPF programs dropped because the ring buffer was full",
+            trace_dropped.clone(),
+        );
+        let profiles_recorded = Counter::default();
+        registry.register(
+            "profiles_recorded",
+            "Container startup recordings made",
+            profiles_recorded.clone(),
+        );
+        let profiles_published = Counter::default();
+        registry.register(
+            "profiles_published",
+            "Prefetch profiles pushed to the registry",
+            profiles_published.clone(),
+        );
         Arc::new(SnapshotterMetrics {
             registry,
             layers,
             lazy_mounts,
+            trace_dropped,
+            profiles_recorded,
+            profiles_published,
             puller,
         })
     }

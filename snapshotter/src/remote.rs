@@ -17,6 +17,9 @@ use sluice_format::Digest;
 use sluice_puller::fs::FsOptions;
 use sluice_puller::image::{self, ResolvedImage};
 use sluice_puller::metrics::PullerMetrics;
+use sluice_puller::prefetch::Prefetcher;
+use sluice_puller::profile::{self, Profile};
+use sluice_puller::trace::AccessTracer;
 use sluice_puller::{ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
 
 use crate::metadata::RemoteSource;
@@ -103,13 +106,24 @@ pub struct RemoteOptions {
     pub read_deadline: Duration,
 }
 
+/// What the daemon does with prefetch profiles.
+pub struct Profiles {
+    /// Records accesses of mounted layers (`None`: not recording).
+    pub tracer: Option<Arc<AccessTracer>>,
+    /// Prefetches from the newest profile of an image (`None`: off).
+    pub prefetcher: Option<Prefetcher>,
+}
+
 pub struct RemoteLayers {
     client: Arc<RegistryClient>,
     cache: Arc<ChunkCache>,
     metrics: Arc<PullerMetrics>,
     runtime: tokio::runtime::Handle,
     options: RemoteOptions,
+    profiles: Profiles,
     resolved: Mutex<HashMap<String, (Instant, Arc<ResolvedImage>)>>,
+    /// Newest profile per image manifest (None: the registry has none).
+    known_profiles: tokio::sync::Mutex<HashMap<Digest, (Instant, Option<Arc<Profile>>)>>,
     mounts: Mutex<HashMap<u64, Mounted>>,
 }
 
@@ -119,16 +133,72 @@ impl RemoteLayers {
         cache: Arc<ChunkCache>,
         metrics: Arc<PullerMetrics>,
         runtime: tokio::runtime::Handle,
-        options: RemoteOptions,
+        mut options: RemoteOptions,
+        profiles: Profiles,
     ) -> Self {
+        if let Some(t) = &profiles.tracer {
+            options.fs.observer = Some(t.observer());
+        }
         RemoteLayers {
             client,
             cache,
             metrics,
             runtime,
             options,
+            profiles,
             resolved: Mutex::new(HashMap::new()),
+            known_profiles: tokio::sync::Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn client(&self) -> &Arc<RegistryClient> {
+        &self.client
+    }
+
+    /// The newest profile of the image `image` (pinned by digest), fetched
+    /// once a minute at most.
+    async fn profile_of(&self, image: &ImageRef) -> Option<Arc<Profile>> {
+        let manifest = image.reference.parse::<Digest>().ok()?;
+        let mut known = self.known_profiles.lock().await;
+        if let Some((at, p)) = known.get(&manifest) {
+            if at.elapsed() < RESOLVE_TTL {
+                return p.clone();
+            }
+        }
+        let p = match profile::fetch_newest(&self.client, image, &manifest).await {
+            Ok(p) => p.map(Arc::new),
+            Err(e) => {
+                tracing::warn!(%image, "no prefetch profile: {e}");
+                None
+            }
+        };
+        if let Some(p) = &p {
+            tracing::info!(%image, entries = p.entries.len(), bytes = p.bytes(), nodes = p.nodes, "prefetch profile found");
+        }
+        known.insert(manifest, (Instant::now(), p.clone()));
+        p
+    }
+
+    /// Queues the profile's entries for a freshly mounted layer.
+    async fn prefetch(&self, image: &ImageRef, layer: &Arc<RemoteLayer>) {
+        let Some(prefetcher) = &self.profiles.prefetcher else {
+            return;
+        };
+        let Some(p) = self.profile_of(image).await else {
+            return;
+        };
+        let entries = p.entries_for(layer.digest());
+        if !entries.is_empty() {
+            let queued = prefetcher.prefetch_profile(layer, &entries);
+            tracing::info!(layer = %layer.digest(), queued, "prefetching from the profile");
+        }
+    }
+
+    /// Waits until queued prefetch work is done (tests, benchmarks).
+    pub async fn prefetch_idle(&self) {
+        if let Some(p) = &self.profiles.prefetcher {
+            p.wait_idle().await;
         }
     }
 
@@ -214,7 +284,7 @@ impl RemoteLayers {
         let layer = Arc::new(
             RemoteLayer::open(
                 self.client.clone(),
-                image,
+                image.clone(),
                 &source.lazy,
                 self.cache.clone(),
                 opts,
@@ -234,6 +304,10 @@ impl RemoteLayers {
             .await
             .map_err(|e| err(format!("mount task: {e}")))?
             .map_err(|e| err(format!("mounting at {}: {e}", mountpoint.display())))?;
+        if let Some(t) = &self.profiles.tracer {
+            t.layer_mounted(mountpoint, layer.clone(), image.clone());
+        }
+        self.prefetch(&image, &layer).await;
         self.mounts.lock().expect("mounts").insert(
             id,
             Mounted {
@@ -251,6 +325,14 @@ impl RemoteLayers {
     /// Unmounts snapshot `id`'s layer, if mounted.
     pub fn unmount(&self, id: u64) {
         let m = self.mounts.lock().expect("mounts").remove(&id);
+        if let Some(m) = &m {
+            if let Some(t) = &self.profiles.tracer {
+                t.layer_unmounted(&m.layer);
+            }
+            if let Some(p) = &self.profiles.prefetcher {
+                p.cancel(m.layer.digest());
+            }
+        }
         drop(m);
     }
 

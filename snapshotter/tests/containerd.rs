@@ -2,105 +2,19 @@
 //! daemon as containerd's `sluice` proxy plugin, `sluice pull` and
 //! `ctr run --snapshotter sluice`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::Command;
 
+use common::{lazy_mounts_under, needs_root, node, sha256_file, walk_files, Node};
+
 use sluice_format::layout::Compression;
-use sluice_format::Digest;
 use sluice_testkit::images::busybox_image;
 use sluice_testkit::process::{
     Containerd, DistributionRegistry, SluiceRegistry, SluiceSnapshotter,
 };
-use sluice_testkit::{is_root, push_layout, run, skopeo, workspace_binary};
-
-struct Node {
-    snapshotter: SluiceSnapshotter,
-    containerd: Containerd,
-}
-
-fn node(dir: &Path) -> Node {
-    let snapshotter =
-        SluiceSnapshotter::start(&workspace_binary("sluice-snapshotter"), &dir.join("sluice"));
-    let containerd = Containerd::start(&dir.join("containerd"), &snapshotter.containerd_config());
-    Node {
-        snapshotter,
-        containerd,
-    }
-}
-
-impl Node {
-    fn pull(&self, reference: &str) -> String {
-        let out = Command::new(workspace_binary("sluice"))
-            .args(["pull", "--address"])
-            .arg(&self.containerd.socket)
-            .arg(reference)
-            .output()
-            .expect("running sluice pull");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "sluice pull {reference} failed\nstdout:\n{stdout}\nstderr:\n{}\nsnapshotter log:\n{}\ncontainerd log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.snapshotter.log(),
-            self.containerd.log()
-        );
-        print!("{stdout}");
-        stdout
-    }
-
-    fn run(&self, reference: &str, id: &str, args: &[&str]) -> String {
-        let out = self
-            .containerd
-            .ctr()
-            .args(["run", "--rm", "--snapshotter", "sluice", reference, id])
-            .args(args)
-            .output()
-            .expect("running ctr run");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "ctr run {reference} failed\nstdout:\n{stdout}\nstderr:\n{}\nsnapshotter log:\n{}\ncontainerd log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.snapshotter.log(),
-            self.containerd.log()
-        );
-        stdout
-    }
-
-    fn sluice_snapshots(&self) -> Vec<String> {
-        run(self
-            .containerd
-            .ctr()
-            .args(["snapshot", "--snapshotter", "sluice", "ls"]))
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .collect()
-    }
-}
-
-fn needs_root() -> bool {
-    if !is_root() {
-        eprintln!("SKIP: containerd, mounts and FUSE need root");
-        return false;
-    }
-    true
-}
-
-fn sha256_file(p: &Path) -> String {
-    Digest::sha256(&std::fs::read(p).unwrap()).hex().to_owned()
-}
-
-/// FUSE mounts of layers served by the daemon rooted at `root`.
-fn lazy_mounts_under(root: &Path) -> Vec<String> {
-    let root = root.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(&root) && l.contains(" - fuse sluice:"))
-        .map(str::to_owned)
-        .collect()
-}
+use sluice_testkit::{push_layout, run, skopeo, workspace_binary};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busybox_runs_lazily_survives_kill9_and_cleans_up() {
@@ -272,22 +186,6 @@ async fn busybox_runs_lazily_survives_kill9_and_cleans_up() {
     }
 }
 
-fn walk_files(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| {
-            if e.path().is_dir() {
-                walk_files(&e.path())
-            } else {
-                1
-            }
-        })
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_images_fall_back_to_a_full_pull() {
     if !needs_root() {
@@ -342,37 +240,14 @@ async fn python3_starts_having_fetched_a_small_share() {
     if !needs_root() {
         return;
     }
-    let rootfs = sluice_testkit::fixture("python3").join("rootfs");
     let dir = tempfile::tempdir().unwrap();
-    let layout = dir.path().join("python3");
-    sluice_format::layout::build_image(
-        &layout,
-        &sluice_format::layout::ImageSpec {
-            layers: vec![rootfs.clone()],
-            compression: Compression::Gzip,
-            cmd: vec!["python3".into()],
-            env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
-            tag: "v1".into(),
-        },
-    )
-    .unwrap();
-    let converted = dir.path().join("python3-lazy");
-    run(Command::new(workspace_binary("sluice-registry"))
-        .args(["convert", "--from"])
-        .arg(format!("{}:v1", layout.display()))
-        .arg("--to")
-        .arg(format!("{}:v1", converted.display())));
     let reg = SluiceRegistry::start(
         &workspace_binary("sluice-registry"),
         &dir.path().join("registry"),
         &["--no-convert-on-push"],
     );
-    let reference = format!("{}/py/python3:lazy", reg.host());
-    run(skopeo(dir.path())
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", converted.display()))
-        .arg(format!("docker://{reference}")));
-    let image_bytes: u64 = converted_layer_bytes(&converted);
+    let (reference, rootfs, converted) = common::push_python3(dir.path(), &reg);
+    let image_bytes: u64 = common::converted_layer_bytes(&converted);
 
     let node = node(&dir.path().join("node"));
     let served_before = reg.metric("sluice_registry_blob_bytes_served_total").await;
@@ -403,28 +278,6 @@ async fn python3_starts_having_fetched_a_small_share() {
         share * 100.0
     );
     assert!(share < 0.25, "fetched {:.1}% of the image", share * 100.0);
-}
-
-/// Total size of the layers of the (single) image in an OCI layout.
-fn converted_layer_bytes(layout: &Path) -> u64 {
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let digest = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            layout
-                .join("blobs/sha256")
-                .join(digest.trim_start_matches("sha256:")),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["size"].as_u64().unwrap())
-        .sum()
 }
 
 /// Any OCI registry works, not only ours: the CNCF distribution registry over

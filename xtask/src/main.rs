@@ -59,8 +59,22 @@ enum Command {
 fn build_ebpf() -> anyhow::Result<()> {
     let root = setup::workspace();
     let status = std::process::Command::new("rustup")
-        .args(["run", "stable", "cargo", "build", "--package", "sluice-puller-ebpf", "--bins"])
-        .args(["--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "run",
+            "stable",
+            "cargo",
+            "build",
+            "--package",
+            "sluice-puller-ebpf",
+            "--bins",
+        ])
+        .args([
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .env("RUSTC_BOOTSTRAP", "1")
         .env(
             "CARGO_ENCODED_RUSTFLAGS",

@@ -235,7 +235,8 @@ impl LayerFs {
         }
         let layer = self.layer.clone();
         self.runtime.spawn(async move {
-            if let Err(e) = layer.prefetch(&chunks).await {
+            // Readahead is not profile prefetch: not counted as prefetched.
+            if let Err(e) = layer.ensure(&chunks).await {
                 tracing::debug!(error = %e, "readahead failed; reads fetch on demand");
             }
         });

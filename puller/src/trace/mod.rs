@@ -54,11 +54,14 @@ pub struct AccessTracer {
 
 impl AccessTracer {
     /// Starts recording with windows of `window`; finished recordings arrive
-    /// on the returned channel. `try_ebpf = false` skips eBPF.
+    /// on the returned channel. `try_ebpf = false` skips eBPF. Files up to
+    /// `whole_file_max` bytes are recorded whole (set it to the FUSE
+    /// filesystem's `open_fetch_max` when passthrough is on, else 0).
     pub fn start(
         runtime: &tokio::runtime::Handle,
         cache_dir: &Path,
         window: Duration,
+        whole_file_max: u64,
         try_ebpf: bool,
     ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<Recording>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -78,7 +81,7 @@ impl AccessTracer {
         } else {
             Source::Fuse
         };
-        let recorder = Arc::new(Recorder::new(source, window, tx));
+        let recorder = Arc::new(Recorder::new(source, window, whole_file_max, tx));
         if let Some(t) = &ebpf {
             if let Ok(md) = std::fs::metadata(cache_dir) {
                 use std::os::unix::fs::MetadataExt;

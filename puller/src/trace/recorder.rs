@@ -31,30 +31,52 @@ struct Traced {
     dev: u32,
 }
 
+/// One container's (cgroup's) first accesses to one image's layers.
 struct Session {
+    image: ImageRef,
     start_ns: u64,
-    /// Whether an exec was seen (a container start, not a stray reader).
-    exec: bool,
-    per_image: HashMap<Digest, (ImageRef, Vec<ProfileEntry>)>,
+    entries: Vec<ProfileEntry>,
     seen: HashSet<(Digest, usize, u64)>,
 }
+
+/// Sessions are keyed by (cgroup, image manifest) and start at the first
+/// access, so that on nodes where containers do not get their own cgroup v2
+/// (cgroup v1 hosts: every task is in the root v2 cgroup) a recording is
+/// still the first window of accesses to that image.
+type Key = (u64, Digest);
 
 #[derive(Default)]
 struct State {
     by_dev: HashMap<u32, Arc<Traced>>,
     by_layer: HashMap<Digest, Arc<Traced>>,
     backing: HashMap<(u32, u64), (Arc<Traced>, usize)>,
-    sessions: HashMap<u64, Session>,
-    /// cgroups whose window is over: later events are ignored.
-    finished: HashSet<u64>,
+    sessions: HashMap<Key, Session>,
+    /// Recordings already made: later accesses are not recorded again.
+    finished: HashSet<Key>,
+    /// When each process last executed a program (eBPF), and whether it
+    /// runs in a mount namespace other than the host's. Only such processes,
+    /// within the window after their exec, are recorded: that is what a
+    /// starting container is. It leaves out host processes reading the
+    /// mounts (containerd resolving users, the daemon itself), which matters
+    /// on cgroup v1 hosts where every task shares the root v2 cgroup.
+    execs: HashMap<u32, (u64, bool)>,
 }
 
 pub struct Recorder {
     source: Source,
     window: Duration,
+    /// Files up to this size are recorded whole: the FUSE daemon fetches
+    /// them whole at open (for passthrough), so the next node needs them so.
+    whole_file_max: u64,
     state: Mutex<State>,
     done: tokio::sync::mpsc::UnboundedSender<Recording>,
     self_pid: u32,
+    host_mnt_ns: Option<std::path::PathBuf>,
+}
+
+/// A process's mount namespace (`mnt:[inode]`), if it still exists.
+fn mount_namespace(pid: &str) -> Option<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -68,12 +90,20 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// cgroup v2 id of a process: the inode of its cgroup directory.
+/// Where the cgroup v2 hierarchy is mounted (unified, or hybrid hosts).
+fn cgroup2_root() -> Option<&'static str> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .find(|r| std::path::Path::new(r).join("cgroup.controllers").exists())
+}
+
+/// cgroup v2 id of a process (what `bpf_get_current_cgroup_id` returns):
+/// the inode of its cgroup directory.
 fn cgroup_of(pid: u32) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    std::fs::metadata(format!("/sys/fs/cgroup{path}"))
+    std::fs::metadata(format!("{}{path}", cgroup2_root()?))
         .ok()
         .map(|m| m.ino())
 }
@@ -82,14 +112,17 @@ impl Recorder {
     pub fn new(
         source: Source,
         window: Duration,
+        whole_file_max: u64,
         done: tokio::sync::mpsc::UnboundedSender<Recording>,
     ) -> Self {
         Recorder {
             source,
             window,
+            whole_file_max,
             state: Mutex::new(State::default()),
             done,
             self_pid: std::process::id(),
+            host_mnt_ns: mount_namespace("self"),
         }
     }
 
@@ -135,15 +168,19 @@ impl Recorder {
             return; // the daemon itself, filling or serving the cache
         }
         let mut st = self.state.lock().expect("recorder");
-        if st.finished.contains(&ev.cgroup) {
+        if ev.kind == kind::EXEC {
+            // Read while the process surely exists; one that is already gone
+            // did nothing worth recording.
+            let contained = mount_namespace(&ev.tgid.to_string())
+                .is_some_and(|ns| Some(&ns) != self.host_mnt_ns.as_ref());
+            st.execs.insert(ev.tgid, (ev.time_ns, contained));
             return;
         }
-        if ev.kind == kind::EXEC {
-            let s = st
-                .sessions
-                .entry(ev.cgroup)
-                .or_insert_with(|| Session::new(ev.time_ns));
-            s.exec = true;
+        let window_ns = self.window.as_nanos() as u64;
+        let started = st.execs.get(&ev.tgid).is_some_and(|&(t, contained)| {
+            contained && ev.time_ns >= t && ev.time_ns - t <= window_ns
+        });
+        if !started {
             return;
         }
         let target = if let Some(t) = st.by_dev.get(&ev.dev) {
@@ -155,7 +192,7 @@ impl Recorder {
         let Some((traced, node)) = target else { return };
         let offset = ev.first_page * PAGE;
         let len = (ev.last_page.saturating_sub(ev.first_page) + 1) * PAGE;
-        Self::record(&mut st, ev.cgroup, ev.time_ns, &traced, node, offset, len);
+        self.record(&mut st, ev.cgroup, ev.time_ns, &traced, node, offset, len);
     }
 
     /// A read the FUSE daemon served (when eBPF is not available).
@@ -167,19 +204,18 @@ impl Recorder {
         len: u64,
         pid: u32,
     ) {
-        let Some(cgroup) = cgroup_of(pid) else { return };
+        let cgroup = cgroup_of(pid).unwrap_or(0);
         let now = monotonic_ns();
         let mut st = self.state.lock().expect("recorder");
-        if st.finished.contains(&cgroup) {
-            return;
-        }
         let Some(traced) = st.by_layer.get(layer.digest()).cloned() else {
             return;
         };
-        Self::record(&mut st, cgroup, now, &traced, node, offset, len);
+        self.record(&mut st, cgroup, now, &traced, node, offset, len);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn record(
+        &self,
         st: &mut State,
         cgroup: u64,
         time_ns: u64,
@@ -199,23 +235,29 @@ impl Recorder {
         if offset >= size {
             return;
         }
-        let len = len.min(size - offset);
+        let (offset, len) = if size <= self.whole_file_max {
+            (0, size)
+        } else {
+            (offset, len.min(size - offset))
+        };
+        let key = (cgroup, traced.manifest.clone());
+        if st.finished.contains(&key) {
+            return;
+        }
         let path = index.node(node).path.clone();
-        let session = st
-            .sessions
-            .entry(cgroup)
-            .or_insert_with(|| Session::new(time_ns));
+        let session = st.sessions.entry(key).or_insert_with(|| Session {
+            image: traced.image.clone(),
+            start_ns: time_ns,
+            entries: Vec::new(),
+            seen: HashSet::new(),
+        });
         let at_ms = time_ns.saturating_sub(session.start_ns) as f64 / 1e6;
         for c in index.chunks_for_range(content, offset, len) {
             let key = (traced.layer.digest().clone(), content, c.file_offset);
             if !session.seen.insert(key) {
                 continue;
             }
-            let (_, entries) = session
-                .per_image
-                .entry(traced.manifest.clone())
-                .or_insert_with(|| (traced.image.clone(), Vec::new()));
-            entries.push(ProfileEntry {
+            session.entries.push(ProfileEntry {
                 layer: traced.layer.digest().clone(),
                 path: path.clone(),
                 offset: c.file_offset,
@@ -231,38 +273,35 @@ impl Recorder {
     pub fn finish_due(&self, now_ns: u64) -> usize {
         let window_ns = self.window.as_nanos() as u64;
         let mut st = self.state.lock().expect("recorder");
-        let due: Vec<u64> = st
+        let due: Vec<Key> = st
             .sessions
             .iter()
             .filter(|(_, s)| now_ns.saturating_sub(s.start_ns) >= window_ns)
-            .map(|(c, _)| *c)
+            .map(|(k, _)| k.clone())
             .collect();
+        st.execs
+            .retain(|_, (t, _)| now_ns.saturating_sub(*t) <= window_ns);
         let mut produced = 0;
-        for cgroup in due {
-            let s = st.sessions.remove(&cgroup).expect("due session");
-            st.finished.insert(cgroup);
-            // With eBPF, only container starts make profiles: a host process
-            // poking at a mount (say, containerd resolving a user) does not.
-            if self.source == Source::Ebpf && !s.exec {
-                continue;
-            }
-            for (manifest, (image, mut entries)) in s.per_image {
-                entries.sort_by(|a, b| a.first_touch_ms.total_cmp(&b.first_touch_ms));
-                let profile = Profile::new(manifest, self.window.as_millis() as u64, entries);
-                tracing::info!(
-                    %image,
-                    cgroup,
-                    entries = profile.entries.len(),
-                    bytes = profile.bytes(),
-                    "recorded a startup access profile"
-                );
-                let _ = self.done.send(Recording {
-                    image,
-                    cgroup,
-                    profile,
-                });
-                produced += 1;
-            }
+        for key in due {
+            let mut s = st.sessions.remove(&key).expect("due session");
+            st.finished.insert(key.clone());
+            let (cgroup, manifest) = key;
+            s.entries
+                .sort_by(|a, b| a.first_touch_ms.total_cmp(&b.first_touch_ms));
+            let profile = Profile::new(manifest, self.window.as_millis() as u64, s.entries);
+            tracing::info!(
+                image = %s.image,
+                cgroup,
+                entries = profile.entries.len(),
+                bytes = profile.bytes(),
+                "recorded a startup access profile"
+            );
+            let _ = self.done.send(Recording {
+                image: s.image,
+                cgroup,
+                profile,
+            });
+            produced += 1;
         }
         produced
     }
@@ -277,16 +316,5 @@ impl Recorder {
                 r.finish_due(monotonic_ns());
             }
         });
-    }
-}
-
-impl Session {
-    fn new(start_ns: u64) -> Self {
-        Session {
-            start_ns,
-            exec: false,
-            per_image: HashMap::new(),
-            seen: HashSet::new(),
-        }
     }
 }

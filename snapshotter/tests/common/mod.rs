@@ -1,0 +1,180 @@
+//! Shared by the snapshotter's integration tests: a node (the daemon plus a
+//! containerd that uses it) and helpers around it.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+
+use sluice_format::Digest;
+use sluice_testkit::process::{Containerd, SluiceSnapshotter};
+use sluice_testkit::{is_root, run, workspace_binary};
+
+pub struct Node {
+    pub snapshotter: SluiceSnapshotter,
+    pub containerd: Containerd,
+}
+
+pub fn node(dir: &Path) -> Node {
+    node_with(dir, &[])
+}
+
+/// A node whose daemon gets extra flags (`--config`, `--hosts-dir`, …).
+pub fn node_with(dir: &Path, args: &[&str]) -> Node {
+    let binary = workspace_binary("sluice-snapshotter");
+    let snapshotter = if args.is_empty() {
+        SluiceSnapshotter::start(&binary, &dir.join("sluice"))
+    } else {
+        SluiceSnapshotter::start_with_args(&binary, &dir.join("sluice"), args)
+    };
+    let containerd = Containerd::start(&dir.join("containerd"), &snapshotter.containerd_config());
+    Node {
+        snapshotter,
+        containerd,
+    }
+}
+
+impl Node {
+    pub fn pull(&self, reference: &str) -> String {
+        let out = Command::new(workspace_binary("sluice"))
+            .args(["pull", "--address"])
+            .arg(&self.containerd.socket)
+            .arg(reference)
+            .output()
+            .expect("running sluice pull");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "sluice pull {reference} failed\nstdout:\n{stdout}\nstderr:\n{}\nsnapshotter log:\n{}\ncontainerd log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.snapshotter.log(),
+            self.containerd.log()
+        );
+        print!("{stdout}");
+        stdout
+    }
+
+    pub fn run(&self, reference: &str, id: &str, args: &[&str]) -> String {
+        let out = self
+            .containerd
+            .ctr()
+            .args(["run", "--rm", "--snapshotter", "sluice", reference, id])
+            .args(args)
+            .output()
+            .expect("running ctr run");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "ctr run {reference} failed\nstdout:\n{stdout}\nstderr:\n{}\nsnapshotter log:\n{}\ncontainerd log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.snapshotter.log(),
+            self.containerd.log()
+        );
+        stdout
+    }
+
+    pub fn sluice_snapshots(&self) -> Vec<String> {
+        run(self
+            .containerd
+            .ctr()
+            .args(["snapshot", "--snapshotter", "sluice", "ls"]))
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+    }
+}
+
+pub fn needs_root() -> bool {
+    if !is_root() {
+        eprintln!("SKIP: containerd, mounts and FUSE need root");
+        return false;
+    }
+    true
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    Digest::sha256(&std::fs::read(p).unwrap()).hex().to_owned()
+}
+
+/// FUSE mounts of layers served by the daemon rooted at `root`.
+pub fn lazy_mounts_under(root: &Path) -> Vec<String> {
+    let root = root.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&root) && l.contains(" - fuse sluice:"))
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn walk_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                walk_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// The Debian + python3 image (the `python3` fixture), converted to
+/// zstd:chunked and pushed as `py/python3:lazy`; returns the reference, the
+/// fixture's root filesystem and the converted layout.
+pub fn push_python3(
+    dir: &Path,
+    reg: &sluice_testkit::process::SluiceRegistry,
+) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let rootfs = sluice_testkit::fixture("python3").join("rootfs");
+    let layout = dir.join("python3");
+    sluice_format::layout::build_image(
+        &layout,
+        &sluice_format::layout::ImageSpec {
+            layers: vec![rootfs.clone()],
+            compression: sluice_format::layout::Compression::Gzip,
+            cmd: vec!["python3".into()],
+            env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
+            tag: "v1".into(),
+        },
+    )
+    .unwrap();
+    let converted = dir.join("python3-lazy");
+    run(Command::new(workspace_binary("sluice-registry"))
+        .args(["convert", "--from"])
+        .arg(format!("{}:v1", layout.display()))
+        .arg("--to")
+        .arg(format!("{}:v1", converted.display())));
+    let reference = format!("{}/py/python3:lazy", reg.host());
+    run(sluice_testkit::skopeo(dir)
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", converted.display()))
+        .arg(format!("docker://{reference}")));
+    (reference, rootfs, converted)
+}
+
+/// Total size of the layers of the (single) image in an OCI layout.
+pub fn converted_layer_bytes(layout: &Path) -> u64 {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .sum()
+}
