@@ -114,6 +114,9 @@ pub struct Profiles {
     pub prefetcher: Option<Prefetcher>,
 }
 
+/// When a profile was looked up, and what was found.
+type KnownProfile = (Instant, Option<Arc<Profile>>);
+
 pub struct RemoteLayers {
     client: Arc<RegistryClient>,
     cache: Arc<ChunkCache>,
@@ -123,7 +126,7 @@ pub struct RemoteLayers {
     profiles: Profiles,
     resolved: Mutex<HashMap<String, (Instant, Arc<ResolvedImage>)>>,
     /// Newest profile per image manifest (None: the registry has none).
-    known_profiles: tokio::sync::Mutex<HashMap<Digest, (Instant, Option<Arc<Profile>>)>>,
+    known_profiles: tokio::sync::Mutex<HashMap<Digest, KnownProfile>>,
     mounts: Mutex<HashMap<u64, Mounted>>,
 }
 
