@@ -58,21 +58,41 @@ pub mod device {
     pub const LISTED: u8 = 2;
 }
 
-/// Slots of the configuration array: tracepoint field offsets, read by
-/// userspace from tracefs so that the programs need no per-kernel layout.
+/// Slots of the configuration array (runtime switches).
 pub mod config {
-    pub const INO: u32 = 0;
-    pub const DEV: u32 = 1;
-    pub const INDEX: u32 = 2;
-    pub const LAST_INDEX: u32 = 3;
-    /// Offsets of `mm_filemap_map_pages`'s `start_index`/`end_index` if they
-    /// differ (older kernels name them so).
-    pub const MAP_START: u32 = 4;
-    pub const MAP_END: u32 = 5;
     /// 1 while anything is mounted: exec events are sent only then.
-    pub const ENABLED: u32 = 6;
-    pub const SLOTS: u32 = 8;
+    pub const ENABLED: u32 = 0;
+    pub const SLOTS: u32 = 4;
 }
+
+/// Names of the programs' read-only globals that hold tracepoint field
+/// offsets; userspace reads them from tracefs and sets them at load time, so
+/// the programs need no per-kernel layout and no map lookup to find them.
+pub mod offsets {
+    pub const INO: &str = "OFF_INO";
+    pub const DEV: &str = "OFF_DEV";
+    pub const INDEX: &str = "OFF_INDEX";
+    pub const LAST_INDEX: &str = "OFF_LAST_INDEX";
+    /// `mm_filemap_map_pages`'s first/last page (`start_index`/`end_index`
+    /// on older kernels).
+    pub const MAP_START: &str = "OFF_MAP_START";
+    pub const MAP_END: &str = "OFF_MAP_END";
+}
+
+/// Key of the in-kernel "already reported" map: a process's first touch of a
+/// 64 KiB granule of a file is reported, repeats are not (a profile needs
+/// first touches only, and warm re-reads then cost one lookup).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SeenKey {
+    pub ino: u64,
+    pub granule: u64,
+    pub dev: u32,
+    pub tgid: u32,
+}
+
+/// Pages per granule of [`SeenKey`] (log2).
+pub const GRANULE_SHIFT: u64 = 4;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -80,4 +100,6 @@ mod pod {
     unsafe impl aya::Pod for super::AccessEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BackingKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SeenKey {}
 }

@@ -5,13 +5,43 @@
 
 #[cfg(target_arch = "bpf")]
 mod programs {
+    use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
     use aya_ebpf::helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     };
     use aya_ebpf::macros::{map, tracepoint};
-    use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
+    use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
     use aya_ebpf::programs::TracePointContext;
-    use sluice_puller_ebpf::{config, device, kind, AccessEvent, BackingKey};
+    use sluice_puller_ebpf::{
+        config, device, kind, AccessEvent, BackingKey, SeenKey, GRANULE_SHIFT,
+    };
+
+    // Tracepoint field offsets, set by the loader (see `offsets`).
+    #[no_mangle]
+    static OFF_INO: u32 = 8;
+    #[no_mangle]
+    static OFF_DEV: u32 = 16;
+    #[no_mangle]
+    static OFF_INDEX: u32 = 24;
+    #[no_mangle]
+    static OFF_LAST_INDEX: u32 = 32;
+    #[no_mangle]
+    static OFF_MAP_START: u32 = 24;
+    #[no_mangle]
+    static OFF_MAP_END: u32 = 32;
+
+    #[inline(always)]
+    fn off(v: &'static u32) -> usize {
+        // SAFETY: a read of a global; volatile so that the compiler does not
+        // fold in the default the loader replaces.
+        unsafe { core::ptr::read_volatile(v) as usize }
+    }
+
+    /// Granules a process has already reported.
+    #[map]
+    static SEEN: LruHashMap<SeenKey, u8> = LruHashMap::with_max_entries(1 << 16, 0);
+    /// Userspace is woken once this much is waiting (and polls anyway).
+    const WAKEUP_BYTES: u64 = 64 << 10;
 
     /// Devices of lazy mounts (and of the chunk cache): see `device`.
     #[map]
@@ -36,7 +66,13 @@ mod programs {
         match EVENTS.reserve::<AccessEvent>(0) {
             Some(mut entry) => {
                 entry.write(ev);
-                entry.submit(0);
+                // A wakeup per event would cost a context switch per read.
+                let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+                    BPF_RB_FORCE_WAKEUP
+                } else {
+                    BPF_RB_NO_WAKEUP
+                };
+                entry.submit(flags as u64);
             }
             None => {
                 if let Some(n) = DROPS.get_ptr_mut(0) {
@@ -56,7 +92,7 @@ mod programs {
     fn access(ctx: &TracePointContext, what: u32, first_off: usize, last_off: usize) -> u32 {
         // SAFETY: offsets come from the tracepoint's format file; reads are
         // checked by the verifier-approved probe helper.
-        let dev: u32 = match unsafe { ctx.read_at(cfg(config::DEV)) } {
+        let dev: u32 = match unsafe { ctx.read_at(off(&OFF_DEV)) } {
             Ok(d) => d,
             Err(_) => return 0,
         };
@@ -64,7 +100,7 @@ mod programs {
         let Some(mode) = (unsafe { DEVICES.get(&dev) }).copied() else {
             return 0;
         };
-        let ino: u64 = match unsafe { ctx.read_at(cfg(config::INO)) } {
+        let ino: u64 = match unsafe { ctx.read_at(off(&OFF_INO)) } {
             Ok(i) => i,
             Err(_) => return 0,
         };
@@ -76,6 +112,18 @@ mod programs {
             }
         }
         let first: u64 = unsafe { ctx.read_at(first_off) }.unwrap_or(0);
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let seen = SeenKey {
+            ino,
+            granule: first >> GRANULE_SHIFT,
+            dev,
+            tgid,
+        };
+        // SAFETY: a lookup in a map this program owns.
+        if unsafe { SEEN.get(&seen) }.is_some() {
+            return 0;
+        }
+        let _ = SEEN.insert(&seen, &1, 0);
         let last: u64 = if last_off == NONE {
             first
         } else {
@@ -89,7 +137,7 @@ mod programs {
             cgroup: unsafe { bpf_get_current_cgroup_id() },
             time_ns: unsafe { bpf_ktime_get_ns() },
             dev,
-            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            tgid,
             kind: what,
             _pad: 0,
         });
@@ -98,17 +146,12 @@ mod programs {
 
     #[tracepoint]
     pub fn sluice_get_pages(ctx: TracePointContext) -> u32 {
-        access(
-            &ctx,
-            kind::READ,
-            cfg(config::INDEX),
-            cfg(config::LAST_INDEX),
-        )
+        access(&ctx, kind::READ, off(&OFF_INDEX), off(&OFF_LAST_INDEX))
     }
 
     #[tracepoint]
     pub fn sluice_fault(ctx: TracePointContext) -> u32 {
-        access(&ctx, kind::FAULT, cfg(config::INDEX), NONE)
+        access(&ctx, kind::FAULT, off(&OFF_INDEX), NONE)
     }
 
     #[tracepoint]
@@ -116,8 +159,8 @@ mod programs {
         access(
             &ctx,
             kind::MAP_PAGES,
-            cfg(config::MAP_START),
-            cfg(config::MAP_END),
+            off(&OFF_MAP_START),
+            off(&OFF_MAP_END),
         )
     }
 

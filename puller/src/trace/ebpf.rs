@@ -11,10 +11,21 @@ use std::sync::{Arc, Mutex};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
-use aya::Ebpf;
-use sluice_puller_ebpf::{config, device, AccessEvent, BackingKey};
+use aya::{Ebpf, EbpfLoader};
+use sluice_puller_ebpf::{config, device, offsets, AccessEvent, BackingKey};
 
 use super::Recorder;
+
+fn drain(ring: &mut RingBuf<MapData>, recorder: &Recorder) {
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<AccessEvent>() {
+            // SAFETY: the programs write whole AccessEvents; the read is
+            // unaligned-safe.
+            let ev: AccessEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            recorder.on_event(&ev);
+        }
+    }
+}
 
 /// The object built by puller's build script (empty with AYA_BUILD_SKIP=1).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-puller-ebpf"));
@@ -101,30 +112,32 @@ impl EbpfTracer {
         let get = |m: &StdHashMap<String, u32>, names: &[&str]| {
             names.iter().find_map(|n| m.get(*n).copied()).unwrap_or(0)
         };
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| TraceError::Load(e.to_string()))?;
-        let mut cfg: Array<MapData, u32> = Array::try_from(
+        let globals = [
+            (offsets::INO, get(&pages, &["i_ino"])),
+            (offsets::DEV, get(&pages, &["s_dev"])),
+            (offsets::INDEX, get(&pages, &["index"])),
+            (offsets::LAST_INDEX, get(&pages, &["last_index"])),
+            (
+                offsets::MAP_START,
+                get(&map_pages, &["start_index", "index"]),
+            ),
+            (
+                offsets::MAP_END,
+                get(&map_pages, &["end_index", "last_index"]),
+            ),
+        ];
+        let mut loader = EbpfLoader::new();
+        for (name, value) in &globals {
+            loader.override_global(name, value, true);
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| TraceError::Load(e.to_string()))?;
+        let cfg: Array<MapData, u32> = Array::try_from(
             ebpf.take_map("CONFIG")
                 .ok_or_else(|| TraceError::Load("map CONFIG missing".into()))?,
         )
         .map_err(|e| TraceError::Load(e.to_string()))?;
-        let slots = [
-            (config::INO, get(&pages, &["i_ino"])),
-            (config::DEV, get(&pages, &["s_dev"])),
-            (config::INDEX, get(&pages, &["index"])),
-            (config::LAST_INDEX, get(&pages, &["last_index"])),
-            (
-                config::MAP_START,
-                get(&map_pages, &["start_index", "index"]),
-            ),
-            (
-                config::MAP_END,
-                get(&map_pages, &["end_index", "last_index"]),
-            ),
-        ];
-        for (slot, value) in slots {
-            cfg.set(slot, value, 0)
-                .map_err(|e| TraceError::Load(format!("config: {e}")))?;
-        }
         let mut attached = Vec::new();
         let mut errors = Vec::new();
         for (prog, category, name) in PROGRAMS {
@@ -246,25 +259,23 @@ impl EbpfTracer {
                     return;
                 }
             };
+            // The programs wake us only when 64 KiB are waiting; a short
+            // poll interval collects the rest.
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
             loop {
-                let mut guard = match fd.readable_mut().await {
-                    Ok(g) => g,
-                    Err(e) => {
-                        tracing::error!("polling the eBPF ring buffer: {e}");
-                        return;
-                    }
-                };
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    if item.len() >= std::mem::size_of::<AccessEvent>() {
-                        // SAFETY: the programs write whole AccessEvents; the
-                        // read is unaligned-safe.
-                        let ev: AccessEvent =
-                            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                        recorder.on_event(&ev);
-                    }
+                tokio::select! {
+                    ready = fd.readable_mut() => match ready {
+                        Ok(mut guard) => {
+                            drain(guard.get_inner_mut(), &recorder);
+                            guard.clear_ready();
+                        }
+                        Err(e) => {
+                            tracing::error!("polling the eBPF ring buffer: {e}");
+                            return;
+                        }
+                    },
+                    _ = tick.tick() => drain(fd.get_mut(), &recorder),
                 }
-                guard.clear_ready();
             }
         });
     }

@@ -3,6 +3,7 @@
 //! `target/bench/`. Absolute numbers vary with the machine; ratios are the result.
 
 mod convert;
+mod ebpf;
 mod load;
 mod read;
 mod registry;
@@ -17,12 +18,15 @@ pub enum Which {
     Convert(convert::Options),
     /// Reads through a lazy mount (cold, warm, passthrough) vs the local disk.
     Read(read::Options),
+    /// Cost of the eBPF access tracing for readers, on and off sluice mounts.
+    Ebpf(ebpf::Options),
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
         Which::Registry(opts) => registry::run(opts),
         Which::Read(opts) => read::run(opts),
+        Which::Ebpf(opts) => ebpf::run(opts),
         Which::Convert(opts) => {
             crate::fixtures::ensure()?;
             convert::run(opts)

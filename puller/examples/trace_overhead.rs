@@ -1,0 +1,129 @@
+//! The measuring half of `cargo xtask bench ebpf` (which prepares the image
+//! and prints the table): warm buffered reads of one big file on the local
+//! filesystem and on a sluice mount, each with and without the eBPF access
+//! tracing programs attached, alternating, several rounds. Prints JSON.
+//!
+//! `trace_overhead IMAGE NATIVE_FILE WORK_DIR ROUNDS PASSES`
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_puller::fs::FsOptions;
+use sluice_puller::registry::RetryPolicy;
+use sluice_puller::trace::{AccessTracer, Source};
+use sluice_puller::{image, ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
+
+/// Reads `path` `passes` times in 64 KiB reads; returns MB/s.
+fn read_passes(path: &Path, passes: u32) -> f64 {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut bytes = 0u64;
+    let t = Instant::now();
+    for _ in 0..passes {
+        let mut f = std::fs::File::open(path).expect("open");
+        loop {
+            let n = f.read(&mut buf).expect("read");
+            if n == 0 {
+                break;
+            }
+            bytes += n as u64;
+        }
+    }
+    bytes as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, image, native, work, rounds, passes] = &args[..] else {
+        eprintln!("usage: trace_overhead IMAGE NATIVE_FILE WORK_DIR ROUNDS PASSES");
+        std::process::exit(2);
+    };
+    let (rounds, passes): (u32, u32) = (rounds.parse().unwrap(), passes.parse().unwrap());
+    let work = Path::new(work);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let image = ImageRef::parse(image).unwrap();
+    let resolved = rt.block_on(image::resolve(&client, &image)).unwrap();
+    let pinned = image.with_reference(resolved.manifest_digest.to_string());
+    let cache_dir = work.join("cache");
+    let cache = Arc::new(ChunkCache::open(&cache_dir, 8 << 30).unwrap());
+    let lazy = resolved.layers[0].lazy.clone().expect("a lazy layer");
+    let layer = Arc::new(
+        rt.block_on(RemoteLayer::open(
+            client,
+            pinned.clone(),
+            &lazy,
+            cache,
+            LayerOptions::default(),
+        ))
+        .unwrap(),
+    );
+    let mnt = work.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    // Reads go through the FUSE page cache (passthrough off), so that every
+    // read on the mount produces events on its device: the full cost path
+    // (in-kernel filter hit, ring buffer, userspace) is what is measured.
+    let (probe, _) = AccessTracer::start(rt.handle(), &cache_dir, Duration::from_secs(5), 0, true);
+    if probe.source() != Source::Ebpf {
+        eprintln!("eBPF programs did not load; see the log above");
+        std::process::exit(3);
+    }
+    drop(probe);
+    let _session = sluice_puller::fs::mount(
+        layer.clone(),
+        rt.handle().clone(),
+        &mnt,
+        FsOptions {
+            passthrough: false,
+            ..FsOptions::default()
+        },
+    )
+    .unwrap();
+    let lazy_file = mnt.join("blob.bin");
+    let native = Path::new(native);
+    // Warm: every chunk local, the page cache full, passthrough on open.
+    read_passes(&lazy_file, 2);
+    read_passes(native, 2);
+
+    let mut rows = Vec::new();
+    let mut drops = 0;
+    for round in 0..rounds {
+        for (name, path) in [("native", native), ("sluice", lazy_file.as_path())] {
+            // Alternate the order so that warm-up drift does not favour one.
+            let order = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for traced in order {
+                let tracer = traced.then(|| {
+                    let (t, rx) = AccessTracer::start(
+                        rt.handle(),
+                        &cache_dir,
+                        Duration::from_secs(5),
+                        0,
+                        true,
+                    );
+                    t.layer_mounted(&mnt, layer.clone(), pinned.clone());
+                    (t, rx)
+                });
+                let mbps = read_passes(path, passes);
+                if let Some((t, _)) = &tracer {
+                    drops += t.dropped_events();
+                }
+                rows.push(serde_json::json!({
+                    "round": round, "target": name, "traced": traced, "mb_per_s": mbps
+                }));
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"rows": rows, "dropped_events": drops})
+    );
+}

@@ -1,0 +1,189 @@
+//! `cargo xtask bench ebpf`: what the eBPF access tracing costs readers.
+//!
+//! Warm buffered reads (64 KiB) of one big file, from the page cache, on an
+//! unrelated filesystem (the local disk: the programs run, find the device
+//! is not sluice's, and return) and on a sluice mount (every read produces an
+//! event that goes through the ring buffer to userspace), each with and
+//! without the programs attached, alternating within each round. Reports
+//! median throughput, the slowdown, and the events dropped. The measuring is
+//! done by `puller/examples/trace_overhead.rs`, which links the loader.
+
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use sluice_format::chunked::ChunkingOptions;
+use sluice_format::layout::{build_image, Compression, ImageSpec};
+use sluice_testkit::process::SluiceRegistry;
+
+use super::output_dir;
+use crate::setup::{build_release, cargo, step, workspace};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Size of the file read, in MiB.
+    #[arg(long, default_value_t = 256)]
+    mib: usize,
+    /// Rounds (each measures all four cases).
+    #[arg(long, default_value_t = 7)]
+    rounds: u32,
+    /// Passes over the file per measurement.
+    #[arg(long, default_value_t = 8)]
+    passes: u32,
+}
+
+#[derive(Serialize)]
+struct Case {
+    target: String,
+    untraced_mb_per_s: f64,
+    traced_mb_per_s: f64,
+    slowdown_percent: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    file_mib: usize,
+    rounds: u32,
+    cases: Vec<Case>,
+    dropped_events: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(opts: Options) -> anyhow::Result<()> {
+    if !sluice_testkit::is_root() {
+        bail!("bench ebpf loads eBPF programs and mounts FUSE: run it as root");
+    }
+    step("building sluice-registry and the measuring example (release)");
+    let bin = build_release(&["sluice-registry"])?;
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "sluice-puller",
+        "--example",
+        "trace_overhead",
+    ])?;
+    let example = workspace().join("target/release/examples/trace_overhead");
+
+    step(&format!(
+        "preparing a {} MiB file, locally and in a lazy image",
+        opts.mib
+    ));
+    let work = output_dir().join("ebpf-work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("layer"))?;
+    let data = sluice_testkit::images::pseudo_random(opts.mib << 20, 11);
+    std::fs::write(work.join("native.bin"), &data)?;
+    std::fs::write(work.join("layer/blob.bin"), &data)?;
+    drop(data);
+    build_image(
+        &work.join("plain"),
+        &ImageSpec {
+            layers: vec![work.join("layer")],
+            compression: Compression::None,
+            cmd: vec![],
+            env: vec![],
+            tag: "v1".into(),
+        },
+    )?;
+    sluice_format::convert::convert_layout(
+        &work.join("plain"),
+        "v1",
+        &work.join("lazy"),
+        "v1",
+        &ChunkingOptions::default(),
+    )?;
+    let reg = SluiceRegistry::start(
+        &bin.join("sluice-registry"),
+        &work.join("registry"),
+        &["--no-convert-on-push"],
+    );
+    let reference = format!("{}/bench/ebpf:v1", reg.host());
+    sluice_testkit::push_layout(&work, &work.join("lazy"), "v1", &reference);
+
+    step(&format!(
+        "reading it {} times per case, {} rounds, with and without the programs attached",
+        opts.passes, opts.rounds
+    ));
+    let out = Command::new(&example)
+        .arg(&reference)
+        .arg(work.join("native.bin"))
+        .arg(&work)
+        .arg(opts.rounds.to_string())
+        .arg(opts.passes.to_string())
+        .output()
+        .context("running trace_overhead")?;
+    if !out.status.success() {
+        bail!(
+            "trace_overhead failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "trace_overhead output: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    let rows = json["rows"].as_array().cloned().unwrap_or_default();
+    let pick = |target: &str, traced: bool| -> Vec<f64> {
+        rows.iter()
+            .filter(|r| r["target"] == target && r["traced"] == traced)
+            .filter_map(|r| r["mb_per_s"].as_f64())
+            .collect()
+    };
+    let mut cases = Vec::new();
+    for (target, label) in [
+        ("native", "unrelated filesystem (local ext4)"),
+        ("sluice", "sluice mount (every read an event)"),
+    ] {
+        let off = median(pick(target, false));
+        let on = median(pick(target, true));
+        cases.push(Case {
+            target: label.into(),
+            untraced_mb_per_s: off,
+            traced_mb_per_s: on,
+            slowdown_percent: (1.0 - on / off) * 100.0,
+        });
+    }
+    let report = Report {
+        file_mib: opts.mib,
+        rounds: opts.rounds,
+        cases,
+        dropped_events: json["dropped_events"].as_u64().unwrap_or(0),
+    };
+    println!(
+        "\neBPF access tracing overhead: warm 64 KiB reads of a {} MiB file, median of {} rounds\n",
+        opts.mib, opts.rounds
+    );
+    println!("| reads on | without programs MB/s | with programs MB/s | slowdown | target ≤ 2% |");
+    println!("|---|---:|---:|---:|:---:|");
+    for c in &report.cases {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2}% | {} |",
+            c.target,
+            c.untraced_mb_per_s,
+            c.traced_mb_per_s,
+            c.slowdown_percent,
+            if c.slowdown_percent <= 2.0 {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+    }
+    println!(
+        "\nevents dropped (ring buffer full): {}",
+        report.dropped_events
+    );
+    let path = output_dir().join("ebpf.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+    println!("wrote {}", path.display());
+    reg.service.stop();
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
