@@ -79,20 +79,18 @@ pub mod offsets {
     pub const MAP_END: &str = "OFF_MAP_END";
 }
 
-/// Key of the in-kernel "already reported" map: a process's first touch of a
-/// 64 KiB granule of a file is reported, repeats are not (a profile needs
-/// first touches only, and warm re-reads then cost one lookup).
+/// Key of the in-kernel "already reported" map: a process touching the same
+/// page range of a file again is not reported again (a profile needs first
+/// touches only, and warm re-reads then cost one lookup).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SeenKey {
     pub ino: u64,
-    pub granule: u64,
+    pub first_page: u64,
+    pub last_page: u64,
     pub dev: u32,
     pub tgid: u32,
 }
-
-/// Pages per granule of [`SeenKey`] (log2).
-pub const GRANULE_SHIFT: u64 = 4;
 
 #[cfg(feature = "user")]
 mod pod {

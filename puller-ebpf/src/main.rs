@@ -12,9 +12,7 @@ mod programs {
     use aya_ebpf::macros::{map, tracepoint};
     use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
     use aya_ebpf::programs::TracePointContext;
-    use sluice_puller_ebpf::{
-        config, device, kind, AccessEvent, BackingKey, SeenKey, GRANULE_SHIFT,
-    };
+    use sluice_puller_ebpf::{config, device, kind, AccessEvent, BackingKey, SeenKey};
 
     // Tracepoint field offsets, set by the loader (see `offsets`).
     #[no_mangle]
@@ -112,10 +110,18 @@ mod programs {
             }
         }
         let first: u64 = unsafe { ctx.read_at(first_off) }.unwrap_or(0);
+        let last: u64 = if last_off == NONE {
+            first
+        } else {
+            unsafe { ctx.read_at(last_off) }.unwrap_or(first)
+        };
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        // The same process touching the same range again (warm re-reads) is
+        // not news; any other range is. Exact, so nothing is lost.
         let seen = SeenKey {
             ino,
-            granule: first >> GRANULE_SHIFT,
+            first_page: first,
+            last_page: last,
             dev,
             tgid,
         };
@@ -124,11 +130,6 @@ mod programs {
             return 0;
         }
         let _ = SEEN.insert(&seen, &1, 0);
-        let last: u64 = if last_off == NONE {
-            first
-        } else {
-            unsafe { ctx.read_at(last_off) }.unwrap_or(first)
-        };
         send(AccessEvent {
             ino,
             first_page: first,
