@@ -181,7 +181,10 @@ impl Daemon {
                 failed += 1;
                 continue;
             };
-            match remote.mount(r.id, &self.core.fs_dir(r.id), src).await {
+            match remote
+                .mount(r.id, &self.core.fs_dir(r.id), src, false)
+                .await
+            {
                 Ok(_) => ok += 1,
                 Err(e) => {
                     failed += 1;

@@ -265,12 +265,15 @@ impl RemoteLayers {
 
     /// Opens the layer and mounts it at `mountpoint`; returns the usage the
     /// layer would have unpacked (bytes of regular files, entries), which is
-    /// what containerd and kubelet account for it.
+    /// what containerd and kubelet account for it. With `prefetch`, the
+    /// image's profile is fetched and this layer's part of it queued (for a
+    /// pull; not when mounting again after a restart).
     pub async fn mount(
         &self,
         id: u64,
         mountpoint: &Path,
         source: &RemoteSource,
+        prefetch: bool,
     ) -> Result<(i64, i64), RemoteError> {
         let err = |reason: String| RemoteError::Layer {
             image: source.image.clone(),
@@ -310,7 +313,9 @@ impl RemoteLayers {
         if let Some(t) = &self.profiles.tracer {
             t.layer_mounted(mountpoint, layer.clone(), image.clone());
         }
-        self.prefetch(&image, &layer).await;
+        if prefetch {
+            self.prefetch(&image, &layer).await;
+        }
         self.mounts.lock().expect("mounts").insert(
             id,
             Mounted {

@@ -127,7 +127,7 @@ impl SnapshotService {
             .await;
         };
         let usage = match remote
-            .mount(record.id, &self.core.fs_dir(record.id), &source)
+            .mount(record.id, &self.core.fs_dir(record.id), &source, true)
             .await
         {
             Ok(u) => u,
@@ -193,7 +193,7 @@ impl SnapshotService {
                 continue;
             }
             remote
-                .mount(record.id, &self.core.fs_dir(record.id), src)
+                .mount(record.id, &self.core.fs_dir(record.id), src, false)
                 .await
                 .map_err(|e| {
                     Status::unavailable(format!(

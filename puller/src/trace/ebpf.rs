@@ -239,6 +239,11 @@ impl EbpfTracer {
         }
     }
 
+    pub fn unwatch_backing(&self, dev: u32, ino: u64) {
+        let key = BackingKey { ino, dev, _pad: 0 };
+        let _ = self.backing.lock().expect("backing").remove(&key);
+    }
+
     /// Events the programs could not deliver (ring buffer full).
     pub fn dropped(&self) -> u64 {
         self.drops.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)

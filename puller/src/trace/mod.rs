@@ -123,11 +123,15 @@ impl AccessTracer {
         }
     }
 
-    /// Stops tracing the layer mounted at `dev` (see [`kernel_dev`]).
+    /// Stops tracing a layer (its mount and its passthrough backing files).
     pub fn layer_unmounted(&self, layer: &RemoteLayer) {
-        if let Some(dev) = self.recorder.remove_layer(layer.digest()) {
+        if let Some((dev, backing)) = self.recorder.remove_layer(layer.digest()) {
             if let Some(t) = &self.ebpf {
                 t.unwatch_device(dev);
+                // Their inode numbers may be reused by unrelated files.
+                for (dev, ino) in backing {
+                    t.unwatch_backing(dev, ino);
+                }
             }
         }
     }

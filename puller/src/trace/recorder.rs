@@ -146,13 +146,20 @@ impl Recorder {
         st.by_layer.insert(layer.digest().clone(), t);
     }
 
-    /// Returns the device the layer was traced on.
-    pub fn remove_layer(&self, layer: &Digest) -> Option<u32> {
+    /// Returns the device the layer was traced on and its backing files.
+    pub fn remove_layer(&self, layer: &Digest) -> Option<(u32, Vec<(u32, u64)>)> {
         let mut st = self.state.lock().expect("recorder");
         let t = st.by_layer.remove(layer)?;
         st.by_dev.remove(&t.dev);
-        st.backing.retain(|_, (b, _)| b.layer.digest() != layer);
-        Some(t.dev)
+        let mut backing = Vec::new();
+        st.backing.retain(|k, (b, _)| {
+            let mine = b.layer.digest() == layer;
+            if mine {
+                backing.push(*k);
+            }
+            !mine
+        });
+        Some((t.dev, backing))
     }
 
     pub fn add_backing(&self, dev: u32, ino: u64, layer: &Arc<RemoteLayer>, node: usize) {
