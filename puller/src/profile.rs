@@ -141,11 +141,15 @@ impl Profile {
         self.nodes += other.nodes;
         self.window_ms = self.window_ms.max(other.window_ms);
         if self.nodes >= 4 {
-            let min = self.nodes.div_ceil(4);
-            self.entries.retain(|e| e.seen >= min);
+            let nodes = self.nodes;
+            self.entries.retain(|e| e.seen * 4 >= nodes);
         }
-        self.entries
-            .sort_by(|a, b| a.first_touch_ms.total_cmp(&b.first_touch_ms));
+        // Earlier first; among equals, the one more nodes saw.
+        self.entries.sort_by(|a, b| {
+            a.first_touch_ms
+                .total_cmp(&b.first_touch_ms)
+                .then(b.seen.cmp(&a.seen))
+        });
     }
 
     /// The entries of one layer, as prefetch work.
@@ -309,15 +313,15 @@ mod tests {
             .map(|e| (e.path.as_str(), e.first_touch_ms, e.seen))
             .collect();
         assert_eq!(order, [("c", 5.0, 1), ("b", 10.0, 2), ("a", 10.0, 1)]);
-        // With four recordings, entries seen once are dropped.
-        for _ in 0..2 {
+        // With five recordings, entries seen once (under a quarter) go.
+        for _ in 0..3 {
             a.merge(&Profile::new(
                 img.clone(),
                 1000,
                 vec![entry(&l, "b", 0, 10.0)],
             ));
         }
-        assert_eq!(a.nodes, 4);
+        assert_eq!(a.nodes, 5);
         assert_eq!(
             a.entries
                 .iter()
