@@ -11,7 +11,7 @@
 //!   "schemaVersion": 1,
 //!   "image": "sha256:<manifest digest>",
 //!   "nodes": 3,                       // recordings merged into this one
-//!   "windowMs": 10000,                // recording window after the first exec
+//!   "windowMs": 10000,                // recording window after the first access
 //!   "entries": [                      // by first touch
 //!     {"layer": "sha256:<lazy blob>", "path": "usr/bin/python3.11",
 //!      "offset": 0, "length": 32768, "firstTouchMs": 3.2, "seen": 3}
@@ -51,7 +51,7 @@ pub struct ProfileEntry {
     pub path: String,
     pub offset: u64,
     pub length: u64,
-    /// Milliseconds after the container's first exec.
+    /// Milliseconds after the container's first access to the image.
     pub first_touch_ms: f64,
     /// Recordings that saw it.
     pub seen: u32,

@@ -18,7 +18,7 @@
 //! [profiles]
 //! record = true             # record what starting containers read (eBPF, else FUSE)
 //! ebpf = true               # false: record from FUSE only, never load eBPF
-//! window_secs = 10          # how long after a container's first exec to record
+//! window_secs = 10          # how long after a container's first access to record
 //! publish = true            # push recordings to the registry (merged, as referrers)
 //! prefetch = true           # fetch an image's newest profile on pull and prefetch it
 //! prefetch_concurrency = 4  # prefetch fetches at once

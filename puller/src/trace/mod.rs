@@ -9,8 +9,10 @@
 //!   what it serves. Used when eBPF cannot be loaded (no BTF, BPF refused,
 //!   not root); it misses cached pages and passthrough reads after the open.
 //!
-//! A container's recording starts at its first exec (or first access) and
-//! lasts a window; then it becomes a [`crate::profile::Profile`] per image.
+//! A recording follows programs freshly executed outside the host's mount
+//! namespace (a starting container), starts at their first access to an
+//! image's layers and lasts a window; then it becomes a
+//! [`crate::profile::Profile`] for that image.
 
 pub mod ebpf;
 mod recorder;
