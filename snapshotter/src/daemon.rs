@@ -62,17 +62,11 @@ pub struct Daemon {
 /// Builds the registry client from the configured hosts dir and docker config.
 pub fn registry_client(config: &Config) -> Result<RegistryClient, StartError> {
     let client = RegistryClient::new(RetryPolicy::default());
-    let mut hosts = hosts::load_hosts_dir(&config.registry.hosts_dir)?;
-    if !config.registry.docker_config.as_os_str().is_empty() {
-        for (host, creds) in hosts::load_docker_config(&config.registry.docker_config)? {
-            hosts.entry(host).or_default().credentials = Some(creds);
-        }
-    }
-    for (host, cfg) in hosts {
-        tracing::info!(host, mirrors = ?cfg.mirrors, plain_http = cfg.plain_http,
-            credentials = cfg.credentials.is_some(), "registry host configured");
-        client.configure_host(&host, cfg)?;
-    }
+    let docker_config = &config.registry.docker_config;
+    client.configure_hosts(hosts::load(
+        &config.registry.hosts_dir,
+        (!docker_config.as_os_str().is_empty()).then_some(docker_config.as_path()),
+    )?)?;
     Ok(client)
 }
 

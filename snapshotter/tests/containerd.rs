@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use common::{lazy_mounts_under, needs_root, node, sha256_file, walk_files, Node};
 
@@ -84,32 +83,7 @@ async fn busybox_runs_lazily_survives_kill9_and_cleans_up() {
     let before = node.sluice_snapshots();
     assert_eq!(before.len(), 2, "{before:?}");
     reg.service.stop();
-    let Node {
-        snapshotter,
-        containerd,
-    } = node;
-    let snapshotter = snapshotter.kill9_and_restart();
-    let node = Node {
-        snapshotter,
-        containerd,
-    };
-    // containerd redials a proxy plugin with backoff (at most 3 s apart).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while !node
-        .containerd
-        .ctr()
-        .args(["snapshot", "--snapshotter", "sluice", "ls"])
-        .output()
-        .unwrap()
-        .status
-        .success()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "containerd did not reconnect"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    let node = node.restart_daemon_kill9();
     assert_eq!(node.sluice_snapshots(), before);
     assert_eq!(lazy_mounts_under(&node.snapshotter.root).len(), 2);
     let out = node.run(&reference, "bb3", &["cat", "/app/data/small-link.txt"]);
@@ -118,15 +92,7 @@ async fn busybox_runs_lazily_survives_kill9_and_cleans_up() {
     // Once more without the TOCs either: the layers cannot be mounted, and a
     // container must then fail to start, not run on empty layers.
     std::fs::remove_dir_all(node.snapshotter.root.join("cache/tocs")).unwrap();
-    let Node {
-        snapshotter,
-        containerd,
-    } = node;
-    let snapshotter = snapshotter.kill9_and_restart();
-    let node = Node {
-        snapshotter,
-        containerd,
-    };
+    let node = node.restart_daemon_kill9();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     let failed = loop {
         let out = node
@@ -241,12 +207,7 @@ async fn python3_starts_having_fetched_a_small_share() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let reg = SluiceRegistry::start(
-        &workspace_binary("sluice-registry"),
-        &dir.path().join("registry"),
-        &["--no-convert-on-push"],
-    );
-    let (reference, rootfs, converted) = common::push_python3(dir.path(), &reg);
+    let (reg, reference, rootfs, converted) = common::python3_registry(dir.path());
     let image_bytes: u64 = common::converted_layer_bytes(&converted);
 
     let node = node(&dir.path().join("node"));
@@ -341,14 +302,7 @@ async fn distribution_registry_over_tls_with_a_private_ca() {
         format!("server = \"https://{host}\"\n"),
     )
     .unwrap();
-    let out = Command::new(workspace_binary("sluice"))
-        .args(["pull", "--hosts-dir"])
-        .arg(&untrusted)
-        .arg("--address")
-        .arg(&node.containerd.socket)
-        .arg(&reference)
-        .output()
-        .unwrap();
+    let out = node.pull_output(&["--hosts-dir".as_ref(), untrusted.as_ref()], &reference);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -356,21 +310,7 @@ async fn distribution_registry_over_tls_with_a_private_ca() {
         "{err}"
     );
 
-    let out = Command::new(workspace_binary("sluice"))
-        .args(["pull", "--hosts-dir"])
-        .arg(&hosts)
-        .arg("--address")
-        .arg(&node.containerd.socket)
-        .arg(&reference)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        node.snapshotter.log()
-    );
+    let stdout = node.pull_with(&["--hosts-dir".as_ref(), hosts.as_ref()], &reference);
     assert!(stdout.contains("2 layers (2 lazy, 0 full"), "{stdout}");
     let out = node.run(&reference, "tls1", &["cat", "/app/data/small.txt"]);
     assert_eq!(out, "hello from a lazy layer\n");
@@ -435,31 +375,15 @@ async fn registry_credentials_from_a_docker_config() {
         snapshotter,
         containerd,
     };
-    let without = Command::new(workspace_binary("sluice"))
-        .args(["pull", "--address"])
-        .arg(&node.containerd.socket)
-        .arg(&reference)
-        .output()
-        .unwrap();
+    let without = node.pull_output(&[], &reference);
     let err = String::from_utf8_lossy(&without.stderr);
     assert!(!without.status.success());
     assert!(err.contains("credentials"), "{err}");
     assert_eq!(err.matches("credentials").count(), 1, "said once: {err}");
 
-    let out = Command::new(workspace_binary("sluice"))
-        .args(["pull", "--docker-config"])
-        .arg(&docker_config)
-        .arg("--address")
-        .arg(&node.containerd.socket)
-        .arg(&reference)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        node.snapshotter.log()
+    let stdout = node.pull_with(
+        &["--docker-config".as_ref(), docker_config.as_ref()],
+        &reference,
     );
     assert!(stdout.contains("2 layers (2 lazy, 0 full"), "{stdout}");
     let out = node.run(&reference, "auth1", &["cat", "/app/data/small.txt"]);

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 use common::{needs_root, node_with, Node};
 use sluice_puller::registry::RetryPolicy;
 use sluice_puller::{ImageRef, RegistryClient};
-use sluice_testkit::process::SluiceRegistry;
-use sluice_testkit::workspace_binary;
 
 /// Files the test container reads, besides what python3 itself loads.
 const FILES: [&str; 4] = [
@@ -51,12 +49,7 @@ async fn recorded_on_one_node_prefetched_on_the_next() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let reg = SluiceRegistry::start(
-        &workspace_binary("sluice-registry"),
-        &dir.path().join("registry"),
-        &["--no-convert-on-push"],
-    );
-    let (reference, _, _) = common::push_python3(dir.path(), &reg);
+    let (_reg, reference, _, _) = common::python3_registry(dir.path());
     let config = daemon_config(dir.path());
     let args = ["--config", config.to_str().unwrap()];
 

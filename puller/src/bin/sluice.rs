@@ -176,18 +176,11 @@ fn pull(
         .build()
         .context("starting the async runtime")?;
     let client = RegistryClient::new(RetryPolicy::default());
-    let mut hosts = hosts::load_hosts_dir(&hosts_dir)?;
-    if let Some(path) = &docker_config {
-        for (host, creds) in hosts::load_docker_config(path)? {
-            hosts.entry(host).or_default().credentials = Some(creds);
-        }
-    }
+    let mut hosts = hosts::load(&hosts_dir, docker_config.as_deref())?;
     if plain_http {
         hosts.entry(image.host.clone()).or_default().plain_http = Some(true);
     }
-    for (host, cfg) in hosts {
-        client.configure_host(&host, cfg)?;
-    }
+    client.configure_hosts(hosts)?;
     println!(
         "pulling {image} into containerd ({}) with snapshotter {}",
         options.address.display(),

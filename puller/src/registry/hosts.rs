@@ -77,6 +77,22 @@ fn authority(url: &str) -> &str {
 const NO_SKIP_VERIFY: &str =
     "skip_verify is not supported: add the registry's CA certificate with `ca` instead";
 
+/// Every host's configuration from a hosts directory and, optionally, a
+/// docker config file whose credentials are added to it: what both the CLI
+/// and the daemon read.
+pub fn load(
+    hosts_dir: &Path,
+    docker_config: Option<&Path>,
+) -> Result<HashMap<String, HostConfig>, HostsError> {
+    let mut hosts = load_hosts_dir(hosts_dir)?;
+    if let Some(path) = docker_config {
+        for (host, creds) in load_docker_config(path)? {
+            hosts.entry(host).or_default().credentials = Some(creds);
+        }
+    }
+    Ok(hosts)
+}
+
 /// Reads every `DIR/<host>/hosts.toml`. A missing directory is no config.
 pub fn load_hosts_dir(dir: &Path) -> Result<HashMap<String, HostConfig>, HostsError> {
     let mut out = HashMap::new();

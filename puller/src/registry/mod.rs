@@ -245,6 +245,19 @@ impl RegistryClient {
     }
 
     /// The client for a URL: one trusting the endpoint's own CAs, if any.
+    /// Configures every host of a [`hosts::load`] result.
+    pub fn configure_hosts(
+        &self,
+        hosts: std::collections::HashMap<String, HostConfig>,
+    ) -> Result<(), FetchError> {
+        for (host, config) in hosts {
+            tracing::info!(host, mirrors = ?config.mirrors, plain_http = config.plain_http,
+                credentials = config.credentials.is_some(), "registry host configured");
+            self.configure_host(&host, config)?;
+        }
+        Ok(())
+    }
+
     fn client_for(&self, url: &str) -> HttpClient {
         let authority = url
             .split_once("://")
@@ -366,29 +379,78 @@ impl RegistryClient {
         accept: Option<&str>,
         range: Option<Range<u64>>,
     ) -> Result<Fetched, FetchError> {
+        let mut headers = http::HeaderMap::new();
+        if let Some(a) = accept.and_then(|a| http::HeaderValue::from_str(a).ok()) {
+            headers.insert(header::ACCEPT, a);
+        }
+        if let Some(r) = &range {
+            let value = format!("bytes={}-{}", r.start, r.end - 1);
+            headers.insert(
+                header::RANGE,
+                http::HeaderValue::from_str(&value).expect("a range header is ASCII"),
+            );
+        }
+        let (status, headers, body) = self
+            .exchange(image, http::Method::GET, url, headers, Bytes::new())
+            .await?;
+        if !status.is_success() {
+            return Err(FetchError::Status {
+                url: url.to_owned(),
+                status,
+                message: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+            });
+        }
+        if let Some(r) = &range {
+            let expected = r.end - r.start;
+            if status != StatusCode::PARTIAL_CONTENT || body.len() as u64 != expected {
+                return Err(FetchError::Length {
+                    url: url.to_owned(),
+                    expected,
+                    got: body.len() as u64,
+                });
+            }
+        }
+        Ok(Fetched {
+            bytes: body,
+            content_type: headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        })
+    }
+
+    /// One request and its whole response, with the registry's
+    /// authentication: the cached token (or basic credentials) first; on a
+    /// 401, the challenge is answered once and the request sent again. Any
+    /// other status is returned for the caller to judge.
+    async fn exchange(
+        &self,
+        image: &ImageRef,
+        method: http::Method,
+        url: &str,
+        headers: http::HeaderMap,
+        body: Bytes,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), FetchError> {
         let transport = |e: &dyn std::error::Error| FetchError::Transport {
             url: url.to_owned(),
             reason: error_chain(e),
         };
+        let http = self.client_for(url);
         let creds = self.host_config(&image.host).credentials;
         let mut authorization = self
             .tokens
             .header(&image.host, &image.repository, creds.as_ref());
         for round in 0..2 {
-            let mut req = Request::get(url);
-            if let Some(a) = accept {
-                req = req.header(header::ACCEPT, a);
-            }
-            if let Some(r) = &range {
-                req = req.header(header::RANGE, format!("bytes={}-{}", r.start, r.end - 1));
+            let mut req = Request::builder().method(method.clone()).uri(url);
+            for (name, value) in &headers {
+                req = req.header(name, value);
             }
             if let Some(a) = &authorization {
                 req = req.header(header::AUTHORIZATION, a);
             }
             let req = req
-                .body(Full::new(Bytes::new()))
+                .body(Full::new(body.clone()))
                 .map_err(|e| transport(&e))?;
-            let http = self.client_for(url);
             let resp = http.request(req).await.map_err(|e| transport(&e))?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && round == 0 {
@@ -411,38 +473,14 @@ impl RegistryClient {
                 );
                 continue;
             }
-            let content_type = resp
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let headers = resp.headers().clone();
             let body = resp
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| transport(&e))?
                 .to_bytes();
-            if !status.is_success() {
-                return Err(FetchError::Status {
-                    url: url.to_owned(),
-                    status,
-                    message: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
-                });
-            }
-            if let Some(r) = &range {
-                let expected = r.end - r.start;
-                if status != StatusCode::PARTIAL_CONTENT || body.len() as u64 != expected {
-                    return Err(FetchError::Length {
-                        url: url.to_owned(),
-                        expected,
-                        got: body.len() as u64,
-                    });
-                }
-            }
-            return Ok(Fetched {
-                bytes: body,
-                content_type,
-            });
+            return Ok((status, headers, body));
         }
         Err(FetchError::Status {
             url: url.to_owned(),
@@ -475,68 +513,20 @@ impl RegistryClient {
         } else {
             format!("{base}/v2/{}/{target}", image.repository)
         };
-        let transport = |e: &dyn std::error::Error| FetchError::Transport {
-            url: url.clone(),
-            reason: error_chain(e),
-        };
-        let http = self.client_for(&url);
-        let creds = self.host_config(&image.host).credentials;
-        let mut authorization = self
-            .tokens
-            .header(&image.host, &image.repository, creds.as_ref());
-        for round in 0..2 {
-            let mut req = Request::builder().method(method.clone()).uri(&url);
-            if let Some(ct) = content_type {
-                req = req.header(header::CONTENT_TYPE, ct);
-            }
-            if let Some(a) = &authorization {
-                req = req.header(header::AUTHORIZATION, a);
-            }
-            let req = req
-                .body(Full::new(body.clone()))
-                .map_err(|e| transport(&e))?;
-            let resp = tokio::time::timeout(self.retry.attempt_timeout, http.request(req))
-                .await
-                .map_err(|_| FetchError::Timeout {
+        let mut headers = http::HeaderMap::new();
+        if let Some(ct) = content_type {
+            headers.insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_str(ct).map_err(|e| FetchError::Transport {
                     url: url.clone(),
-                    timeout: self.retry.attempt_timeout,
-                })?
-                .map_err(|e| transport(&e))?;
-            let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED && round == 0 {
-                let challenge = resp
-                    .headers()
-                    .get(header::WWW_AUTHENTICATE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                authorization = Some(
-                    self.tokens
-                        .authorize(
-                            &http,
-                            &image.host,
-                            &image.repository,
-                            &challenge,
-                            creds.as_ref(),
-                        )
-                        .await?,
-                );
-                continue;
-            }
-            let headers = resp.headers().clone();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| transport(&e))?
-                .to_bytes();
-            return Ok((status, headers, body));
+                    reason: error_chain(&e),
+                })?,
+            );
         }
-        Err(FetchError::Status {
-            url,
-            status: StatusCode::UNAUTHORIZED,
-            message: "credentials refused".into(),
-        })
+        let timeout = self.retry.attempt_timeout;
+        tokio::time::timeout(timeout, self.exchange(image, method, &url, headers, body))
+            .await
+            .map_err(|_| FetchError::Timeout { url, timeout })?
     }
 
     /// Uploads a blob (POST, then PUT with the digest), unless the

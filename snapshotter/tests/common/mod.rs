@@ -34,13 +34,22 @@ pub fn node_with(dir: &Path, args: &[&str]) -> Node {
 }
 
 impl Node {
-    pub fn pull(&self, reference: &str) -> String {
-        let out = Command::new(workspace_binary("sluice"))
-            .args(["pull", "--address"])
+    /// Runs `sluice pull [args…] --address <containerd> <reference>` and
+    /// returns its output, whatever the outcome.
+    pub fn pull_output(&self, args: &[&std::ffi::OsStr], reference: &str) -> std::process::Output {
+        Command::new(workspace_binary("sluice"))
+            .arg("pull")
+            .args(args)
+            .arg("--address")
             .arg(&self.containerd.socket)
             .arg(reference)
             .output()
-            .expect("running sluice pull");
+            .expect("running sluice pull")
+    }
+
+    /// `sluice pull`, which must succeed; returns its stdout.
+    pub fn pull_with(&self, args: &[&std::ffi::OsStr], reference: &str) -> String {
+        let out = self.pull_output(args, reference);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
@@ -51,6 +60,41 @@ impl Node {
         );
         print!("{stdout}");
         stdout
+    }
+
+    pub fn pull(&self, reference: &str) -> String {
+        self.pull_with(&[], reference)
+    }
+
+    /// `kill -9` of the daemon, restarted on the same root; returns once
+    /// containerd has reconnected to it (it redials a proxy plugin with
+    /// backoff, at most 3 s apart).
+    pub fn restart_daemon_kill9(self) -> Node {
+        let Node {
+            snapshotter,
+            containerd,
+        } = self;
+        let node = Node {
+            snapshotter: snapshotter.kill9_and_restart(),
+            containerd,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while !node
+            .containerd
+            .ctr()
+            .args(["snapshot", "--snapshotter", "sluice", "ls"])
+            .output()
+            .expect("running ctr")
+            .status
+            .success()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "containerd did not reconnect to the restarted daemon"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        node
     }
 
     pub fn run(&self, reference: &str, id: &str, args: &[&str]) -> String {
@@ -155,6 +199,25 @@ pub fn push_python3(
         .arg(format!("oci:{}:v1", converted.display()))
         .arg(format!("docker://{reference}")));
     (reference, rootfs, converted)
+}
+
+/// A registry without convert-on-push (the image is pushed converted) with
+/// the python3 image in it: [`push_python3`]'s results and the registry.
+pub fn python3_registry(
+    dir: &Path,
+) -> (
+    sluice_testkit::process::SluiceRegistry,
+    String,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let reg = sluice_testkit::process::SluiceRegistry::start(
+        &workspace_binary("sluice-registry"),
+        &dir.join("registry"),
+        &["--no-convert-on-push"],
+    );
+    let (reference, rootfs, converted) = push_python3(dir, &reg);
+    (reg, reference, rootfs, converted)
 }
 
 /// Total size of the layers of the (single) image in an OCI layout.
