@@ -37,7 +37,16 @@ pub struct AccessEvent {
     pub tgid: u32,
     /// One of [`kind`].
     pub kind: u32,
-    pub _pad: u32,
+    /// [`flags`] bits.
+    pub flags: u32,
+}
+
+/// Bits of [`AccessEvent::flags`].
+pub mod flags {
+    /// Exec: the process is not in the host's PID namespace (it runs in a
+    /// container). Decided in the kernel at exec time, because a short-lived
+    /// process may be gone before userspace could look at it.
+    pub const OTHER_PID_NS: u32 = 1;
 }
 
 /// Key of a backing file (FUSE passthrough): its device and inode.
@@ -77,6 +86,10 @@ pub mod offsets {
     /// on older kernels).
     pub const MAP_START: &str = "OFF_MAP_START";
     pub const MAP_END: &str = "OFF_MAP_END";
+    /// The host's PID namespace (the kernel's dev_t of nsfs and the inode of
+    /// `/proc/self/ns/pid` of the loader), for [`super::flags::OTHER_PID_NS`].
+    pub const HOST_PIDNS_DEV: &str = "HOST_PIDNS_DEV";
+    pub const HOST_PIDNS_INO: &str = "HOST_PIDNS_INO";
 }
 
 /// Key of the in-kernel "already reported" map: a process touching the same

@@ -5,14 +5,16 @@
 
 #[cfg(target_arch = "bpf")]
 mod programs {
+    use aya_ebpf::bindings::bpf_pidns_info;
     use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+    use aya_ebpf::helpers::generated::bpf_get_ns_current_pid_tgid;
     use aya_ebpf::helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     };
     use aya_ebpf::macros::{map, tracepoint};
     use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
     use aya_ebpf::programs::TracePointContext;
-    use sluice_puller_ebpf::{config, device, kind, AccessEvent, BackingKey, SeenKey};
+    use sluice_puller_ebpf::{config, device, flags, kind, AccessEvent, BackingKey, SeenKey};
 
     // Tracepoint field offsets, set by the loader (see `offsets`).
     #[no_mangle]
@@ -27,6 +29,11 @@ mod programs {
     static OFF_MAP_START: u32 = 24;
     #[no_mangle]
     static OFF_MAP_END: u32 = 32;
+    // The host's PID namespace, set by the loader (0/0: unknown).
+    #[no_mangle]
+    static HOST_PIDNS_DEV: u64 = 0;
+    #[no_mangle]
+    static HOST_PIDNS_INO: u64 = 0;
 
     #[inline(always)]
     fn off(v: &'static u32) -> usize {
@@ -140,7 +147,7 @@ mod programs {
             dev,
             tgid,
             kind: what,
-            _pad: 0,
+            flags: 0,
         });
         0
     }
@@ -170,12 +177,33 @@ mod programs {
         if cfg(config::ENABLED) == 0 {
             return 0;
         }
+        // SAFETY: reads of globals the loader set (volatile: not folded).
+        let (dev, ino) = unsafe {
+            (
+                core::ptr::read_volatile(&HOST_PIDNS_DEV),
+                core::ptr::read_volatile(&HOST_PIDNS_INO),
+            )
+        };
+        let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+        // The helper fails (-ENOENT) when the task's PID namespace is not
+        // the one named by (dev, ino): the task is in a container.
+        let other_ns = ino != 0
+            // SAFETY: `ns` is a valid, writable bpf_pidns_info.
+            && unsafe {
+                bpf_get_ns_current_pid_tgid(
+                    dev,
+                    ino,
+                    &mut ns,
+                    core::mem::size_of::<bpf_pidns_info>() as u32,
+                )
+            } != 0;
         send(AccessEvent {
             // SAFETY: helpers without arguments.
             cgroup: unsafe { bpf_get_current_cgroup_id() },
             time_ns: unsafe { bpf_ktime_get_ns() },
             tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
             kind: kind::EXEC,
+            flags: if other_ns { flags::OTHER_PID_NS } else { 0 },
             ..AccessEvent::default()
         });
         0

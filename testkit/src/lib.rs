@@ -74,6 +74,26 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
     base.join(name)
 }
 
+/// Lazily unmounts every mount point below `dir` (deepest first): what a
+/// killed demo, benchmark or test may have left behind.
+pub fn unmount_under(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", point])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// A `skopeo` command that uses an empty auth file and an accept-anything
 /// policy kept in `work`, never the machine's own.
 pub fn skopeo(work: &Path) -> std::process::Command {

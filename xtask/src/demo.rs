@@ -59,19 +59,7 @@ pub fn run() -> anyhow::Result<()> {
 
     let work = std::env::temp_dir().join("sluice-demo");
     // A previous demo killed half-way may have left lazy mounts behind.
-    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
-        for line in mounts
-            .lines()
-            .filter(|l| l.contains(work.to_str().unwrap_or("-")))
-        {
-            if let Some(point) = line.split(' ').nth(4) {
-                let _ = Command::new("umount")
-                    .args(["-l", point])
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-    }
+    sluice_testkit::unmount_under(&work);
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     std::fs::write(work.join("auth.json"), "{}")?;

@@ -1,7 +1,8 @@
 //! `cargo xtask …`: everything that is not plain `cargo build`/`cargo test`.
 //!
 //! - `setup`: install what the demo and tests need (apt packages), idempotently.
-//! - `fixtures`: build cached test inputs (a Debian + python3 root filesystem).
+//! - `fixtures`: build cached test and benchmark inputs (Debian root
+//!   filesystems and package layers, incompressible data).
 //! - `demo`: the main job, end to end on this machine.
 //! - `test`: setup, build, and run every test (what `.ci/run` calls).
 //! - `fuzz`: libFuzzer on the TOC parser and the tar reader.
@@ -26,7 +27,7 @@ struct Cli {
 enum Command {
     /// Install the system packages the demo and tests need (idempotent).
     Setup,
-    /// Build the cached test fixtures under target/fixtures/.
+    /// Build the cached test and benchmark fixtures under target/fixtures/.
     Fixtures,
     /// Run the demo: registry up, image pushed, pulled back, digests verified.
     Demo,
@@ -103,7 +104,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Fixtures => {
             setup::ensure()?;
-            fixtures::ensure()
+            fixtures::ensure_all()
         }
         Command::Demo => {
             setup::ensure()?;

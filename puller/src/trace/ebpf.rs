@@ -126,10 +126,20 @@ impl EbpfTracer {
                 get(&map_pages, &["end_index", "last_index"]),
             ),
         ];
+        // The host's PID namespace: exec events say whether a process is
+        // outside it (in a container), decided while the process exists.
+        let (pidns_dev, pidns_ino) = std::fs::metadata("/proc/self/ns/pid")
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (u64::from(super::kernel_dev(m.dev())), m.ino())
+            })
+            .unwrap_or((0, 0));
         let mut loader = EbpfLoader::new();
         for (name, value) in &globals {
             loader.override_global(name, value, true);
         }
+        loader.override_global(offsets::HOST_PIDNS_DEV, &pidns_dev, true);
+        loader.override_global(offsets::HOST_PIDNS_INO, &pidns_ino, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| TraceError::Load(e.to_string()))?;

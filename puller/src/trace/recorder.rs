@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sluice_format::chunked::NodeKind;
 use sluice_format::Digest;
-use sluice_puller_ebpf::{kind, AccessEvent};
+use sluice_puller_ebpf::{flags, kind, AccessEvent};
 
 use super::Source;
 use crate::layer::RemoteLayer;
@@ -176,10 +176,12 @@ impl Recorder {
         }
         let mut st = self.state.lock().expect("recorder");
         if ev.kind == kind::EXEC {
-            // Read while the process surely exists; one that is already gone
-            // did nothing worth recording.
-            let contained = mount_namespace(&ev.tgid.to_string())
-                .is_some_and(|ns| Some(&ns) != self.host_mnt_ns.as_ref());
+            // The kernel says whether the process is in another PID
+            // namespace; a container sharing the host's PID namespace is
+            // still told apart by its mount namespace while it runs.
+            let contained = ev.flags & flags::OTHER_PID_NS != 0
+                || mount_namespace(&ev.tgid.to_string())
+                    .is_some_and(|ns| Some(&ns) != self.host_mnt_ns.as_ref());
             st.execs.insert(ev.tgid, (ev.time_ns, contained));
             return;
         }

@@ -7,6 +7,7 @@ mod ebpf;
 mod load;
 mod read;
 mod registry;
+mod start;
 
 use clap::Subcommand;
 
@@ -20,6 +21,9 @@ pub enum Which {
     Read(read::Options),
     /// Cost of the eBPF access tracing for readers, on and off sluice mounts.
     Ebpf(ebpf::Options),
+    /// Cold container start through a throttled link: overlayfs (gzip,
+    /// zstd), sluice lazy, sluice with a prefetch profile, and warm start.
+    Start(start::Options),
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -27,6 +31,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         Which::Registry(opts) => registry::run(opts),
         Which::Read(opts) => read::run(opts),
         Which::Ebpf(opts) => ebpf::run(opts),
+        Which::Start(opts) => start::run(opts),
         Which::Convert(opts) => {
             crate::fixtures::ensure()?;
             convert::run(opts)
@@ -49,4 +54,12 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// Writes dirty pages back and drops the page cache (needs root), so that a
+/// measurement starts cold.
+pub fn drop_caches() -> anyhow::Result<()> {
+    let _ = std::process::Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3")
+        .map_err(|e| anyhow::anyhow!("dropping the page cache (needs root): {e}"))
 }

@@ -22,7 +22,7 @@ use sluice_format::layout::{build_image, Compression, ImageSpec};
 use sluice_testkit::process::SluiceRegistry;
 use sluice_testkit::proxy::{Link, ThrottlingProxy};
 
-use super::{output_dir, rss_kib};
+use super::{drop_caches, output_dir, rss_kib};
 use crate::setup::{build_release, step};
 
 #[derive(clap::Args)]
@@ -58,11 +58,6 @@ struct Report {
     warm_no_passthrough_vs_native_big: f64,
     cold_big_vs_link: f64,
     daemon_rss_10_layers_kib: u64,
-}
-
-fn drop_caches() -> anyhow::Result<()> {
-    let _ = Command::new("sync").status();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache (needs root)")
 }
 
 fn pseudo(len: usize, seed: u64) -> Vec<u8> {
