@@ -100,6 +100,12 @@ impl Collector for LayerCollector {
         )?;
         counter(
             &mut encoder,
+            "layer_fetched_ahead_bytes",
+            "Compressed bytes of neighbouring chunks fetched along with a read",
+            &rows(&|l| l.stats.fetched_ahead_bytes.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
             "layer_demanded_bytes",
             "Compressed bytes of the distinct chunks readers needed",
             &rows(&|l| l.stats.demanded_bytes.load(Ordering::Relaxed)),

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use sluice_format::chunked::NodeKind;
+use sluice_format::chunked::{ChunkRef, NodeKind};
 use sluice_format::Digest;
 use tokio::sync::Notify;
 
@@ -43,9 +43,14 @@ struct Job {
     seq: u64,
     layer: Weak<RemoteLayer>,
     layer_digest: Digest,
-    node: usize,
-    offset: u64,
-    len: u64,
+    work: Work,
+}
+
+enum Work {
+    /// A range of one file (background fill).
+    Range { node: usize, offset: u64, len: u64 },
+    /// A batch of a profile's chunks, fetched together.
+    Chunks(Vec<ChunkRef>),
 }
 
 impl PartialEq for Job {
@@ -124,22 +129,13 @@ impl Prefetcher {
         Prefetcher { shared }
     }
 
-    fn push(
-        &self,
-        priority: Priority,
-        layer: &Arc<RemoteLayer>,
-        node: usize,
-        offset: u64,
-        len: u64,
-    ) {
+    fn push(&self, priority: Priority, layer: &Arc<RemoteLayer>, work: Work) {
         let job = Job {
             priority,
             seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
             layer: Arc::downgrade(layer),
             layer_digest: layer.digest().clone(),
-            node,
-            offset,
-            len,
+            work,
         };
         self.shared.queue.lock().expect("queue").push(job);
         self.shared.notify.notify_one();
@@ -147,7 +143,11 @@ impl Prefetcher {
 
     /// Queues a profile's entries for a layer, in order. Unknown paths are
     /// skipped (profiles may come from another build of the image); returns
-    /// how many entries were queued.
+    /// how many entries were queued. Consecutive entries are fetched in
+    /// batches of [`PROFILE_BATCH`] compressed bytes: within a batch the
+    /// chunks are coalesced into ranges in blob order and the ranges fetched
+    /// in parallel, so that a profile of thousands of small files costs a
+    /// few dozen round trips, not thousands.
     pub fn prefetch_profile(&self, layer: &Arc<RemoteLayer>, entries: &[PrefetchEntry]) -> usize {
         self.shared
             .cancelled
@@ -156,12 +156,31 @@ impl Prefetcher {
             .remove(layer.digest());
         let index = layer.index();
         let mut queued = 0;
+        let mut seen = HashSet::new();
+        let (mut batch, mut batch_bytes) = (Vec::new(), 0);
         for e in entries {
             let Some(node) = index.lookup(e.path.trim_start_matches('/')) else {
                 continue;
             };
-            self.push(Priority::Profile, layer, node, e.offset, e.len.max(1));
             queued += 1;
+            for c in index.chunks_for_range(node, e.offset, e.len.max(1)) {
+                if c.zeros || !seen.insert(c.digest.clone()) {
+                    continue;
+                }
+                batch_bytes += c.blob_len;
+                batch.push(c.clone());
+                if batch_bytes >= PROFILE_BATCH {
+                    self.push(
+                        Priority::Profile,
+                        layer,
+                        Work::Chunks(std::mem::take(&mut batch)),
+                    );
+                    batch_bytes = 0;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            self.push(Priority::Profile, layer, Work::Chunks(batch));
         }
         queued
     }
@@ -187,7 +206,12 @@ impl Prefetcher {
             .collect();
         files.sort_unstable();
         for (_, node, size) in files {
-            self.push(Priority::Background, layer, node, 0, size);
+            let work = Work::Range {
+                node,
+                offset: 0,
+                len: size,
+            };
+            self.push(Priority::Background, layer, work);
         }
     }
 
@@ -230,6 +254,8 @@ impl Prefetcher {
 /// Prefetch work is cut into pieces of at most this many compressed bytes, so
 /// that the bandwidth cap is smooth and cancellation quick.
 const PIECE: u64 = 256 * 1024;
+/// Compressed bytes of profile chunks fetched as one batch.
+pub const PROFILE_BATCH: u64 = 2 << 20;
 
 /// Reserves the link for `bytes` at the capped rate and waits until the
 /// reservation has elapsed: prefetch never exceeds the cap on average.
@@ -282,9 +308,29 @@ async fn run(shared: &Shared, job: Job) {
     let Some(layer) = job.layer.upgrade() else {
         return;
     };
+    let (node, offset, len) = match job.work {
+        Work::Range { node, offset, len } => (node, offset, len),
+        Work::Chunks(chunks) => {
+            let missing: Vec<ChunkRef> = chunks
+                .into_iter()
+                .filter(|c| !layer.has_chunk(&c.digest))
+                .collect();
+            let bytes = missing.iter().map(|c| c.blob_len).sum();
+            throttle(shared, bytes).await;
+            match layer.prefetch(&missing).await {
+                Ok(()) => {
+                    shared.done_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "prefetch failed; readers will fetch on demand");
+                }
+            }
+            return;
+        }
+    };
     let chunks: Vec<_> = layer
         .index()
-        .chunks_for_range(job.node, job.offset, job.len)
+        .chunks_for_range(node, offset, len)
         .iter()
         .filter(|c| !layer.has_chunk(&c.digest))
         .cloned()

@@ -432,6 +432,51 @@ fn local_files_are_passed_through_to_the_kernel() {
     );
 }
 
+/// The kernel refuses (EIO) a passthrough open of an inode that still has an
+/// open served through the page cache. A file still open (or mapped, as a
+/// running program is) from before it was complete must open again normally,
+/// as the next `exec` of that program does; once all such opens are closed,
+/// new opens are passed through.
+#[test]
+fn a_file_still_open_from_before_it_was_complete_opens_again() {
+    use std::io::Read;
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let opts = FsOptions {
+        open_fetch_max: 64 * 1024,
+        ..FsOptions::default()
+    };
+    let m = mount_layer(&rt, &f, 1, client, cache, LayerOptions::default(), &opts);
+    let big = m.path.join("app/data/blob.bin");
+    let original = std::fs::read(f.roots[1].join("app/data/blob.bin")).unwrap();
+    let mut first = std::fs::File::open(&big).unwrap();
+    let mut bytes = Vec::new();
+    first.read_to_end(&mut bytes).unwrap();
+    assert_eq!(bytes, original);
+    assert!(m
+        .layer
+        .is_local(m.layer.index().lookup("app/data/blob.bin").unwrap()));
+    // Complete now, but `first` is still open through the page cache.
+    assert_eq!(std::fs::read(&big).unwrap(), original);
+    assert_eq!(m.layer.stats.passthrough_opens.load(Ordering::Relaxed), 0);
+    drop(first);
+    // FUSE releases asynchronously: wait for the daemon to see it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(std::fs::read(&big).unwrap(), original);
+        if m.layer.stats.passthrough_opens.load(Ordering::Relaxed) > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "opens not passed through after the last cached open was closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn debian_python3_rootfs_reads_identically_through_the_mount() {
     let rootfs = sluice_testkit::fixture("python3").join("rootfs");

@@ -11,6 +11,9 @@
 //! passthrough = true        # FUSE passthrough for fully cached files (kernel >= 6.9)
 //! read_deadline_secs = 60   # a read waiting longer for the registry fails with EIO
 //! fuse_threads = 4          # request threads per mounted layer
+//! fetch_ahead_kib = 512     # a read that must fetch also takes the chunks after
+//!                           # it in the layer (neighbouring files), up to this
+//!                           # much compressed data, in a parallel request; 0 = off
 //!
 //! [cache]
 //! max_mib = 10240           # chunk cache bound; least recently used chunks go first
@@ -75,6 +78,7 @@ pub struct LazyConfig {
     pub passthrough: bool,
     pub read_deadline_secs: u64,
     pub fuse_threads: usize,
+    pub fetch_ahead_kib: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -111,6 +115,7 @@ impl Default for LazyConfig {
             passthrough: true,
             read_deadline_secs: 60,
             fuse_threads: 4,
+            fetch_ahead_kib: sluice_puller::layer::DEFAULT_FETCH_AHEAD >> 10,
         }
     }
 }

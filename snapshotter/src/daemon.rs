@@ -125,6 +125,7 @@ impl Daemon {
                     ..FsOptions::default()
                 },
                 read_deadline: Duration::from_secs(config.lazy.read_deadline_secs.max(1)),
+                fetch_ahead: config.lazy.fetch_ahead_kib << 10,
             };
             Some(Arc::new(RemoteLayers::new(
                 client,

@@ -104,6 +104,8 @@ struct Mounted {
 pub struct RemoteOptions {
     pub fs: FsOptions,
     pub read_deadline: Duration,
+    /// See [`LayerOptions::fetch_ahead`].
+    pub fetch_ahead: u64,
 }
 
 /// What the daemon does with prefetch profiles.
@@ -285,6 +287,7 @@ impl RemoteLayers {
         let image = ImageRef::parse(&source.image).map_err(|e| err(e.to_string()))?;
         let opts = LayerOptions {
             read_deadline: self.options.read_deadline,
+            fetch_ahead: self.options.fetch_ahead,
             fetch_latency: Some(self.metrics.fetch_latency.clone()),
         };
         let layer = Arc::new(

@@ -365,7 +365,9 @@ fn worst_case(dir: &Path) -> anyhow::Result<()> {
     for i in 0..WORST_CASE_FILES {
         std::fs::write(
             data.join(format!("part-{i:03}.bin")),
-            sluice_testkit::images::pseudo_random(WORST_CASE_FILE_BYTES, 1000 + i as u64),
+            // Distinct odd seeds: the generator forces the low bit, and equal
+            // files would dedup in the chunk cache.
+            sluice_testkit::images::pseudo_random(WORST_CASE_FILE_BYTES, 1001 + 2 * i as u64),
         )?;
     }
     std::fs::write(&marker, "")?;

@@ -30,6 +30,7 @@ const PACKAGES: &[(&str, &str)] = &[
         "protobuf-compiler",
         "protoc, for containerd's gRPC API (snapshotter build)",
     ),
+    ("fonts-dejavu-core", "the font of the benchmark charts"),
 ];
 
 /// Prints a step header.

@@ -251,6 +251,7 @@ fn mount(
             let opts = LayerOptions {
                 read_deadline: Duration::from_secs(read_deadline),
                 fetch_latency: Some(metrics.fetch_latency.clone()),
+                ..LayerOptions::default()
             };
             let layer = Arc::new(runtime.block_on(RemoteLayer::open(
                 client.clone(),

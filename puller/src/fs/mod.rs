@@ -90,10 +90,30 @@ struct Stream {
 }
 
 /// Backing files handed to the kernel, one per inode while open.
+///
+/// Open files by how the kernel serves them. The kernel refuses (EIO) a
+/// passthrough open of an inode that has opens served through the page
+/// cache, and the reverse; so an inode stays in the mode of its first open
+/// until its last open is released, and every passthrough open of an inode
+/// uses the same backing file.
 #[derive(Default)]
 struct Backing {
     by_handle: HashMap<u64, Arc<BackingId>>,
     by_ino: HashMap<u64, Weak<BackingId>>,
+    /// Daemon-served opens: handle → content node, and counts per node.
+    cached_by_handle: HashMap<u64, u64>,
+    cached_opens: HashMap<u64, u32>,
+}
+
+impl Backing {
+    /// The passthrough file of an inode with passthrough opens.
+    fn live(&self, content: u64) -> Option<Arc<BackingId>> {
+        self.by_ino.get(&content).and_then(Weak::upgrade)
+    }
+
+    fn has_cached_opens(&self, content: u64) -> bool {
+        self.cached_opens.get(&content).is_some_and(|n| *n > 0)
+    }
 }
 
 struct Dir {
@@ -242,6 +262,24 @@ impl LayerFs {
         });
     }
 
+    /// Before a reader waits for the chunks of `len` bytes at `offset` of
+    /// `node`: fetches the chunks after them in the layer (neighbouring
+    /// files, in tar order) in a request of its own, so that the reader's
+    /// fetch stays small and the neighbours arrive meanwhile.
+    fn fetch_neighbours(&self, node: usize, offset: u64, len: u64) {
+        let chunks = self.layer.index().chunks_for_range(node, offset, len);
+        let ahead = self.layer.fetch_ahead_of(chunks);
+        if ahead.is_empty() {
+            return;
+        }
+        let layer = self.layer.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = layer.ensure(&ahead).await {
+                tracing::debug!(error = %e, "fetch-ahead failed; reads fetch on demand");
+            }
+        });
+    }
+
     /// Whether opens are answered with passthrough files.
     pub fn passthrough_active(&self) -> bool {
         self.passthrough.load(Ordering::Relaxed)
@@ -256,11 +294,24 @@ impl LayerFs {
         pid: u32,
         reply: ReplyOpen,
     ) -> Option<ReplyOpen> {
+        let content = self.layer.index().resolve(i) as u64;
+        {
+            let backing = self.backing.lock().expect("backing");
+            if let Some(id) = backing.live(content) {
+                drop(backing);
+                self.reply_passthrough(content, &id, reply);
+                return None;
+            }
+            if backing.has_cached_opens(content) {
+                return Some(reply);
+            }
+        }
         if !self.passthrough_active()
             || !(size <= self.options.open_fetch_max || self.layer.is_local(i))
         {
             return Some(reply);
         }
+        self.fetch_neighbours(i, 0, size);
         let file = match self.layer.materialize_blocking(&self.runtime, i) {
             Ok(Some(f)) => f,
             Ok(None) => return Some(reply),
@@ -270,7 +321,6 @@ impl LayerFs {
                 return None;
             }
         };
-        let content = self.layer.index().resolve(i) as u64;
         if let Some(o) = &self.options.observer {
             // Reads of a passthrough file never reach the daemon: the open
             // stands for them, and the backing file is where eBPF sees them.
@@ -278,7 +328,11 @@ impl LayerFs {
             o.read(&self.layer, i, 0, size, pid);
         }
         let mut backing = self.backing.lock().expect("backing");
-        let id = match backing.by_ino.get(&content).and_then(Weak::upgrade) {
+        if backing.has_cached_opens(content) {
+            // A daemon-served open came in while the file was fetched.
+            return Some(reply);
+        }
+        let id = match backing.live(content) {
             Some(id) => id,
             None => match reply.open_backing(&file) {
                 Ok(id) => {
@@ -293,15 +347,37 @@ impl LayerFs {
                 }
             },
         };
+        drop(backing);
+        self.reply_passthrough(content, &id, reply);
+        None
+    }
+
+    /// Answers an open with the inode's passthrough file.
+    fn reply_passthrough(&self, content: u64, id: &Arc<BackingId>, reply: ReplyOpen) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         // Count before replying: the reply lets the opener run on.
         self.layer
             .stats
             .passthrough_opens
             .fetch_add(1, Ordering::Relaxed);
-        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-        backing.by_handle.insert(fh, id);
-        None
+        let mut backing = self.backing.lock().expect("backing");
+        backing.by_handle.insert(fh, id.clone());
+        backing.by_ino.insert(content, Arc::downgrade(id));
+        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+    }
+
+    /// Answers an open that the daemon serves (through the page cache),
+    /// unless the inode has gone passthrough meanwhile.
+    fn reply_cached(&self, content: u64, reply: ReplyOpen) {
+        let mut backing = self.backing.lock().expect("backing");
+        if let Some(id) = backing.live(content) {
+            drop(backing);
+            return self.reply_passthrough(content, &id, reply);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        backing.cached_by_handle.insert(fh, content);
+        *backing.cached_opens.entry(content).or_default() += 1;
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn node_of(&self, ino: INodeNo) -> Option<usize> {
@@ -454,7 +530,7 @@ impl Filesystem for LayerFs {
         match self.layer.index().node(self.layer.index().resolve(i)).kind {
             NodeKind::File { size, .. } => {
                 if let Some(reply) = self.open_passthrough(i, size, req.pid(), reply) {
-                    reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+                    self.reply_cached(self.layer.index().resolve(i) as u64, reply);
                 }
             }
             NodeKind::Dir => reply.error(Errno::EISDIR),
@@ -472,11 +548,18 @@ impl Filesystem for LayerFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.backing
-            .lock()
-            .expect("backing")
-            .by_handle
-            .remove(&u64::from(fh));
+        let fh = u64::from(fh);
+        let mut backing = self.backing.lock().expect("backing");
+        if backing.by_handle.remove(&fh).is_none() {
+            if let Some(content) = backing.cached_by_handle.remove(&fh) {
+                if let Some(n) = backing.cached_opens.get_mut(&content) {
+                    *n -= 1;
+                    if *n == 0 {
+                        backing.cached_opens.remove(&content);
+                    }
+                }
+            }
+        }
         reply.ok();
     }
 
@@ -495,6 +578,7 @@ impl Filesystem for LayerFs {
             return reply.error(Errno::ENOENT);
         };
         self.read_ahead(i, offset, size);
+        self.fetch_neighbours(i, offset, u64::from(size));
         if let Some(o) = &self.options.observer {
             o.read(&self.layer, i, offset, u64::from(size), req.pid());
         }

@@ -54,6 +54,9 @@ pub struct Options {
     /// the machine's CPU busy (0–1).
     #[arg(long, default_value_t = 0.25)]
     max_busy: f64,
+    /// The daemon's `[lazy] fetch_ahead_kib` (default: the daemon's default).
+    #[arg(long)]
+    fetch_ahead_kib: Option<u64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -135,7 +138,7 @@ fn fixture(name: &'static str) -> anyhow::Result<Fixture> {
                 cmd: vec![
                     "/bin/sh".into(),
                     "-c".into(),
-                    "cat /data/* > /dev/null && echo ready".into(),
+                    "sha256sum /data/* > /tmp/sums && echo ready".into(),
                 ],
                 ready: "ready",
             }
@@ -291,6 +294,8 @@ struct Sample {
     repetition: usize,
     seconds: f64,
     fetched_bytes: u64,
+    /// The lazy daemon's counters (empty for overlayfs systems).
+    daemon: BTreeMap<String, u64>,
 }
 
 #[derive(Serialize)]
@@ -326,15 +331,29 @@ struct Target {
     met: bool,
 }
 
+/// Counters of the lazy daemon recorded with each sample.
+const DAEMON_METRICS: &[&str] = &[
+    "layer_fetch_requests",
+    "layer_demanded_bytes",
+    "layer_fetched_ahead_bytes",
+    "layer_prefetched_bytes",
+    "layer_prefetch_hit_bytes",
+];
+
 struct Bench {
     bin: PathBuf,
     work: PathBuf,
     proxy: ThrottlingProxy,
     node_seq: usize,
+    fetch_ahead_kib: Option<u64>,
 }
 
 /// Daemon configurations: profiles off, prefetch from a profile, recording.
-fn snapshotter_config(work: &Path, mode: &str) -> anyhow::Result<PathBuf> {
+fn snapshotter_config(
+    work: &Path,
+    mode: &str,
+    fetch_ahead_kib: Option<u64>,
+) -> anyhow::Result<PathBuf> {
     let path = work.join(format!("snapshotter-{mode}.toml"));
     let profiles = match mode {
         "off" => "record = false\nprefetch = false\n",
@@ -342,7 +361,10 @@ fn snapshotter_config(work: &Path, mode: &str) -> anyhow::Result<PathBuf> {
         "record" => "record = true\npublish = true\nprefetch = false\nwindow_secs = 15\n",
         _ => unreachable!("known modes"),
     };
-    std::fs::write(&path, format!("[profiles]\n{profiles}"))?;
+    let lazy = fetch_ahead_kib
+        .map(|k| format!("[lazy]\nfetch_ahead_kib = {k}\n"))
+        .unwrap_or_default();
+    std::fs::write(&path, format!("{lazy}[profiles]\n{profiles}"))?;
     Ok(path)
 }
 
@@ -381,7 +403,7 @@ impl Bench {
         let dir = self.work.join(format!("node-{}", self.node_seq));
         let snapshotter = match profiles {
             Some(mode) => {
-                let config = snapshotter_config(&self.work, mode)?;
+                let config = snapshotter_config(&self.work, mode, self.fetch_ahead_kib)?;
                 let hosts = dir.join("no-hosts");
                 Some(SluiceSnapshotter::start_with_args(
                     &self.bin.join("sluice-snapshotter"),
@@ -465,8 +487,14 @@ impl Bench {
         Ok(())
     }
 
-    /// One timed cold start; returns seconds and bytes through the proxy.
-    fn measure(&mut self, system: System, f: &Fixture, p: &Pushed) -> anyhow::Result<(f64, u64)> {
+    /// One timed cold start; returns seconds, bytes through the proxy and,
+    /// for lazy systems, the daemon's counters right after the ready line.
+    fn measure(
+        &mut self,
+        system: System,
+        f: &Fixture,
+        p: &Pushed,
+    ) -> anyhow::Result<(f64, u64, BTreeMap<String, u64>)> {
         let node = self.node(match system {
             System::Sluice => Some("off"),
             System::SluiceProfile => Some("prefetch"),
@@ -515,8 +543,18 @@ impl Bench {
         self.run_until_ready(&node, reference, f, snapshotter)?;
         let seconds = t.elapsed().as_secs_f64();
         let fetched = self.proxy.bytes.load(Ordering::Relaxed) - before;
+        let mut daemon = BTreeMap::new();
+        if let Some(s) = &node.snapshotter {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            for name in DAEMON_METRICS {
+                let v = rt.block_on(s.metric(&format!("sluice_puller_{name}_total")));
+                daemon.insert((*name).to_owned(), v as u64);
+            }
+        }
         drop(node);
-        Ok((seconds, fetched))
+        Ok((seconds, fetched, daemon))
     }
 
     /// A recording node starts the image once and publishes its profile.
@@ -632,7 +670,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         let gzip = layout(f, Compression::Gzip)?;
         let zstd = layout(f, Compression::Zstd)?;
         let (gzip_bytes, gzip_digest) = layer_bytes(&gzip)?;
-        let (zstd_bytes, _) = layer_bytes(&zstd)?;
+        let (zstd_bytes, zstd_digest) = layer_bytes(&zstd)?;
         let repo = format!("bench/{}", f.name);
         for (l, tag) in [(&gzip, "gzip"), (&zstd, "zstd")] {
             sluice_testkit::push_layout(
@@ -643,6 +681,9 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             );
         }
         let twin = rt.block_on(registry.wait_for_twin(&repo, &gzip_digest));
+        // The registry converts the zstd image too: wait, so that no
+        // conversion runs while the systems are measured.
+        rt.block_on(registry.wait_for_twin(&repo, &zstd_digest));
         println!(
             "    {}: gzip {:.1} MB, zstd {:.1} MB, lazy twin {}",
             f.name,
@@ -666,6 +707,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         work: work.clone(),
         proxy,
         node_seq: 0,
+        fetch_ahead_kib: opts.fetch_ahead_kib,
     };
     if systems.contains(&System::SluiceProfile) {
         step("recording prefetch profiles (one untimed start per image on a recording node)");
@@ -689,9 +731,13 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             let n = order.len();
             order.rotate_left(rep % n);
             for system in order {
-                let (seconds, fetched) = bench.measure(system, f, p)?;
+                let (seconds, fetched, daemon) = bench.measure(system, f, p)?;
+                let requests = daemon
+                    .get("layer_fetch_requests")
+                    .map(|n| format!(" in {n} range requests"))
+                    .unwrap_or_default();
                 println!(
-                    "    [{}/{}] {:<14} {:<15} {:>7.2} s  {:>8.1} MB fetched",
+                    "    [{}/{}] {:<14} {:<15} {:>7.2} s  {:>8.1} MB fetched{requests}",
                     rep + 1,
                     opts.repetitions,
                     f.name,
@@ -705,6 +751,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                     repetition: rep,
                     seconds,
                     fetched_bytes: fetched,
+                    daemon,
                 });
             }
         }
