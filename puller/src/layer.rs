@@ -382,20 +382,34 @@ impl RemoteLayer {
         if chunks.iter().all(|c| self.cache.contains(&c.digest)) {
             return Vec::new();
         }
-        let all = self.index.chunks();
         let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
             return Vec::new();
         };
-        let limit = first.blob_offset + self.opts.fetch_ahead;
+        self.chunks_following(last, first.blob_offset + self.opts.fetch_ahead)
+    }
+
+    /// Where a chunk of this layer's index sits in its chunk array (files in
+    /// blob order); `None` for a chunk from elsewhere.
+    pub fn chunk_position(&self, c: &ChunkRef) -> Option<usize> {
+        let all = self.index.chunks();
+        let at = (c as *const ChunkRef as usize).wrapping_sub(all.as_ptr() as usize)
+            / std::mem::size_of::<ChunkRef>();
+        (at < all.len() && std::ptr::eq(&all[at], c)).then_some(at)
+    }
+
+    /// The chunks after `last` (a chunk of this layer's index) in the blob,
+    /// contiguous, ending before blob offset `limit`, that are neither cached
+    /// nor being fetched; counted as fetched ahead.
+    pub fn chunks_following(&self, last: &ChunkRef, limit: u64) -> Vec<ChunkRef> {
+        let all = self.index.chunks();
         let mut end = last.blob_offset + last.blob_len;
-        if self.opts.fetch_ahead == 0 || end >= limit {
+        if end >= limit {
             return Vec::new();
         }
-        // `chunks` is a slice of the index's chunk array (one file's, in
-        // blob order): continue the array after its last element.
-        let at = (last as *const ChunkRef as usize - all.as_ptr() as usize)
-            / std::mem::size_of::<ChunkRef>();
-        debug_assert!(at < all.len(), "chunks come from the index");
+        let Some(at) = self.chunk_position(last) else {
+            debug_assert!(false, "chunks come from the index");
+            return Vec::new();
+        };
         let inflight = self.inflight.lock().expect("inflight");
         let mut out = Vec::new();
         for c in all.iter().skip(at + 1) {

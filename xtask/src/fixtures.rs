@@ -378,3 +378,60 @@ fn worst_case(dir: &Path) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    use super::*;
+
+    #[test]
+    fn tree_diff_lists_changes_with_parents_and_removals() {
+        let t = tempfile::tempdir().unwrap();
+        let (old, new) = (t.path().join("old"), t.path().join("new"));
+        for root in [&old, &new] {
+            std::fs::create_dir_all(root.join("etc/keep")).unwrap();
+            std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+            std::fs::write(root.join("etc/keep/same"), "same").unwrap();
+            symlink("same", root.join("etc/keep/link")).unwrap();
+        }
+        // Same mtime on both sides for the unchanged file.
+        let f = std::fs::File::open(old.join("etc/keep/same")).unwrap();
+        let mtime = f.metadata().unwrap().modified().unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(new.join("etc/keep/same"))
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        std::fs::write(old.join("etc/gone"), "x").unwrap();
+        std::fs::create_dir_all(old.join("opt/tree")).unwrap();
+        std::fs::write(old.join("opt/tree/file"), "x").unwrap();
+        std::fs::create_dir_all(new.join("opt")).unwrap();
+        std::fs::write(new.join("usr/lib/new.so"), "new").unwrap();
+        std::fs::write(old.join("etc/mode"), "m").unwrap();
+        std::fs::write(new.join("etc/mode"), "m").unwrap();
+        std::fs::set_permissions(new.join("etc/mode"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+
+        let (changed, removed) = tree_diff(&old, &new).unwrap();
+        let changed: Vec<String> = changed.iter().map(|p| p.display().to_string()).collect();
+        let removed: Vec<String> = removed.iter().map(|p| p.display().to_string()).collect();
+        // New and changed entries, each after its parent directory.
+        assert!(
+            changed.contains(&"usr/lib/new.so".to_owned()),
+            "{changed:?}"
+        );
+        assert!(changed.contains(&"etc/mode".to_owned()), "{changed:?}");
+        let pos = |p: &str| changed.iter().position(|c| c == p);
+        assert!(pos("usr").unwrap() < pos("usr/lib").unwrap());
+        assert!(pos("usr/lib").unwrap() < pos("usr/lib/new.so").unwrap());
+        // Unchanged entries stay out.
+        assert!(
+            !changed.iter().any(|c| c.starts_with("etc/keep")),
+            "{changed:?}"
+        );
+        // Only the topmost removed path is whited out.
+        assert_eq!(removed, vec!["etc/gone".to_owned(), "opt/tree".to_owned()]);
+    }
+}

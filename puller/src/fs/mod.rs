@@ -77,6 +77,9 @@ impl Default for FsOptions {
 
 /// How far ahead of a sequential reader chunks are fetched.
 const READAHEAD: u64 = 8 << 20;
+/// Files at least this big read to their end carry readahead on into the
+/// next files of the layer.
+const STREAM_MIN: u64 = 1 << 20;
 /// Largest read the kernel sends us (and its readahead window).
 const MAX_READAHEAD: u32 = 1 << 20;
 
@@ -139,6 +142,8 @@ pub struct LayerFs {
     backing: Mutex<Backing>,
     next_fh: AtomicU64,
     streams: Mutex<HashMap<usize, Stream>>,
+    /// Chunk position of the end of the last big file read to its end.
+    last_streamed: Mutex<Option<usize>>,
 }
 
 fn ino_of(root: usize, node: usize) -> INodeNo {
@@ -220,6 +225,7 @@ impl LayerFs {
             backing: Mutex::new(Backing::default()),
             next_fh: AtomicU64::new(1),
             streams: Mutex::new(HashMap::new()),
+            last_streamed: Mutex::new(None),
         }
     }
 
@@ -242,14 +248,39 @@ impl LayerFs {
             }
         };
         let Some((from, len)) = window else { return };
-        let chunks: Vec<_> = self
-            .layer
-            .index()
+        let index = self.layer.index();
+        let mut chunks: Vec<_> = index
             .chunks_for_range(node, from, len)
             .iter()
             .filter(|c| !self.layer.has_chunk(&c.digest))
             .cloned()
             .collect();
+        // Big files streamed to their ends one after the other in layer
+        // order (a program reading a data set, a checksum over a directory):
+        // the stream goes on into the files that follow, within the same
+        // window. One big file alone (a library the loader reads) does not
+        // count; small files' neighbours come by `fetch_neighbours`.
+        let file_chunks = index.file_chunks_of(node);
+        if let (Some(first), Some(last)) = (file_chunks.first(), file_chunks.last()) {
+            let file_end = last.file_offset + last.size;
+            let streams_on = file_end >= STREAM_MIN && from + len > file_end && {
+                let mut prev = self.last_streamed.lock().expect("last streamed");
+                let (first_at, last_at) = (
+                    self.layer.chunk_position(first),
+                    self.layer.chunk_position(last),
+                );
+                let follows = matches!((*prev, first_at), (Some(p), Some(f)) if p + 1 == f);
+                *prev = last_at;
+                follows
+            };
+            if streams_on {
+                let budget = from + len - file_end;
+                chunks.extend(
+                    self.layer
+                        .chunks_following(last, last.blob_offset + last.blob_len + budget),
+                );
+            }
+        }
         if chunks.is_empty() {
             return;
         }
