@@ -71,11 +71,12 @@ pub enum LayerError {
 pub struct LayerOptions {
     /// How long a read may wait for its chunks.
     pub read_deadline: Duration,
-    /// A read that must fetch also takes the chunks that follow in the blob
-    /// (other files of the same directory, in tar order), up to this many
-    /// compressed bytes from its first chunk, in the same request: starting
-    /// programs read neighbouring files, and on a slow link a round trip
-    /// costs more than the extra bytes. 0 = only what the read needs.
+    /// A read that must fetch also has the chunks that follow in the blob
+    /// (other files of the same directory, in tar order) fetched, up to this
+    /// many compressed bytes from its first chunk, in a parallel request
+    /// (see [`RemoteLayer::fetch_ahead_of`]): starting programs read
+    /// neighbouring files, and on a slow link a round trip costs more than
+    /// the extra bytes. 0 = only what the read needs.
     pub fetch_ahead: u64,
     /// Where fetch latencies are recorded (see [`crate::metrics`]).
     pub fetch_latency: Option<prometheus_client::metrics::histogram::Histogram>,
