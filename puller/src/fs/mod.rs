@@ -330,6 +330,10 @@ impl LayerFs {
             let backing = self.backing.lock().expect("backing");
             if let Some(id) = backing.live(content) {
                 drop(backing);
+                if let Some(o) = &self.options.observer {
+                    // As below: this open stands for the reads it will do.
+                    o.read(&self.layer, i, 0, size, pid);
+                }
                 self.reply_passthrough(content, &id, reply);
                 return None;
             }
