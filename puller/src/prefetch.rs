@@ -276,6 +276,27 @@ async fn throttle(shared: &Shared, bytes: u64) {
     }
 }
 
+/// Fetches one piece of prefetch work within the bandwidth cap; false if it
+/// failed (readers then fetch on demand).
+async fn fetch_piece(
+    shared: &Shared,
+    layer: &RemoteLayer,
+    chunks: &[ChunkRef],
+    bytes: u64,
+) -> bool {
+    throttle(shared, bytes).await;
+    match layer.prefetch(chunks).await {
+        Ok(()) => {
+            shared.done_bytes.fetch_add(bytes, Ordering::Relaxed);
+            true
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "prefetch failed; readers will fetch on demand");
+            false
+        }
+    }
+}
+
 async fn worker(shared: Arc<Shared>) {
     loop {
         let job = {
@@ -316,15 +337,7 @@ async fn run(shared: &Shared, job: Job) {
                 .filter(|c| !layer.has_chunk(&c.digest))
                 .collect();
             let bytes = missing.iter().map(|c| c.blob_len).sum();
-            throttle(shared, bytes).await;
-            match layer.prefetch(&missing).await {
-                Ok(()) => {
-                    shared.done_bytes.fetch_add(bytes, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "prefetch failed; readers will fetch on demand");
-                }
-            }
+            fetch_piece(shared, &layer, &missing, bytes).await;
             return;
         }
     };
@@ -351,15 +364,8 @@ async fn run(shared: &Shared, job: Job) {
         {
             return;
         }
-        throttle(shared, piece_bytes).await;
-        match layer.prefetch(&piece).await {
-            Ok(()) => {
-                shared.done_bytes.fetch_add(piece_bytes, Ordering::Relaxed);
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "prefetch failed; readers will fetch on demand");
-                return;
-            }
+        if !fetch_piece(shared, &layer, &piece, piece_bytes).await {
+            return;
         }
         piece.clear();
         piece_bytes = 0;

@@ -393,8 +393,9 @@ fn corrupt_bytes_are_never_served_nor_cached() {
     assert!(err.to_string().contains("TOC"), "{err}");
 }
 
-#[test]
-fn local_files_are_passed_through_to_the_kernel() {
+/// The app layer mounted with only small files (≤ 64 KiB) fetched at open,
+/// its 3 MiB file's path in the mount and that file's original bytes.
+fn app_layer_with_a_big_file() -> (Fixture, tokio::runtime::Runtime, Mounted, PathBuf, Vec<u8>) {
     let f = fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
@@ -406,6 +407,12 @@ fn local_files_are_passed_through_to_the_kernel() {
     let m = mount_layer(&rt, &f, 1, client, cache, LayerOptions::default(), &opts);
     let big = m.path.join("app/data/blob.bin");
     let original = std::fs::read(f.roots[1].join("app/data/blob.bin")).unwrap();
+    (f, rt, m, big, original)
+}
+
+#[test]
+fn local_files_are_passed_through_to_the_kernel() {
+    let (f, _rt, m, big, original) = app_layer_with_a_big_file();
     // A small file is fetched whole at open and passed through at once.
     assert_eq!(
         std::fs::read(m.path.join("app/start.sh")).unwrap(),
@@ -440,17 +447,7 @@ fn local_files_are_passed_through_to_the_kernel() {
 #[test]
 fn a_file_still_open_from_before_it_was_complete_opens_again() {
     use std::io::Read;
-    let f = fixture();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
-    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
-    let opts = FsOptions {
-        open_fetch_max: 64 * 1024,
-        ..FsOptions::default()
-    };
-    let m = mount_layer(&rt, &f, 1, client, cache, LayerOptions::default(), &opts);
-    let big = m.path.join("app/data/blob.bin");
-    let original = std::fs::read(f.roots[1].join("app/data/blob.bin")).unwrap();
+    let (_f, _rt, m, big, original) = app_layer_with_a_big_file();
     let mut first = std::fs::File::open(&big).unwrap();
     let mut bytes = Vec::new();
     first.read_to_end(&mut bytes).unwrap();

@@ -281,14 +281,20 @@ impl LayerFs {
                 );
             }
         }
+        // Readahead is not profile prefetch: not counted as prefetched.
+        self.fetch_in_background(chunks);
+    }
+
+    /// Fetches chunks without anyone waiting (readahead, fetch-ahead); a
+    /// failure only means that readers fetch on demand.
+    fn fetch_in_background(&self, chunks: Vec<sluice_format::chunked::ChunkRef>) {
         if chunks.is_empty() {
             return;
         }
         let layer = self.layer.clone();
         self.runtime.spawn(async move {
-            // Readahead is not profile prefetch: not counted as prefetched.
             if let Err(e) = layer.ensure(&chunks).await {
-                tracing::debug!(error = %e, "readahead failed; reads fetch on demand");
+                tracing::debug!(error = %e, "fetch ahead of readers failed; reads fetch on demand");
             }
         });
     }
@@ -299,16 +305,7 @@ impl LayerFs {
     /// fetch stays small and the neighbours arrive meanwhile.
     fn fetch_neighbours(&self, node: usize, offset: u64, len: u64) {
         let chunks = self.layer.index().chunks_for_range(node, offset, len);
-        let ahead = self.layer.fetch_ahead_of(chunks);
-        if ahead.is_empty() {
-            return;
-        }
-        let layer = self.layer.clone();
-        self.runtime.spawn(async move {
-            if let Err(e) = layer.ensure(&ahead).await {
-                tracing::debug!(error = %e, "fetch-ahead failed; reads fetch on demand");
-            }
-        });
+        self.fetch_in_background(self.layer.fetch_ahead_of(chunks));
     }
 
     /// Whether opens are answered with passthrough files.

@@ -447,6 +447,19 @@ impl Bench {
         Ok(())
     }
 
+    /// `sluice pull` of `reference` into the node's containerd.
+    fn sluice_pull(&self, node: &Node, reference: &str, what: &str) -> anyhow::Result<()> {
+        let containerd = node.containerd.as_ref().expect("running");
+        self.must(
+            node,
+            Command::new(self.bin.join("sluice"))
+                .args(["pull", "--address"])
+                .arg(&containerd.socket)
+                .arg(reference),
+            what,
+        )
+    }
+
     /// `ctr run` until the container prints its ready line.
     fn run_until_ready(
         &self,
@@ -528,14 +541,7 @@ impl Bench {
                 (r.as_str(), "overlayfs")
             }
             System::Sluice | System::SluiceProfile => {
-                self.must(
-                    &node,
-                    Command::new(self.bin.join("sluice"))
-                        .args(["pull", "--address"])
-                        .arg(&containerd.socket)
-                        .arg(&p.gzip),
-                    "sluice pull",
-                )?;
+                self.sluice_pull(&node, &p.gzip, "sluice pull")?;
                 (p.gzip.as_str(), "sluice")
             }
             System::Warm => (p.gzip_direct.as_str(), "overlayfs"),
@@ -560,16 +566,8 @@ impl Bench {
     /// A recording node starts the image once and publishes its profile.
     fn record_profile(&mut self, f: &Fixture, p: &Pushed) -> anyhow::Result<()> {
         let node = self.node(Some("record"))?;
-        let containerd = node.containerd.as_ref().expect("running");
         let snapshotter = node.snapshotter.as_ref().expect("lazy node");
-        self.must(
-            &node,
-            Command::new(self.bin.join("sluice"))
-                .args(["pull", "--address"])
-                .arg(&containerd.socket)
-                .arg(&p.gzip),
-            "sluice pull (recording)",
-        )?;
+        self.sluice_pull(&node, &p.gzip, "sluice pull (recording)")?;
         self.run_until_ready(&node, &p.gzip, f, "sluice")?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
