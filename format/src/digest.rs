@@ -64,30 +64,45 @@ pub enum DigestError {
     },
 }
 
-/// A validated content digest.
+/// A validated content digest, held as raw bytes: a layer index holds one per
+/// chunk, and hex strings on the heap would triple what each one costs.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest {
-    algorithm: Algorithm,
-    hex: String,
+pub struct Digest(Bytes);
+
+/// Variant order = [`Algorithm`] order, and byte order = hex order, so digests
+/// sort as their strings do.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Bytes {
+    Sha256([u8; 32]),
+    Sha512(Box<[u8; 64]>),
 }
 
 impl Digest {
     /// Builds a digest from an algorithm and hex string, validating both.
     pub fn new(algorithm: Algorithm, hex: &str) -> Result<Self, DigestError> {
-        let valid = hex.len() == algorithm.hex_len()
-            && hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !valid {
+        let lowercase_hex = hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let mut raw = [0u8; 64];
+        let raw = &mut raw[..algorithm.hex_len() / 2];
+        if hex.len() != algorithm.hex_len()
+            || !lowercase_hex
+            || hex::decode_to_slice(hex, raw).is_err()
+        {
             return Err(DigestError::BadEncoding {
                 digest: format!("{algorithm}:{hex}"),
                 algorithm,
                 expected: algorithm.hex_len(),
             });
         }
-        Ok(Digest {
-            algorithm,
-            hex: hex.to_owned(),
+        Ok(Self::from_raw(algorithm, raw))
+    }
+
+    /// `raw` has the algorithm's output length (checked by the callers).
+    fn from_raw(algorithm: Algorithm, raw: &[u8]) -> Self {
+        Digest(match algorithm {
+            Algorithm::Sha256 => Bytes::Sha256(raw.try_into().expect("32 bytes")),
+            Algorithm::Sha512 => Bytes::Sha512(Box::new(raw.try_into().expect("64 bytes"))),
         })
     }
 
@@ -104,12 +119,23 @@ impl Digest {
     }
 
     pub fn algorithm(&self) -> Algorithm {
-        self.algorithm
+        match self.0 {
+            Bytes::Sha256(_) => Algorithm::Sha256,
+            Bytes::Sha512(_) => Algorithm::Sha512,
+        }
+    }
+
+    /// The raw digest bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Bytes::Sha256(b) => b,
+            Bytes::Sha512(b) => &b[..],
+        }
     }
 
     /// The lowercase hex encoded part.
-    pub fn hex(&self) -> &str {
-        &self.hex
+    pub fn hex(&self) -> String {
+        hex::encode(self.as_bytes())
     }
 }
 
@@ -131,7 +157,7 @@ impl FromStr for Digest {
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.algorithm, self.hex)
+        write!(f, "{}:{}", self.algorithm(), self.hex())
     }
 }
 
@@ -177,11 +203,10 @@ impl Hasher {
     }
 
     pub fn finish(self) -> Digest {
-        let (algorithm, hex) = match self {
-            Hasher::Sha256(h) => (Algorithm::Sha256, hex::encode(h.finalize())),
-            Hasher::Sha512(h) => (Algorithm::Sha512, hex::encode(h.finalize())),
-        };
-        Digest { algorithm, hex }
+        match self {
+            Hasher::Sha256(h) => Digest::from_raw(Algorithm::Sha256, &h.finalize()),
+            Hasher::Sha512(h) => Digest::from_raw(Algorithm::Sha512, &h.finalize()),
+        }
     }
 }
 
@@ -211,6 +236,29 @@ mod tests {
         let d512 = Digest::of(Algorithm::Sha512, b"abc");
         assert!(d512.to_string().starts_with("sha512:ddaf35a1"));
         assert_eq!(d512.to_string().parse::<Digest>().unwrap(), d512);
+    }
+
+    #[test]
+    fn orders_as_the_strings_do() {
+        let mut digests: Vec<Digest> = (0u8..50)
+            .map(|i| {
+                Digest::of(
+                    if i % 3 == 0 {
+                        Algorithm::Sha512
+                    } else {
+                        Algorithm::Sha256
+                    },
+                    &[i],
+                )
+            })
+            .collect();
+        let mut strings: Vec<String> = digests.iter().map(Digest::to_string).collect();
+        digests.sort();
+        strings.sort();
+        assert_eq!(
+            digests.iter().map(Digest::to_string).collect::<Vec<_>>(),
+            strings
+        );
     }
 
     #[test]

@@ -502,7 +502,7 @@ async fn manifests_tags_and_their_errors() {
     );
     let dangling = String::from_utf8(index.clone())
         .unwrap()
-        .replace(m.hex(), ghost.hex());
+        .replace(&m.hex(), &ghost.hex());
     let r = put_manifest(
         &reg,
         "lib/app",

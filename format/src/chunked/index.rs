@@ -125,7 +125,9 @@ pub struct Node {
 #[derive(Debug, Clone)]
 pub struct LayerIndex {
     nodes: Vec<Node>,
-    by_path: HashMap<String, usize>,
+    /// Node numbers sorted by path, for [`LayerIndex::lookup`]: a hash map
+    /// would hold every path a second time.
+    by_path: Vec<u32>,
     chunks: Vec<ChunkRef>,
 }
 
@@ -172,9 +174,11 @@ impl LayerIndex {
     pub fn from_toc(toc: &Toc, data_end: u64) -> Result<Self, IndexError> {
         let mut index = LayerIndex {
             nodes: Vec::new(),
-            by_path: HashMap::new(),
+            by_path: Vec::new(),
             chunks: Vec::new(),
         };
+        // Path -> node while building; replaced by the sorted `by_path` at the end.
+        let mut paths: HashMap<String, usize> = HashMap::new();
         // (blob start, blob end, path) of every chunk, to find overlaps.
         let mut spans: Vec<(u64, u64, usize)> = Vec::new();
         let entries = &toc.entries;
@@ -189,7 +193,7 @@ impl LayerIndex {
                     "chunk entry without its regular file before it",
                 ));
             }
-            if index.by_path.contains_key(&path) {
+            if paths.contains_key(&path) {
                 return Err(entry_err(&e.name, "path appears twice in the layer"));
             }
             if path.is_empty() && e.kind != toc::TYPE_DIR {
@@ -242,7 +246,7 @@ impl LayerIndex {
                 toc::TYPE_HARDLINK => {
                     let target = normalize(&e.link_name)
                         .map_err(|r| entry_err(&e.name, format!("hard link target: {r}")))?;
-                    let Some(&t) = index.by_path.get(&target) else {
+                    let Some(&t) = paths.get(&target) else {
                         return Err(entry_err(
                             &e.name,
                             format!(
@@ -297,16 +301,19 @@ impl LayerIndex {
                 }
                 other => return Err(entry_err(&e.name, format!("unknown entry type {other:?}"))),
             };
-            index.insert(Node {
-                path,
-                kind,
-                mode,
-                uid,
-                gid,
-                mtime,
-                xattrs,
-                implicit: false,
-            });
+            index.insert(
+                &mut paths,
+                Node {
+                    path,
+                    kind,
+                    mode,
+                    uid,
+                    gid,
+                    mtime,
+                    xattrs,
+                    implicit: false,
+                },
+            );
         }
 
         spans.sort_unstable();
@@ -321,7 +328,15 @@ impl LayerIndex {
                 });
             }
         }
-        index.add_implicit_dirs()?;
+        index.add_implicit_dirs(&mut paths)?;
+        drop(paths);
+        if index.nodes.len() > u32::MAX as usize {
+            return Err(entry_err("", "more than 2^32 entries in one layer"));
+        }
+        let nodes = &index.nodes;
+        let mut by_path: Vec<u32> = (0..nodes.len() as u32).collect();
+        by_path.sort_unstable_by(|&a, &b| nodes[a as usize].path.cmp(&nodes[b as usize].path));
+        index.by_path = by_path;
         Ok(index)
     }
 
@@ -405,25 +420,25 @@ impl LayerIndex {
         Ok(())
     }
 
-    fn insert(&mut self, node: Node) -> usize {
+    fn insert(&mut self, paths: &mut HashMap<String, usize>, node: Node) -> usize {
         let i = self.nodes.len();
-        self.by_path.insert(node.path.clone(), i);
+        paths.insert(node.path.clone(), i);
         self.nodes.push(node);
         i
     }
 
     /// Adds the root and any parent directory that no entry names; refuses
     /// entries whose parent is not a directory.
-    fn add_implicit_dirs(&mut self) -> Result<(), IndexError> {
+    fn add_implicit_dirs(&mut self, paths: &mut HashMap<String, usize>) -> Result<(), IndexError> {
         let mut missing = Vec::new();
-        if !self.by_path.contains_key("") {
+        if !paths.contains_key("") {
             missing.push(String::new());
         }
         let mut seen = std::collections::HashSet::new();
         for node in &self.nodes {
             let mut p = node.path.as_str();
             while let Some((parent, _)) = p.rsplit_once('/') {
-                match self.by_path.get(parent) {
+                match paths.get(parent) {
                     Some(&i) if self.nodes[i].kind != NodeKind::Dir => {
                         return Err(entry_err(
                             &node.path,
@@ -441,16 +456,19 @@ impl LayerIndex {
             }
         }
         for path in missing {
-            self.insert(Node {
-                path,
-                kind: NodeKind::Dir,
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-                mtime: (0, 0),
-                xattrs: BTreeMap::new(),
-                implicit: true,
-            });
+            self.insert(
+                paths,
+                Node {
+                    path,
+                    kind: NodeKind::Dir,
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    mtime: (0, 0),
+                    xattrs: BTreeMap::new(),
+                    implicit: true,
+                },
+            );
         }
         Ok(())
     }
@@ -460,7 +478,10 @@ impl LayerIndex {
     }
 
     pub fn lookup(&self, path: &str) -> Option<usize> {
-        self.by_path.get(path).copied()
+        self.by_path
+            .binary_search_by(|&i| self.nodes[i as usize].path.as_str().cmp(path))
+            .ok()
+            .map(|k| self.by_path[k] as usize)
     }
 
     pub fn node(&self, i: usize) -> &Node {

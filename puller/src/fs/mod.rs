@@ -15,7 +15,7 @@
 //!   served from the chunk cache's memory maps.
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -120,9 +120,22 @@ impl Backing {
 }
 
 struct Dir {
-    /// (name, node) sorted by name.
-    entries: Vec<(OsString, usize)>,
+    /// Nodes sorted by [`shown_name`]; names are not copied (a layer can
+    /// have a million entries).
+    entries: Vec<u32>,
+    /// How many entries are directories (for `nlink`).
+    subdirs: u32,
     opaque: bool,
+}
+
+/// The name under which a node is listed in its directory: the last path
+/// component, without the `.wh.` prefix of a whiteout.
+fn shown_name(path: &str) -> &OsStr {
+    let name = path.rsplit_once('/').map_or(path, |(_, n)| n);
+    OsStr::new(match name.strip_prefix(WHITEOUT_PREFIX) {
+        Some(target) if !target.is_empty() => target,
+        _ => name,
+    })
 }
 
 /// The FUSE view of a layer.
@@ -177,6 +190,7 @@ impl LayerFs {
             if matches!(n.kind, NodeKind::Dir) {
                 dirs.entry(i).or_insert_with(|| Dir {
                     entries: Vec::new(),
+                    subdirs: 0,
                     opaque: false,
                 });
             }
@@ -199,17 +213,17 @@ impl LayerFs {
                 dir.opaque = true;
                 continue;
             }
-            let shown = match name.strip_prefix(WHITEOUT_PREFIX) {
-                Some(target) if !target.is_empty() => {
-                    whiteouts[i] = true;
-                    target
-                }
-                _ => name,
-            };
-            dir.entries.push((OsString::from(shown), i));
+            if name.starts_with(WHITEOUT_PREFIX) && name.len() > WHITEOUT_PREFIX.len() {
+                whiteouts[i] = true;
+            } else if matches!(index.node(index.resolve(i)).kind, NodeKind::Dir) {
+                dir.subdirs += 1;
+            }
+            dir.entries.push(i as u32);
         }
         for d in dirs.values_mut() {
-            d.entries.sort();
+            d.entries
+                .sort_unstable_by_key(|&n| shown_name(&nodes[n as usize].path));
+            d.entries.shrink_to_fit();
         }
         LayerFs {
             layer,
@@ -436,13 +450,8 @@ impl LayerFs {
                     (FileType::RegularFile, *size, 0, self.links[content].max(1))
                 }
                 NodeKind::Dir => {
-                    let subdirs = self.dirs.get(&content).map_or(0, |d| {
-                        d.entries
-                            .iter()
-                            .filter(|(_, c)| matches!(index.node(*c).kind, NodeKind::Dir))
-                            .count()
-                    });
-                    (FileType::Directory, 4096, 0, 2 + subdirs as u32)
+                    let subdirs = self.dirs.get(&content).map_or(0, |d| d.subdirs);
+                    (FileType::Directory, 4096, 0, 2 + subdirs)
                 }
                 NodeKind::Symlink(t) => (FileType::Symlink, t.len() as u64, 0, 1),
                 NodeKind::CharDevice { major, minor } => {
@@ -529,11 +538,12 @@ impl Filesystem for LayerFs {
         else {
             return reply.error(Errno::ENOENT);
         };
+        let index = self.layer.index();
         match dir
             .entries
-            .binary_search_by(|(n, _)| n.as_os_str().cmp(name))
+            .binary_search_by(|&n| shown_name(&index.node(n as usize).path).cmp(name))
         {
-            Ok(k) => reply.entry(&TTL, &self.attr(dir.entries[k].1), Generation(0)),
+            Ok(k) => reply.entry(&TTL, &self.attr(dir.entries[k] as usize), Generation(0)),
             Err(_) => reply.error(Errno::ENOENT),
         }
     }
@@ -643,9 +653,14 @@ impl Filesystem for LayerFs {
                 OsStr::new(".."),
             ),
         ];
-        let listed = dir.entries.iter().map(|(name, n)| {
-            let attr = self.attr(*n);
-            (attr.ino, attr.kind, name.as_os_str())
+        let index = self.layer.index();
+        let listed = dir.entries.iter().map(|&n| {
+            let attr = self.attr(n as usize);
+            (
+                attr.ino,
+                attr.kind,
+                shown_name(&index.node(n as usize).path),
+            )
         });
         for (k, (ino, kind, name)) in fixed
             .into_iter()
@@ -675,7 +690,11 @@ impl Filesystem for LayerFs {
             return reply.error(Errno::ENOTDIR);
         };
         let fixed = [(i, OsStr::new(".")), (self.parents[i], OsStr::new(".."))];
-        let listed = dir.entries.iter().map(|(name, n)| (*n, name.as_os_str()));
+        let index = self.layer.index();
+        let listed = dir
+            .entries
+            .iter()
+            .map(|&n| (n as usize, shown_name(&index.node(n as usize).path)));
         for (k, (node, name)) in fixed
             .into_iter()
             .chain(listed)

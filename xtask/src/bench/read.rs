@@ -39,6 +39,9 @@ pub struct Options {
     /// Latency added per request on that link, in ms.
     #[arg(long, default_value_t = 2)]
     link_ms: u64,
+    /// Only measure the daemon's memory with 10 idle layers (quick check).
+    #[arg(long)]
+    memory_only: bool,
 }
 
 #[derive(Serialize, Clone)]
@@ -217,6 +220,23 @@ impl Drop for Daemon {
     }
 }
 
+/// RSS of a `sluice mount` daemon with the image mounted 5 times (10 layers),
+/// idle after mounting.
+fn idle_rss(sluice: &Path, image: &str, work: &Path, cache: &Path) -> anyhow::Result<u64> {
+    step("memory: a sluice mount daemon with 10 layers mounted, idle");
+    let d = Daemon::start(
+        sluice,
+        image,
+        &work.join("mnt10"),
+        cache,
+        &["--copies", "5"],
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = rss_kib(d.pid()).unwrap_or(0);
+    println!("    RSS {:.1} MiB", rss as f64 / 1024.0);
+    Ok(rss)
+}
+
 pub fn run(opts: Options) -> anyhow::Result<()> {
     if !sluice_testkit::is_root() {
         bail!("bench read mounts filesystems and drops caches: run it as root");
@@ -278,6 +298,10 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let big_in = |m: &Path| m.join("layer-0/blob.bin");
     let small_in = |m: &Path| m.join("layer-1");
 
+    if opts.memory_only {
+        idle_rss(&sluice, &image, &work, &cache)?;
+        return Ok(());
+    }
     step(&format!("reading: native, then sluice cold ({} MB/s + {} ms link), warm with and without passthrough", opts.link_mbps, opts.link_ms));
     let mut rows = vec![measure(
         "native ext4",
@@ -312,19 +336,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         )?);
     }
 
-    step("memory: a sluice mount daemon with 10 layers mounted, idle");
-    let rss = {
-        let d = Daemon::start(
-            &sluice,
-            &image,
-            &work.join("mnt10"),
-            &cache,
-            &["--copies", "5"],
-        )?;
-        std::thread::sleep(Duration::from_secs(2));
-        rss_kib(d.pid()).unwrap_or(0)
-    };
-    println!("    RSS {:.1} MiB", rss as f64 / 1024.0);
+    let rss = idle_rss(&sluice, &image, &work, &cache)?;
 
     let native = rows[0].big_mb_per_s;
     let report = Report {
