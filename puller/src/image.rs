@@ -39,7 +39,10 @@ pub struct ResolvedImage {
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{image}: {source}")]
-    Fetch { image: String, source: FetchError },
+    Fetch {
+        image: String,
+        source: Box<FetchError>,
+    },
     #[error("{image}: {reason}")]
     Invalid { image: String, reason: String },
 }
@@ -56,7 +59,7 @@ pub async fn resolve(
 ) -> Result<ResolvedImage, ImageError> {
     let fetch = |source| ImageError::Fetch {
         image: image.to_string(),
-        source,
+        source: Box::new(source),
     };
     let invalid = |reason: String| ImageError::Invalid {
         image: image.to_string(),
