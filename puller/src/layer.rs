@@ -129,6 +129,29 @@ impl ReadData {
     }
 }
 
+/// Size of the windows in which a whole-file mapping is read ahead.
+const WILLNEED_WINDOW: u64 = 2 << 20;
+
+/// Asks the kernel to read the backing file ahead of a sequential reader,
+/// one window at a time: only a read that enters a window asks for the next
+/// one (asking for the same pages on every read walks the page cache each
+/// time, which cost more than the reads themselves).
+fn advise_window_ahead(m: &Mmap, offset: u64, end: u64) {
+    let len = m.len() as u64;
+    let entered = offset
+        .is_multiple_of(WILLNEED_WINDOW)
+        .then_some(offset / WILLNEED_WINDOW);
+    let crossed = (offset / WILLNEED_WINDOW != (end.max(1) - 1) / WILLNEED_WINDOW)
+        .then_some((end - 1) / WILLNEED_WINDOW);
+    for window in [entered, crossed].into_iter().flatten() {
+        let from = (window + 1) * WILLNEED_WINDOW;
+        if from < len {
+            let n = WILLNEED_WINDOW.min(len - from);
+            let _ = m.advise_range(memmap2::Advice::WillNeed, from as usize, n as usize);
+        }
+    }
+}
+
 pub struct RemoteLayer {
     client: Arc<RegistryClient>,
     image: ImageRef,
@@ -641,11 +664,7 @@ impl RemoteLayer {
         {
             if chunks.len() > 1 && self.cache.contains(d) {
                 if let Some(m) = self.cache.get(d) {
-                    // Ask the kernel to read ahead on the backing file, as it
-                    // would for a plain sequential reader.
-                    let ahead = (m.len() as u64).min(end + (4 << 20)) - offset;
-                    let _ =
-                        m.advise_range(memmap2::Advice::WillNeed, offset as usize, ahead as usize);
+                    advise_window_ahead(&m, offset, end);
                     self.stats
                         .served_bytes
                         .fetch_add(end - offset, Ordering::Relaxed);

@@ -31,7 +31,7 @@ use fuser::{
 };
 use sluice_format::chunked::NodeKind;
 
-use crate::layer::RemoteLayer;
+use crate::layer::{ReadData, RemoteLayer};
 
 /// How long the kernel may cache entries and attributes: the layer never changes.
 const TTL: Duration = Duration::from_secs(3600);
@@ -106,6 +106,10 @@ struct Backing {
     /// Daemon-served opens: handle → content node, and counts per node.
     cached_by_handle: HashMap<u64, u64>,
     cached_opens: HashMap<u64, u32>,
+    /// Whole-file mappings read by daemon-served opens, held until release:
+    /// mapping a large file again for every read (and tearing it down after)
+    /// cost more than copying the data.
+    held_maps: HashMap<u64, Arc<memmap2::Mmap>>,
 }
 
 impl Backing {
@@ -592,6 +596,7 @@ impl Filesystem for LayerFs {
     ) {
         let fh = u64::from(fh);
         let mut backing = self.backing.lock().expect("backing");
+        let held = backing.held_maps.remove(&fh);
         if backing.by_handle.remove(&fh).is_none() {
             if let Some(content) = backing.cached_by_handle.remove(&fh) {
                 if let Some(n) = backing.cached_opens.get_mut(&content) {
@@ -602,6 +607,8 @@ impl Filesystem for LayerFs {
                 }
             }
         }
+        drop(backing);
+        drop(held); // unmapped outside the lock
         reply.ok();
     }
 
@@ -609,7 +616,7 @@ impl Filesystem for LayerFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -625,7 +632,17 @@ impl Filesystem for LayerFs {
             o.read(&self.layer, i, offset, u64::from(size), req.pid());
         }
         match self.layer.read_blocking(&self.runtime, i, offset, size) {
-            Ok(data) => reply.data(data.as_slice()),
+            Ok(data) => {
+                reply.data(data.as_slice());
+                if let ReadData::Mapped(m, _) = data {
+                    if m.len() as u64 >= STREAM_MIN {
+                        let mut backing = self.backing.lock().expect("backing");
+                        if backing.cached_by_handle.contains_key(&u64::from(fh)) {
+                            backing.held_maps.entry(u64::from(fh)).or_insert(m);
+                        }
+                    }
+                }
+            }
             Err(_) => reply.error(Errno::EIO),
         }
     }
