@@ -6,6 +6,7 @@
 
 pub mod http;
 pub mod images;
+pub mod kernel;
 pub mod process;
 pub mod proxy;
 

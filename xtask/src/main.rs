@@ -6,13 +6,16 @@
 //! - `demo`: the main job, end to end on this machine.
 //! - `test`: setup, build, and run every test (what `.ci/run` calls).
 //! - `fuzz`: libFuzzer on the TOC parser and the tar reader.
-//! - `bench registry`: sluice-registry against the CNCF distribution registry.
+//! - `vm-test`: the kernel-facing tests in qemu guests on Debian's 6.1 and
+//!   6.12 kernels, and natively.
+//! - `bench …`: benchmarks (registry, convert, read, ebpf, load, start).
 
 mod bench;
 mod demo;
 mod fixtures;
 mod fuzz;
 mod setup;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -48,6 +51,9 @@ enum Command {
     /// Build the eBPF programs (puller-ebpf) for the bpf target and print
     /// where the object is (puller's build script does the same on its own).
     BuildEbpf,
+    /// Run the kernel-facing tests (vm-tests/) in qemu on Debian's 6.1 and
+    /// 6.12 kernels and natively; prints a per-kernel table.
+    VmTest(vm::Options),
     /// Benchmarks; each prints a table and writes JSON under target/bench/.
     Bench {
         #[command(subcommand)]
@@ -120,6 +126,10 @@ fn main() -> anyhow::Result<()> {
             targets,
             required: true,
         }),
+        Command::VmTest(opts) => {
+            setup::ensure()?;
+            vm::run(&opts)
+        }
         Command::Bench { which } => {
             setup::ensure()?;
             bench::run(which)
@@ -141,6 +151,18 @@ fn run_tests(args: &[String]) -> anyhow::Result<()> {
             required: false,
         })?;
     }
+    // The kernel-facing tests ran natively above; now on the kernels most
+    // nodes run.
+    let vm = if args.is_empty() {
+        vm::run(&vm::Options {
+            kernels: vec!["6.1".into(), "6.12".into()],
+            timeout_min: 20,
+            no_self_check: false,
+            args: Vec::new(),
+        })
+    } else {
+        Ok(())
+    };
     // One closing line for the whole run, whatever crate ran last.
     println!(
         "tests: {} passed, {} failed, {} skipped",
@@ -149,6 +171,7 @@ fn run_tests(args: &[String]) -> anyhow::Result<()> {
     if totals.failed > 0 || !totals.success {
         anyhow::bail!("{} test(s) failed", totals.failed.max(1));
     }
+    vm?;
     if totals.passed == 0 {
         anyhow::bail!("no test ran");
     }

@@ -31,6 +31,12 @@ const PACKAGES: &[(&str, &str)] = &[
         "protoc, for containerd's gRPC API (snapshotter build)",
     ),
     ("fonts-dejavu-core", "the font of the benchmark charts"),
+    (
+        "qemu-system-x86",
+        "boots Debian's 6.1 and 6.12 kernels for vm-test",
+    ),
+    ("xz-utils", "unpacks kernel modules for vm-test guests"),
+    ("binutils", "strips the vm-test binaries"),
 ];
 
 /// Prints a step header.

@@ -22,8 +22,7 @@ fn plain_image_runs_from_lazy_layers_under_overlayfs() {
     let dir = tempfile::tempdir().unwrap();
     let img = busybox_image(&dir.path().join("img"), Compression::Gzip);
     let registry = InProcessRegistry::start_with(&dir.path().join("registry"), "127.0.0.1:0", true);
-    sluice_testkit::push_layout(
-        dir.path(),
+    common::push_layout(
         &img.layout,
         &img.tag,
         &format!("{}/plain/busybox:v1", registry.addr),

@@ -8,8 +8,12 @@ use std::path::{Path, PathBuf};
 use sluice_format::chunked::ChunkingOptions;
 use sluice_format::layout::Compression;
 use sluice_format::oci::Manifest;
+use sluice_format::Digest;
 use sluice_puller::registry::RetryPolicy;
-use sluice_puller::{ImageRef, RegistryClient};
+use std::sync::Arc;
+
+use sluice_puller::fs::FsOptions;
+use sluice_puller::{ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
 use sluice_registry::storage::FsStorage;
 use sluice_registry::{Config, Registry};
 use sluice_testkit::images::busybox_image;
@@ -83,8 +87,7 @@ pub struct Fixture {
     pub roots: Vec<PathBuf>,
 }
 
-/// Builds the busybox test image, converts it to zstd:chunked and pushes it
-/// with skopeo.
+/// Builds the busybox test image, converts it to zstd:chunked and pushes it.
 pub fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let img = busybox_image(&dir.path().join("img"), Compression::Gzip);
@@ -100,7 +103,7 @@ pub fn fixture() -> Fixture {
 }
 
 /// Converts the image tagged `v1` in `layout` to zstd:chunked and pushes it
-/// with skopeo as `repo:v1` to a fresh in-process registry. `roots` are the
+/// as `repo:v1` to a fresh in-process registry. `roots` are the
 /// trees its layers were built from, bottom first.
 pub fn publish(
     dir: tempfile::TempDir,
@@ -114,7 +117,7 @@ pub fn publish(
     sluice_format::convert::convert_layout(layout, "v1", &lazy, "v1", chunking).unwrap();
     let registry = InProcessRegistry::start(&dir.path().join("registry"), "127.0.0.1:0");
     let reference = format!("{}/{repo}:v1", registry.addr);
-    sluice_testkit::push_layout(dir.path(), &lazy, "v1", &reference);
+    push_layout(&lazy, "v1", &reference);
     let image = ImageRef::parse(&reference).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = RegistryClient::new(RetryPolicy::default());
@@ -127,6 +130,94 @@ pub fn publish(
         roots,
         dir,
     }
+}
+
+/// Pushes the image tagged `tag` in an OCI layout to `reference` with
+/// sluice's own registry client: these tests also run in `cargo xtask
+/// vm-test` guests, which have no skopeo (the registry's tests cover skopeo).
+pub fn push_layout(layout: &Path, tag: &str, reference: &str) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let desc = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("no manifest tagged {tag} in {}", layout.display()));
+    let blob = |d: &Digest| {
+        bytes::Bytes::from(
+            std::fs::read(
+                layout
+                    .join("blobs")
+                    .join(d.algorithm().as_str())
+                    .join(d.hex()),
+            )
+            .unwrap(),
+        )
+    };
+    let digest: Digest = desc["digest"].as_str().unwrap().parse().unwrap();
+    let manifest_bytes = blob(&digest);
+    let manifest = Manifest::parse(&manifest_bytes).unwrap();
+    let image = ImageRef::parse(reference).unwrap();
+    let client = RegistryClient::new(RetryPolicy::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for d in manifest
+        .config
+        .iter()
+        .chain(manifest.layers.iter().flatten())
+    {
+        rt.block_on(client.push_blob(&image, blob(&d.digest)))
+            .unwrap();
+    }
+    let media_type = desc["mediaType"].as_str().unwrap();
+    rt.block_on(client.push_manifest(&image, tag, media_type, manifest_bytes))
+        .unwrap();
+}
+
+/// A layer of a [`Fixture`] mounted over FUSE (unmounted on drop).
+pub struct Mounted {
+    pub _session: fuser::BackgroundSession,
+    pub layer: Arc<RemoteLayer>,
+    pub path: PathBuf,
+}
+
+pub fn mount_layer(
+    rt: &tokio::runtime::Runtime,
+    f: &Fixture,
+    which: usize,
+    client: Arc<RegistryClient>,
+    cache: Arc<ChunkCache>,
+    opts: LayerOptions,
+    fs_opts: &FsOptions,
+) -> Mounted {
+    let desc = &f.manifest.layers.as_ref().unwrap()[which];
+    let layer = Arc::new(
+        rt.block_on(RemoteLayer::open(
+            client,
+            f.image.clone(),
+            desc,
+            cache,
+            opts,
+        ))
+        .unwrap(),
+    );
+    let path = f.dir.path().join(format!("mnt-{which}-{}", rand_suffix()));
+    std::fs::create_dir_all(&path).unwrap();
+    let session =
+        sluice_puller::fs::mount(layer.clone(), rt.handle().clone(), &path, fs_opts.clone())
+            .unwrap();
+    Mounted {
+        _session: session,
+        layer,
+        path,
+    }
+}
+
+pub fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 pub fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {

@@ -130,6 +130,21 @@ fn ebpf_programs_record_a_containers_reads_in_order() {
     // kernel on the cache's backing file; blob.bin (3 MiB) is read through
     // the FUSE daemon. Both must be seen, in order.
     let (source, rec, drops) = record(true, &["app/start.sh", "app/data/blob.bin"]);
+    if !sluice_testkit::kernel::has_filemap_tracepoints() {
+        // The documented fallback: one line in the log, and the FUSE daemon's
+        // view recorded instead (only reads that reach the daemon).
+        eprintln!(
+            "kernel {:?} has no filemap tracepoints: checking the FUSE-side fallback",
+            sluice_testkit::kernel::version()
+        );
+        assert_eq!(source, Source::Fuse);
+        assert!(
+            paths(&rec).contains(&"app/data/blob.bin".to_owned()),
+            "{:?}",
+            rec.profile
+        );
+        return;
+    }
     assert_eq!(
         source,
         Source::Ebpf,

@@ -1,0 +1,90 @@
+//! What this kernel offers sluice, measured rather than assumed. Printed as
+//! `FEATURE <name> <value>` lines, which `cargo xtask vm-test` collects from
+//! every kernel it boots into one table (the README's kernel table).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{fixture, mount_layer};
+use sluice_puller::fs::FsOptions;
+use sluice_puller::registry::RetryPolicy;
+use sluice_puller::trace::{AccessTracer, Source};
+use sluice_puller::{ChunkCache, LayerOptions, RegistryClient};
+use sluice_testkit::kernel;
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+#[test]
+fn kernel_features() {
+    assert!(sluice_testkit::is_root(), "FUSE mounts and eBPF need root");
+    let (major, minor) = kernel::version();
+    println!("FEATURE kernel {major}.{minor}");
+    for (category, name) in [
+        ("filemap", "mm_filemap_get_pages"),
+        ("filemap", "mm_filemap_fault"),
+        ("filemap", "mm_filemap_map_pages"),
+        ("sched", "sched_process_exec"),
+    ] {
+        println!(
+            "FEATURE tracepoint:{name} {}",
+            yes(kernel::has_tracepoint(category, name))
+        );
+    }
+    let ringbuf = aya::sys::is_map_supported(aya::maps::MapType::RingBuf).unwrap_or(false);
+    println!("FEATURE bpf-ringbuf {}", yes(ringbuf));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let f = fixture();
+    let cache_dir = f.dir.path().join("cache");
+    let (tracer, _done) =
+        AccessTracer::start(rt.handle(), &cache_dir, Duration::from_secs(2), 0, true);
+    let ebpf = tracer.source() == Source::Ebpf;
+    println!(
+        "FEATURE ebpf-tracer {}",
+        if ebpf { "ebpf" } else { "fuse-fallback" }
+    );
+    // The tracer needs the page-cache tracepoints and nothing else exotic.
+    assert_eq!(ebpf, kernel::has_filemap_tracepoints() && ringbuf);
+
+    // FUSE passthrough as the kernel negotiates it: a small file is fetched
+    // whole at open, and passed through if the kernel can.
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
+    let m = mount_layer(
+        &rt,
+        &f,
+        1,
+        client,
+        cache,
+        LayerOptions::default(),
+        &FsOptions::default(),
+    );
+    assert_eq!(
+        std::fs::read(m.path.join("app/start.sh")).unwrap(),
+        std::fs::read(f.roots[1].join("app/start.sh")).unwrap()
+    );
+    let passthrough = m
+        .layer
+        .stats
+        .passthrough_opens
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0;
+    println!("FEATURE fuse-passthrough {}", yes(passthrough));
+    assert_eq!(passthrough, kernel::has_fuse_passthrough());
+}
+
+/// Fails on purpose: `cargo xtask vm-test` selects it (it is ignored
+/// otherwise) to prove that a failing guest test fails the whole run.
+#[test]
+#[ignore = "fails on purpose; run by the vm-test harness's self-check"]
+fn deliberately_failing_for_the_harness_self_check() {
+    panic!("this test fails on purpose (vm-test harness self-check)");
+}
