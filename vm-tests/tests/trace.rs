@@ -14,6 +14,11 @@ use sluice_puller::registry::RetryPolicy;
 use sluice_puller::trace::{AccessTracer, Recording, Source};
 use sluice_puller::{ChunkCache, LayerOptions, RegistryClient, RemoteLayer};
 
+/// The recording window: long enough for both files to be read under qemu's
+/// emulation too (`cargo xtask vm-test`), where fetching and verifying the
+/// 3 MiB file alone takes over a second.
+const WINDOW: Duration = Duration::from_secs(6);
+
 /// Mounts the app layer of the busybox fixture with a tracer, runs
 /// `sh -c 'move into a new cgroup; exec cat FILES'`, and returns the
 /// recording of that cgroup.
@@ -27,8 +32,7 @@ fn record(try_ebpf: bool, files: &[&str]) -> (Source, Recording, u64) {
     let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
     let cache_dir = f.dir.path().join("cache");
     let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
-    let (tracer, mut done) =
-        AccessTracer::start(rt.handle(), &cache_dir, Duration::from_secs(2), 0, try_ebpf);
+    let (tracer, mut done) = AccessTracer::start(rt.handle(), &cache_dir, WINDOW, 0, try_ebpf);
     let (_, _, manifest) = rt.block_on(client.manifest(&f.image)).unwrap();
     let pinned = f.image.with_reference(manifest.to_string());
     let layer = Arc::new(
@@ -92,7 +96,7 @@ fn record(try_ebpf: bool, files: &[&str]) -> (Source, Recording, u64) {
     assert!(status.success());
     let recording = rt.block_on(async {
         loop {
-            let r = tokio::time::timeout(Duration::from_secs(15), done.recv())
+            let r = tokio::time::timeout(WINDOW * 4, done.recv())
                 .await
                 .expect("a recording within the window")
                 .expect("recorder alive");

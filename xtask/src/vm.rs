@@ -34,8 +34,22 @@ const KERNELS: &[(&str, &str)] = &[
     ("6.12", r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$"),
 ];
 
-/// Modules the tests need, by path under `kernel/` (unless built in).
-const MODULES: &[&str] = &["fs/fuse/fuse.ko", "fs/overlayfs/overlay.ko"];
+/// Modules the tests need, by path under `kernel/` (unless built in): FUSE
+/// and overlayfs, and a virtio disk with ext4 for the guest's /tmp. The
+/// tests' caches must sit on a page-cache filesystem as on a node: tmpfs
+/// reads bypass the filemap tracepoints the eBPF tracer follows.
+const MODULES: &[&str] = &[
+    "fs/fuse/fuse.ko",
+    "fs/overlayfs/overlay.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "drivers/block/virtio_blk.ko",
+    // ext4 asks for a crc32c driver at mount (by name: no modprobe here).
+    "crypto/crc32c_generic.ko",
+    "fs/ext4/ext4.ko",
+];
+
+/// Size of the guest's scratch disk (sparse on the host).
+const SCRATCH_BYTES: u64 = 4 << 30;
 
 /// The Debian python3 rootfs fixture is not packed into guests (hundreds of
 /// MB under emulation); its test runs natively in `cargo test`.
@@ -387,61 +401,95 @@ fn fetch_kernel(dir: &Path, short: &str) -> anyhow::Result<Kernel> {
 
 /// The modules of [`MODULES`] and what they depend on, dependencies first,
 /// decompressed into `out` (busybox's insmod takes plain `.ko` files).
+/// Dependencies come from each module's own `.modinfo` (`depends=`): the
+/// package ships no modules.dep, and depmod is not needed.
 fn modules(tree: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let builtin = std::fs::read_to_string(tree.join("modules.builtin")).unwrap_or_default();
-    let deps_file = std::fs::read_to_string(tree.join("modules.dep"))
-        .with_context(|| format!("reading {}", tree.join("modules.dep").display()))?;
-    let deps: BTreeMap<&str, Vec<&str>> = deps_file
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(m, d)| (m, d.split_whitespace().collect()))
-        .collect();
-    let mut order: Vec<&str> = Vec::new();
-    fn visit<'a>(m: &'a str, deps: &BTreeMap<&'a str, Vec<&'a str>>, order: &mut Vec<&'a str>) {
-        if order.contains(&m) {
-            return;
+    let mut by_name: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut stack = vec![tree.join("kernel")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(name) = module_name(&p) {
+                by_name.insert(name, p);
+            }
         }
-        for d in deps.get(m).into_iter().flatten() {
-            visit(d, deps, order);
+    }
+    let mut order: Vec<(String, Vec<u8>)> = Vec::new();
+    fn visit(
+        name: &str,
+        by_name: &BTreeMap<String, PathBuf>,
+        order: &mut Vec<(String, Vec<u8>)>,
+    ) -> anyhow::Result<()> {
+        if order.iter().any(|(n, _)| n == name) {
+            return Ok(());
         }
-        order.push(m);
+        let path = by_name
+            .get(name)
+            .with_context(|| format!("module {name} is not in the kernel package"))?;
+        let bytes = read_module(path)?;
+        for dep in modinfo_depends(&bytes) {
+            visit(&dep, by_name, order)?;
+        }
+        order.push((name.to_owned(), bytes));
+        Ok(())
     }
     for wanted in MODULES {
-        let rel = format!("kernel/{wanted}");
-        if builtin.lines().any(|l| l == rel) {
+        if builtin.lines().any(|l| l == format!("kernel/{wanted}")) {
             continue;
         }
-        let Some((&m, _)) = deps.iter().find(|(m, _)| m.starts_with(&rel)) else {
-            bail!("module {rel} is neither built in nor in {}", tree.display());
-        };
-        visit(m, &deps, &mut order);
+        let name = module_name(Path::new(wanted)).context("module name")?;
+        visit(&name, &by_name, &mut order)?;
     }
+    let _ = std::fs::remove_dir_all(out);
     std::fs::create_dir_all(out)?;
     let mut files = Vec::new();
-    for (i, m) in order.iter().enumerate() {
-        let src = tree.join(m);
-        let base = Path::new(m)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("module.ko");
-        let plain = base
-            .trim_end_matches(".xz")
-            .trim_end_matches(".zst")
-            .trim_end_matches(".gz");
-        let dest = out.join(format!("{i:02}-{plain}"));
-        let bytes = if m.ends_with(".xz") {
-            decompress("xz", &src)?
-        } else if m.ends_with(".zst") {
-            decompress("zstd", &src)?
-        } else if m.ends_with(".gz") {
-            decompress("gzip", &src)?
-        } else {
-            std::fs::read(&src)?
-        };
+    for (i, (name, bytes)) in order.iter().enumerate() {
+        let dest = out.join(format!("{i:02}-{name}.ko"));
         std::fs::write(&dest, bytes)?;
         files.push(dest);
     }
     Ok(files)
+}
+
+/// `fuse` for `.../fuse.ko[.xz|.zst|.gz]`, with `-` spelled `_` as the
+/// kernel does.
+fn module_name(path: &Path) -> Option<String> {
+    let file = path.file_name()?.to_str()?;
+    let stem = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"]
+        .iter()
+        .find_map(|ext| file.strip_suffix(ext))?;
+    Some(stem.replace('-', "_"))
+}
+
+fn read_module(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let name = path.to_string_lossy();
+    let tool = [(".xz", "xz"), (".zst", "zstd"), (".gz", "gzip")]
+        .iter()
+        .find(|(ext, _)| name.ends_with(ext))
+        .map(|(_, tool)| *tool);
+    match tool {
+        Some(tool) => decompress(tool, path),
+        None => Ok(std::fs::read(path)?),
+    }
+}
+
+/// The `depends=` entry of a module's `.modinfo` strings.
+fn modinfo_depends(module: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    module
+        .split(|b| *b == 0)
+        .find_map(|s| s.strip_prefix(key))
+        .map(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(|d| d.replace('-', "_"))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn decompress(tool: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -531,6 +579,19 @@ fn boot(
     let _ = std::fs::remove_dir_all(&run_dir);
     std::fs::create_dir_all(&run_dir)?;
     let cpio = initramfs(&run_dir, kernel, tests, args)?;
+    // ext2 (mounted by the ext4 driver): no journal, and no checksums that
+    // would need a crc32c module loaded on demand (there is no modprobe).
+    let scratch = run_dir.join("scratch.img");
+    std::fs::File::create(&scratch)?.set_len(SCRATCH_BYTES)?;
+    let ok = Command::new("mkfs.ext2")
+        .args(["-q", "-F"])
+        .arg(&scratch)
+        .status()
+        .context("running mkfs.ext2 (e2fsprogs)")?
+        .success();
+    if !ok {
+        bail!("mkfs.ext2 of the guest's scratch disk failed");
+    }
     let console = run_dir.join("console.log");
     let report = run_dir.join("report.log");
     let started = Instant::now();
@@ -541,6 +602,11 @@ fn boot(
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(&cpio)
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            scratch.display()
+        ))
         .args(["-append", "console=ttyS0 rdinit=/init panic=-1 quiet"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
@@ -560,6 +626,7 @@ fn boot(
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    let _ = std::fs::remove_file(&scratch);
     let text = std::fs::read_to_string(&report).unwrap_or_default();
     let mut o = parse_report(short, &text);
     o.seconds = started.elapsed().as_secs_f64();
@@ -615,15 +682,46 @@ fn native(tests: &[TestBinary], args: &[String]) -> anyhow::Result<Outcome> {
     Ok(o)
 }
 
-/// Reads a report as `vm-tests/guest/init` writes it: libtest's lines,
-/// `FEATURE` lines, and the init's `===` markers.
+/// Reads a report as `vm-tests/guest/init` writes it: libtest's summary and
+/// failure list per binary, `FEATURE` lines, and the init's `===` markers.
+/// (With `--nocapture`, a test's own output can share the line of its
+/// `test NAME ...` header, so counts come from the summaries.)
 fn parse_report(kernel: &str, text: &str) -> Outcome {
     let mut o = Outcome {
         kernel: kernel.to_owned(),
         ..Outcome::default()
     };
+    let count = |summary: &str, what: &str| -> u32 {
+        summary
+            .split(';')
+            .find_map(|part| part.trim().strip_suffix(what))
+            .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut in_failures = false;
     for line in text.lines() {
         let line = line.trim_end_matches('\r');
+        if let Some(at) = line.find("FEATURE ") {
+            if let Some((name, value)) = line[at + "FEATURE ".len()..].split_once(' ') {
+                o.features.insert(name.to_owned(), value.trim().to_owned());
+            }
+        }
+        if line == "failures:" {
+            in_failures = true;
+            continue;
+        }
+        if in_failures {
+            match line.strip_prefix("    ") {
+                Some(name) if !name.contains(' ') && !name.is_empty() => {
+                    if !o.failures.iter().any(|f| f == name) {
+                        o.failures.push(name.to_owned());
+                    }
+                    continue;
+                }
+                _ if line.is_empty() || line.starts_with("----") => continue,
+                _ => in_failures = false,
+            }
+        }
         if let Some(r) = line.strip_prefix("=== KERNEL ") {
             o.release = r.trim().to_owned();
         } else if let Some(rest) = line.strip_prefix("=== EXIT ") {
@@ -634,24 +732,10 @@ fn parse_report(kernel: &str, text: &str) -> Outcome {
             }
         } else if line.starts_with("=== DONE") {
             o.finished = true;
-        } else if let Some(rest) = line.strip_prefix("FEATURE ") {
-            if let Some((name, value)) = rest.split_once(' ') {
-                o.features.insert(name.to_owned(), value.trim().to_owned());
-            }
-        } else if let Some(rest) = line.strip_prefix("test ") {
-            // "test NAME ... ok" (output of --nocapture may share the line).
-            if let Some((name, result)) = rest.split_once(" ... ") {
-                match result.trim() {
-                    "ok" => o.passed += 1,
-                    "ignored" => o.ignored += 1,
-                    r if r.starts_with("ignored,") => o.ignored += 1,
-                    "FAILED" => {
-                        o.failed += 1;
-                        o.failures.push(name.to_owned());
-                    }
-                    _ => {}
-                }
-            }
+        } else if let Some(summary) = line.strip_prefix("test result: ") {
+            o.passed += count(summary, "passed");
+            o.failed += count(summary, "failed");
+            o.ignored += count(summary, "ignored");
         }
     }
     // A binary with a failed test also exits non-zero: report it once.
@@ -668,7 +752,8 @@ mod tests {
     #[test]
     fn a_report_with_a_failure_a_crash_or_no_end_is_not_ok() {
         let good = "=== KERNEL 6.1.0-50-amd64\n=== RUN fuse\nrunning 2 tests\n\
-                    test a ... ok\ntest b ... ignored, fails on purpose\nFEATURE bpf-ringbuf yes\n\
+                    test a ... FEATURE bpf-ringbuf yes\nok\ntest b ... ignored, on purpose\n\n\
+                    test result: ok. 1 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out\n\
                     === EXIT fuse 0\n=== DONE\n";
         let o = parse_report("6.1", good);
         assert!(o.ok(), "{o:?}");
@@ -679,17 +764,29 @@ mod tests {
         assert_eq!(o.features["bpf-ringbuf"], "yes");
 
         let failed = good
-            .replace("test a ... ok", "test a ... FAILED")
+            .replace("test a ... FEATURE bpf-ringbuf yes\nok", "test a ... FAILED\n\nfailures:\n\n---- a stdout ----\npanicked\n\nfailures:\n    a\n")
+            .replace("ok. 1 passed; 0 failed", "FAILED. 0 passed; 1 failed")
             .replace("fuse 0", "fuse 101");
         let o = parse_report("6.1", &failed);
         assert!(!o.ok());
-        assert_eq!(o.failures, ["a"]);
+        assert_eq!((o.failed, o.failures.clone()), (1, vec!["a".to_owned()]));
 
         let crashed = good.replace("fuse 0", "fuse 139");
         assert!(!parse_report("6.1", &crashed).ok());
 
         let unfinished = good.replace("=== DONE\n", "");
         assert!(!parse_report("6.1", &unfinished).ok());
+    }
+
+    #[test]
+    fn module_dependencies_come_from_modinfo() {
+        let ko = b"\x7fELF...\0license=GPL\0depends=libcrc32c,crc-t10dif\0name=x\0";
+        assert_eq!(modinfo_depends(ko), ["libcrc32c", "crc_t10dif"]);
+        assert!(modinfo_depends(b"\0depends=\0").is_empty());
+        assert_eq!(
+            module_name(Path::new("a/fs/fuse/fuse.ko.xz")).as_deref(),
+            Some("fuse")
+        );
     }
 
     #[test]
