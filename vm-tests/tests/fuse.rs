@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{fixture, mount_layer, walk, Fixture, InProcessRegistry, Mounted};
+use common::{fixture, mount_fresh, mount_layer, walk, Fixture, InProcessRegistry, Mounted};
 use sluice_format::chunked::ChunkingOptions;
 use sluice_format::layout::Compression;
 use sluice_puller::fs::FsOptions;
@@ -98,15 +98,11 @@ fn every_file_through_the_mount_equals_the_original() {
 fn random_and_concurrent_reads() {
     let f = fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
-    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
-    let m = mount_layer(
+    let (m, _) = mount_fresh(
         &rt,
         &f,
         1,
-        client,
-        cache,
-        LayerOptions::default(),
+        &f.dir.path().join("cache"),
         &FsOptions {
             passthrough: false,
             ..FsOptions::default()
@@ -275,18 +271,8 @@ fn corrupt_bytes_are_never_served_nor_cached() {
         ..FsOptions::default()
     };
     let cache_dir = f.dir.path().join("cache-mirror");
-    let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
-    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
     // The TOC comes from the registry itself; the mirror is added afterwards.
-    let m = mount_layer(
-        &rt,
-        &f,
-        1,
-        client.clone(),
-        cache,
-        LayerOptions::default(),
-        &no_passthrough,
-    );
+    let (m, client) = mount_fresh(&rt, &f, 1, &cache_dir, &no_passthrough);
     client
         .configure_host(
             &f.image.host,
@@ -305,17 +291,7 @@ fn corrupt_bytes_are_never_served_nor_cached() {
 
     // 2. The only source is corrupt: EIO, and nothing corrupt in the cache.
     let cache_dir = f.dir.path().join("cache-corrupt");
-    let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
-    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
-    let m = mount_layer(
-        &rt,
-        &f,
-        1,
-        client.clone(),
-        cache,
-        LayerOptions::default(),
-        &no_passthrough,
-    );
+    let (m, client) = mount_fresh(&rt, &f, 1, &cache_dir, &no_passthrough);
     // Three corrupt mirrors for three verification attempts: every attempt
     // gets answered, with bad bytes.
     client
@@ -353,13 +329,11 @@ fn corrupt_bytes_are_never_served_nor_cached() {
 fn app_layer_with_a_big_file() -> (Fixture, tokio::runtime::Runtime, Mounted, PathBuf, Vec<u8>) {
     let f = fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
-    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
     let opts = FsOptions {
         open_fetch_max: 64 * 1024,
         ..FsOptions::default()
     };
-    let m = mount_layer(&rt, &f, 1, client, cache, LayerOptions::default(), &opts);
+    let (m, _) = mount_fresh(&rt, &f, 1, &f.dir.path().join("cache"), &opts);
     let big = m.path.join("app/data/blob.bin");
     let original = std::fs::read(f.roots[1].join("app/data/blob.bin")).unwrap();
     (f, rt, m, big, original)
@@ -463,15 +437,11 @@ fn debian_python3_rootfs_reads_identically_through_the_mount() {
         vec![rootfs.clone()],
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
-    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
-    let m = mount_layer(
+    let (m, _) = mount_fresh(
         &rt,
         &f,
         0,
-        client,
-        cache,
-        LayerOptions::default(),
+        &f.dir.path().join("cache"),
         &FsOptions::default(),
     );
     let (layer, mnt) = (m.layer.clone(), m.path.clone());

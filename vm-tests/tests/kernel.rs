@@ -4,14 +4,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{fixture, mount_layer};
+use common::{fixture, mount_fresh};
 use sluice_puller::fs::FsOptions;
-use sluice_puller::registry::RetryPolicy;
 use sluice_puller::trace::{AccessTracer, Source};
-use sluice_puller::{ChunkCache, LayerOptions, RegistryClient};
 use sluice_testkit::kernel;
 
 fn yes(b: bool) -> &'static str {
@@ -56,17 +53,7 @@ fn kernel_features() {
 
     // FUSE passthrough as the kernel negotiates it: a small file is fetched
     // whole at open, and passed through if the kernel can.
-    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
-    let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
-    let m = mount_layer(
-        &rt,
-        &f,
-        1,
-        client,
-        cache,
-        LayerOptions::default(),
-        &FsOptions::default(),
-    );
+    let (m, _) = mount_fresh(&rt, &f, 1, &cache_dir, &FsOptions::default());
     assert_eq!(
         std::fs::read(m.path.join("app/start.sh")).unwrap(),
         std::fs::read(f.roots[1].join("app/start.sh")).unwrap()

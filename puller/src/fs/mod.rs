@@ -217,7 +217,8 @@ impl LayerFs {
                 dir.opaque = true;
                 continue;
             }
-            if name.starts_with(WHITEOUT_PREFIX) && name.len() > WHITEOUT_PREFIX.len() {
+            // A whiteout is listed under the name it hides.
+            if shown_name(name).len() != name.len() {
                 whiteouts[i] = true;
             } else if matches!(index.node(index.resolve(i)).kind, NodeKind::Dir) {
                 dir.subdirs += 1;

@@ -181,6 +181,7 @@ pub struct Mounted {
     pub path: PathBuf,
 }
 
+/// Mounts layer `which` of `f` with the given client, cache and options.
 pub fn mount_layer(
     rt: &tokio::runtime::Runtime,
     f: &Fixture,
@@ -211,6 +212,30 @@ pub fn mount_layer(
         layer,
         path,
     }
+}
+
+/// Mounts layer `which` of `f` with a client of default retries and a fresh
+/// 1 GiB chunk cache in `cache_dir`. The client is returned so that a test
+/// can point it at mirrors once the layer's TOC came from the registry.
+pub fn mount_fresh(
+    rt: &tokio::runtime::Runtime,
+    f: &Fixture,
+    which: usize,
+    cache_dir: &Path,
+    fs_opts: &FsOptions,
+) -> (Mounted, Arc<RegistryClient>) {
+    let cache = Arc::new(ChunkCache::open(cache_dir, 1 << 30).unwrap());
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let m = mount_layer(
+        rt,
+        f,
+        which,
+        client.clone(),
+        cache,
+        LayerOptions::default(),
+        fs_opts,
+    );
+    (m, client)
 }
 
 pub fn rand_suffix() -> u128 {
