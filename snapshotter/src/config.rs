@@ -29,6 +29,11 @@
 //! [registry]
 //! hosts_dir = "/etc/sluice/certs.d"   # <host>/hosts.toml, as containerd's config_path
 //! docker_config = ""                  # docker config.json with credentials; "" = none
+//!
+//! [cri]
+//! address = ""              # CRI image-service proxy socket for kubelet's
+//!                           # --image-service-endpoint; "" = off
+//! containerd_address = "/run/containerd/containerd.sock"  # where it forwards
 //! ```
 
 use std::path::PathBuf;
@@ -45,6 +50,25 @@ pub struct Config {
     pub cache: CacheConfig,
     pub profiles: ProfilesConfig,
     pub registry: RegistryConfig,
+    pub cri: CriConfig,
+}
+
+/// The CRI image-service proxy: kubelet pulls through it, so the credentials
+/// of its image pull secrets reach lazy pulls too.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriConfig {
+    pub address: PathBuf,
+    pub containerd_address: PathBuf,
+}
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        CriConfig {
+            address: PathBuf::new(),
+            containerd_address: "/run/containerd/containerd.sock".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +128,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             profiles: ProfilesConfig::default(),
             registry: RegistryConfig::default(),
+            cri: CriConfig::default(),
         }
     }
 }

@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, UnixListener};
 
 use crate::api::snapshots::snapshots_server::SnapshotsServer;
 use crate::config::Config;
+use crate::cri_proxy::CriProxy;
 use crate::metadata::Kind;
 use crate::metrics::SnapshotterMetrics;
 use crate::remote::{Profiles, RemoteLayers, RemoteOptions};
@@ -56,6 +57,8 @@ pub struct Daemon {
     config: Config,
     core: Arc<Snapshotter>,
     remote: Option<Arc<RemoteLayers>>,
+    /// The registry client of the lazy path (for the CRI proxy's credentials).
+    client: Option<Arc<RegistryClient>>,
     metrics: Arc<SnapshotterMetrics>,
 }
 
@@ -81,8 +84,10 @@ impl Daemon {
         )?);
         let puller_metrics = PullerMetrics::new(cache.clone());
         let metrics = SnapshotterMetrics::new(puller_metrics.clone());
+        let mut shared_client = None;
         let remote = if config.lazy.enabled {
             let client = Arc::new(registry_client(&config)?);
+            shared_client = Some(client.clone());
             let p = &config.profiles;
             let tracer = if p.record {
                 let whole_file_max = if config.lazy.passthrough {
@@ -143,6 +148,7 @@ impl Daemon {
             config,
             core,
             remote,
+            client: shared_client,
             metrics,
         })
     }
@@ -231,6 +237,20 @@ impl Daemon {
             tracing::info!(address = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics at /metrics, health at /healthz");
             Some(tokio::spawn(serve_metrics(l, self.metrics.clone())))
         };
+        let cri_task = if self.config.cri.address.as_os_str().is_empty() {
+            None
+        } else {
+            let l = Self::bind_socket(&self.config.cri.address)?;
+            tracing::info!(socket = %self.config.cri.address.display(),
+                containerd = %self.config.cri.containerd_address.display(),
+                "CRI image-service proxy (kubelet's --image-service-endpoint)");
+            let proxy = CriProxy::new(
+                self.config.cri.containerd_address.clone(),
+                self.client.clone(),
+                self.metrics.clone(),
+            );
+            Some(tokio::spawn(proxy.serve(l)))
+        };
         tracing::info!(socket = %self.config.address.display(), "serving containerd's Snapshots API");
         println!(
             "sluice-snapshotter listening on {}",
@@ -264,8 +284,11 @@ impl Daemon {
         }
         tracing::info!("shutting down: unmounting lazy layers");
         connections.shutdown().await;
-        if let Some(t) = metrics_task {
+        for t in [metrics_task, cri_task].into_iter().flatten() {
             t.abort();
+        }
+        if !self.config.cri.address.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.config.cri.address);
         }
         let _ = std::fs::remove_file(&self.config.address);
         if let Some(remote) = &self.remote {

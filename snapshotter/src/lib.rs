@@ -9,13 +9,17 @@
 //! - [`metadata`]: the crash-safe record of every snapshot (redb);
 //! - [`remote`]: from Prepare labels to a FUSE mount of the layer;
 //! - [`filters`]: containerd's filter language for `List`;
-//! - [`daemon`], [`config`], [`metrics`]: running it.
+//! - [`daemon`], [`config`], [`metrics`]: running it;
+//! - [`cri_proxy`]: kubelet's image service through sluice, for its pull secrets;
+//! - [`install`]: plugging it into containerd's config (and taking it out).
 
 pub mod api;
 pub mod config;
+pub mod cri_proxy;
 pub mod daemon;
 pub mod error;
 pub mod filters;
+pub mod install;
 pub mod metadata;
 pub mod metrics;
 pub mod remote;

@@ -21,6 +21,9 @@ pub struct SnapshotterMetrics {
     pub trace_dropped: Gauge,
     pub profiles_recorded: Counter,
     pub profiles_published: Counter,
+    /// Pulls kubelet made through the CRI proxy, by whether they carried
+    /// credentials.
+    pub cri_pulls: Family<Vec<(String, String)>, Counter>,
     pub puller: Arc<PullerMetrics>,
 }
 
@@ -57,6 +60,12 @@ impl SnapshotterMetrics {
             "Prefetch profiles pushed to the registry",
             profiles_published.clone(),
         );
+        let cri_pulls = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "cri_pulls",
+            "Image pulls kubelet made through the CRI proxy, by whether they carried credentials",
+            cri_pulls.clone(),
+        );
         Arc::new(SnapshotterMetrics {
             registry,
             layers,
@@ -64,6 +73,7 @@ impl SnapshotterMetrics {
             trace_dropped,
             profiles_recorded,
             profiles_published,
+            cri_pulls,
             puller,
         })
     }
@@ -71,6 +81,13 @@ impl SnapshotterMetrics {
     pub fn count_layer(&self, path: &str) {
         self.layers
             .get_or_create(&vec![("path".to_owned(), path.to_owned())])
+            .inc();
+    }
+
+    pub fn count_cri_pull(&self, with_credentials: bool) {
+        let value = if with_credentials { "yes" } else { "no" };
+        self.cri_pulls
+            .get_or_create(&vec![("credentials".to_owned(), value.to_owned())])
             .inc();
     }
 

@@ -371,26 +371,44 @@ impl Containerd {
     /// Starts containerd with `extra_config` appended to a minimal config
     /// (CRI disabled; add `[proxy_plugins…]` sections here).
     pub fn start(dir: &Path, extra_config: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("containerd test dir");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n{}{extra_config}\n",
+                Self::private_paths(dir)
+            ),
+        )
+        .expect("writing containerd config");
+        Self::start_with_config(dir, &config)
+    }
+
+    /// The top-level settings that give a containerd in `dir` its own root,
+    /// state and sockets (`root`, `state`, `[grpc]`, `[ttrpc]`), for configs
+    /// written by a test.
+    pub fn private_paths(dir: &Path) -> String {
+        let socket = dir.join("containerd.sock");
+        format!(
+            "root = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = socket.display(),
+        )
+    }
+
+    /// Starts containerd with a complete config file that uses
+    /// [`Containerd::private_paths`] for `dir`.
+    pub fn start_with_config(dir: &Path, config: &Path) -> Self {
         crate::require_tool("containerd", "containerd");
         crate::require_tool("ctr", "containerd");
         assert!(crate::is_root(), "containerd tests need root");
         std::fs::create_dir_all(dir).expect("containerd test dir");
         let socket = dir.join("containerd.sock");
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n{extra_config}\n",
-                root = dir.join("root").display(),
-                state = dir.join("state").display(),
-                sock = socket.display(),
-            ),
-        )
-        .expect("writing containerd config");
         let log = std::fs::File::create(dir.join("containerd.log")).expect("containerd log");
         let mut cmd = Command::new("containerd");
         cmd.arg("--config")
-            .arg(&config)
+            .arg(config)
             .stdout(Stdio::null())
             .stderr(log);
         let mut service = Service::spawn("containerd", &mut cmd);

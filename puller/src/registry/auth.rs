@@ -24,7 +24,52 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// Credentials as docker's config.json and CRI's `AuthConfig` carry them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AuthFields<'a> {
+    /// base64 of `user:password`.
+    pub auth: Option<&'a str>,
+    pub username: Option<&'a str>,
+    pub password: Option<&'a str>,
+    /// An OAuth2 refresh token, sent as the password (docker's convention).
+    pub identity_token: Option<&'a str>,
+}
+
 impl Credentials {
+    /// The credentials the fields give (`auth` first, then an identity token,
+    /// then user and password); `None` if they give none.
+    pub fn from_fields(f: &AuthFields<'_>) -> Result<Option<Self>, String> {
+        fn present(v: Option<&str>) -> Option<&str> {
+            v.filter(|v| !v.is_empty())
+        }
+        if let Some(auth) = present(f.auth) {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(auth.trim())
+                .map_err(|e| format!("auth: {e}"))?;
+            let raw = String::from_utf8(raw).map_err(|_| "auth: not UTF-8".to_owned())?;
+            let (u, p) = raw
+                .split_once(':')
+                .ok_or_else(|| "auth: expected base64 of user:password".to_owned())?;
+            return Ok(Some(Credentials {
+                username: u.to_owned(),
+                password: p.to_owned(),
+            }));
+        }
+        if let Some(token) = present(f.identity_token) {
+            return Ok(Some(Credentials {
+                username: present(f.username).unwrap_or("<token>").to_owned(),
+                password: token.to_owned(),
+            }));
+        }
+        Ok(match (present(f.username), present(f.password)) {
+            (Some(u), Some(p)) => Some(Credentials {
+                username: u.to_owned(),
+                password: p.to_owned(),
+            }),
+            _ => None,
+        })
+    }
+
     fn basic(&self) -> String {
         let raw = format!("{}:{}", self.username, self.password);
         format!(
@@ -76,6 +121,14 @@ fn challenge_params(challenge: &str) -> (String, HashMap<String, String>) {
 }
 
 impl TokenCache {
+    /// Drops the token of a repository (its credentials changed).
+    pub(super) fn forget(&self, host: &str, repo: &str) {
+        self.tokens
+            .lock()
+            .expect("token cache")
+            .remove(&(host.to_owned(), repo.to_owned()));
+    }
+
     /// The Authorization header to send first, if any is known.
     pub(super) fn header(
         &self,

@@ -17,9 +17,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use base64::Engine as _;
 use serde::Deserialize;
 
+use super::auth::AuthFields;
 use super::{Credentials, HostConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -206,29 +206,15 @@ pub fn parse_docker_config(text: &str) -> Result<HashMap<String, Credentials>, S
         } else {
             host
         };
-        let creds = if let Some(auth) = &a.auth {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(auth.trim())
-                .map_err(|e| format!("auths.{key}.auth: {e}"))?;
-            let raw = String::from_utf8(raw).map_err(|_| format!("auths.{key}.auth: not UTF-8"))?;
-            let (u, p) = raw
-                .split_once(':')
-                .ok_or_else(|| format!("auths.{key}.auth: expected base64 of user:password"))?;
-            Credentials {
-                username: u.to_owned(),
-                password: p.to_owned(),
-            }
-        } else if let Some(token) = &a.identitytoken {
-            Credentials {
-                username: a.username.clone().unwrap_or_else(|| "<token>".into()),
-                password: token.clone(),
-            }
-        } else if let (Some(u), Some(p)) = (&a.username, &a.password) {
-            Credentials {
-                username: u.clone(),
-                password: p.clone(),
-            }
-        } else {
+        let fields = AuthFields {
+            auth: a.auth.as_deref(),
+            username: a.username.as_deref(),
+            password: a.password.as_deref(),
+            identity_token: a.identitytoken.as_deref(),
+        };
+        let Some(creds) =
+            Credentials::from_fields(&fields).map_err(|e| format!("auths.{key}.{e}"))?
+        else {
             continue;
         };
         out.insert(host, creds);

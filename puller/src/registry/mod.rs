@@ -24,7 +24,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use sluice_format::Digest;
 
-pub use auth::Credentials;
+pub use auth::{AuthFields, Credentials};
 pub use reference::{ImageRef, ReferenceError};
 
 /// How requests are retried.
@@ -169,6 +169,9 @@ pub struct RegistryClient {
     /// Clients of endpoints with their own CA certificates, by `host[:port]`.
     tls_clients: Mutex<std::collections::HashMap<String, HttpClient>>,
     hosts: Mutex<std::collections::HashMap<String, HostConfig>>,
+    /// Credentials for one repository, learnt at run time (from kubelet's
+    /// image pull secrets through the CRI proxy); they win over the host's.
+    keychain: Mutex<std::collections::HashMap<(String, String), Credentials>>,
     tokens: auth::TokenCache,
     retry: RetryPolicy,
 }
@@ -220,6 +223,7 @@ impl RegistryClient {
             http: build_client(&[]).expect("a client with the system roots"),
             tls_clients: Mutex::new(Default::default()),
             hosts: Mutex::new(Default::default()),
+            keychain: Mutex::new(Default::default()),
             tokens: auth::TokenCache::default(),
             retry,
         }
@@ -256,6 +260,27 @@ impl RegistryClient {
             self.configure_host(&host, config)?;
         }
         Ok(())
+    }
+
+    /// Remembers credentials for `image`'s repository (replacing earlier
+    /// ones, and the token they got).
+    pub fn remember_credentials(&self, image: &ImageRef, creds: Credentials) {
+        let key = (image.host.clone(), image.repository.clone());
+        let mut keychain = self.keychain.lock().expect("keychain");
+        if keychain.get(&key) != Some(&creds) {
+            self.tokens.forget(&image.host, &image.repository);
+            keychain.insert(key, creds);
+        }
+    }
+
+    /// The credentials for `image`: its repository's, else its host's.
+    fn credentials(&self, image: &ImageRef) -> Option<Credentials> {
+        self.keychain
+            .lock()
+            .expect("keychain")
+            .get(&(image.host.clone(), image.repository.clone()))
+            .cloned()
+            .or_else(|| self.host_config(&image.host).credentials)
     }
 
     fn client_for(&self, url: &str) -> HttpClient {
@@ -436,7 +461,7 @@ impl RegistryClient {
             reason: error_chain(e),
         };
         let http = self.client_for(url);
-        let creds = self.host_config(&image.host).credentials;
+        let creds = self.credentials(image);
         let mut authorization = self
             .tokens
             .header(&image.host, &image.repository, creds.as_ref());

@@ -41,6 +41,22 @@ impl ImageRef {
         })
     }
 
+    /// Parses a reference as kubelet and docker write them, where the host
+    /// may be left out: `busybox` is `docker.io/library/busybox:latest`,
+    /// `team/app:1` is `docker.io/team/app:1`.
+    pub fn parse_normalized(s: &str) -> Result<Self, ReferenceError> {
+        let qualified = match s.split_once('/') {
+            Some((first, _))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                s.to_owned()
+            }
+            Some(_) => format!("docker.io/{s}"),
+            None => format!("docker.io/library/{s}"),
+        };
+        Self::parse(&qualified).map_err(|_| ReferenceError(s.to_owned()))
+    }
+
     /// The same repository at another reference (e.g. a digest).
     pub fn with_reference(&self, reference: impl Into<String>) -> Self {
         ImageRef {
@@ -83,5 +99,10 @@ mod tests {
         assert_eq!(ImageRef::parse("localhost/x").unwrap().reference, "latest");
         assert!(ImageRef::parse("busybox").is_err());
         assert!(ImageRef::parse("library/busybox:1").is_err());
+        let n = |s: &str| ImageRef::parse_normalized(s).unwrap().to_string();
+        assert_eq!(n("busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(n("team/app:1"), "docker.io/team/app:1");
+        assert_eq!(n("127.0.0.1:5000/a/b:v1"), "127.0.0.1:5000/a/b:v1");
+        assert!(ImageRef::parse_normalized("a/:x").is_err());
     }
 }

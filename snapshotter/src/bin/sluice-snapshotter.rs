@@ -5,15 +5,26 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use sluice_snapshotter::install::{self, Outcome, Restart, Settings};
 use sluice_snapshotter::{Config, Daemon};
 
 #[derive(Parser)]
 #[command(
     name = "sluice-snapshotter",
     version,
-    about = "containerd remote snapshotter that mounts image layers lazily"
+    about = "containerd remote snapshotter that mounts image layers lazily",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Node>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// Without a subcommand the daemon runs.
+#[derive(clap::Args)]
+struct ServeArgs {
     /// TOML configuration file (defaults are documented in docs/snapshotter.md).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -32,6 +43,67 @@ struct Cli {
     /// Docker config.json with registry credentials. Overrides `registry.docker_config`.
     #[arg(long)]
     docker_config: Option<PathBuf>,
+    /// Unix socket for the CRI image-service proxy. Overrides `cri.address`.
+    #[arg(long)]
+    cri_address: Option<PathBuf>,
+    /// containerd's socket, where the CRI proxy forwards. Overrides `cri.containerd_address`.
+    #[arg(long)]
+    containerd_address: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand)]
+enum Node {
+    /// Plug sluice into containerd's config (idempotent; keeps a backup) and
+    /// restart containerd if the config changed.
+    InstallNode {
+        #[command(flatten)]
+        target: NodeTarget,
+        /// The daemon's socket, written as `proxy_plugins.sluice.address`.
+        #[arg(long, default_value = "/run/sluice/snapshotter.sock")]
+        socket: String,
+        /// Leave the CRI plugin's snapshotter alone (nodes without Kubernetes).
+        #[arg(long)]
+        no_cri: bool,
+    },
+    /// Take sluice out of containerd's config (the backup back, byte for byte)
+    /// and restart containerd if the config changed.
+    UninstallNode {
+        #[command(flatten)]
+        target: NodeTarget,
+    },
+}
+
+#[derive(clap::Args)]
+struct NodeTarget {
+    /// containerd's config file.
+    #[arg(long, default_value = "/etc/containerd/config.toml")]
+    containerd_config: PathBuf,
+    /// How to restart containerd when its config changed (split at spaces, no shell).
+    #[arg(long, default_value = "systemctl restart containerd")]
+    restart_command: String,
+    /// Do not restart containerd.
+    #[arg(long, conflicts_with = "restart_command")]
+    no_restart: bool,
+    /// Run the restart command in the mount namespace of the host's PID 1
+    /// (from a privileged container with hostPID).
+    #[arg(long)]
+    host_namespace: bool,
+}
+
+impl NodeTarget {
+    fn restart(&self) -> Restart {
+        Restart {
+            command: if self.no_restart {
+                Vec::new()
+            } else {
+                self.restart_command
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect()
+            },
+            in_host_namespace: self.host_namespace,
+        }
+    }
 }
 
 /// Prints an error once, with the causes its message does not already quote
@@ -63,6 +135,39 @@ fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Node::InstallNode {
+            target,
+            socket,
+            no_cri,
+        }) => {
+            let settings = Settings {
+                socket,
+                cri: !no_cri,
+            };
+            let outcome =
+                install::install(&target.containerd_config, &settings, &target.restart())?;
+            report(&target.containerd_config, outcome, "now uses sluice");
+            Ok(())
+        }
+        Some(Node::UninstallNode { target }) => {
+            let outcome = install::uninstall(&target.containerd_config, &target.restart())?;
+            report(&target.containerd_config, outcome, "no longer uses sluice");
+            Ok(())
+        }
+    }
+}
+
+/// One line for the operator (the details are in the log).
+fn report(config: &std::path::Path, outcome: Outcome, changed: &str) {
+    match outcome {
+        Outcome::Unchanged => println!("{}: unchanged", config.display()),
+        Outcome::Changed => println!("{}: {changed}", config.display()),
+    }
+}
+
+fn serve(cli: ServeArgs) -> anyhow::Result<()> {
     let mut config = match &cli.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -85,6 +190,12 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(d) = cli.docker_config {
         config.registry.docker_config = d;
+    }
+    if let Some(a) = cli.cri_address {
+        config.cri.address = a;
+    }
+    if let Some(a) = cli.containerd_address {
+        config.cri.containerd_address = a;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
