@@ -211,6 +211,63 @@ fn uninstall_after_other_edits_keeps_them() {
     assert_eq!(restarts(&counter), 2);
 }
 
+/// The init container's way: the restart command runs in another process's
+/// mount namespace (`--host-namespace` is PID 1's, with hostPID in the pod;
+/// here a process in a mount namespace of its own stands in for it, since
+/// this machine's PID 1 is out of reach).
+#[test]
+fn restart_runs_in_another_mount_namespace() {
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let seen = dir.path().join("seen");
+    let script = dir.path().join("restart.sh");
+    std::fs::write(
+        &script,
+        format!("readlink /proc/self/ns/mnt > {}\n", seen.display()),
+    )
+    .unwrap();
+    let mut other = Command::new("unshare")
+        .args(["--mount", "--propagation", "unchanged", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let pid = other.id();
+    // unshare execs sleep once the namespace exists.
+    let own = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let theirs = loop {
+        let ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        if ns != own {
+            break ns;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let result = Command::new(workspace_binary("sluice-snapshotter"))
+        .args([
+            "install-node",
+            "--namespace-of",
+            &pid.to_string(),
+            "--containerd-config",
+        ])
+        .arg(&config)
+        .arg("--restart-command")
+        .arg(format!("/bin/sh {}", script.display()))
+        .output()
+        .unwrap();
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&seen).unwrap().trim(),
+        theirs.to_str().unwrap()
+    );
+}
+
 /// A config containerd itself would refuse is not touched, and says why.
 #[test]
 fn a_broken_config_is_left_alone_with_a_clear_error() {

@@ -8,12 +8,18 @@
 //! - `fuzz`: libFuzzer on the TOC parser and the tar reader.
 //! - `vm-test`: the kernel-facing tests in qemu guests on Debian's 6.1 and
 //!   6.12 kernels, and natively.
+//! - `image`: the node image (static daemon, OCI layout and archive), without
+//!   Docker; `--push REF`, `--check` (runs it with containerd).
+//! - `deploy-check`: helm lint/template of deploy/helm, every object validated
+//!   against the Kubernetes schemas, rendered configs parsed by the daemons.
 //! - `bench …`: benchmarks (registry, convert, read, ebpf, load, start).
 
 mod bench;
 mod demo;
+mod deploy;
 mod fixtures;
 mod fuzz;
+mod image;
 mod setup;
 mod vm;
 
@@ -54,6 +60,12 @@ enum Command {
     /// Run the kernel-facing tests (vm-tests/) in qemu on Debian's 6.1 and
     /// 6.12 kernels and natively; prints a per-kernel table.
     VmTest(vm::Options),
+    /// Build the node image (OCI layout + archive under target/image/);
+    /// optionally push it and check that it runs.
+    Image(image::Options),
+    /// Lint and render the Helm chart, validate every object, parse the
+    /// rendered configs, check the plain manifests are current.
+    DeployCheck(deploy::Options),
     /// Benchmarks; each prints a table and writes JSON under target/bench/.
     Bench {
         #[command(subcommand)]
@@ -130,6 +142,14 @@ fn main() -> anyhow::Result<()> {
             setup::ensure()?;
             vm::run(&opts)
         }
+        Command::DeployCheck(opts) => {
+            setup::ensure()?;
+            deploy::run(&opts)
+        }
+        Command::Image(opts) => {
+            setup::ensure()?;
+            image::run(&opts)
+        }
         Command::Bench { which } => {
             setup::ensure()?;
             bench::run(which)
@@ -151,6 +171,21 @@ fn run_tests(args: &[String]) -> anyhow::Result<()> {
             required: false,
         })?;
     }
+    // Deployment: the chart and its manifests, then the node image built
+    // and run for real.
+    let deploy = if args.is_empty() {
+        deploy::run(&deploy::Options {
+            write_manifests: false,
+        })
+        .and_then(|()| {
+            image::run(&image::Options {
+                push: None,
+                check: true,
+            })
+        })
+    } else {
+        Ok(())
+    };
     // The kernel-facing tests ran natively above; now on the kernels most
     // nodes run.
     let vm = if args.is_empty() {
@@ -171,6 +206,7 @@ fn run_tests(args: &[String]) -> anyhow::Result<()> {
     if totals.failed > 0 || !totals.success {
         anyhow::bail!("{} test(s) failed", totals.failed.max(1));
     }
+    deploy?;
     vm?;
     if totals.passed == 0 {
         anyhow::bail!("no test ran");

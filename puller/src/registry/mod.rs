@@ -10,6 +10,7 @@
 
 mod auth;
 pub mod hosts;
+mod push;
 mod reference;
 
 use std::ops::Range;
@@ -25,6 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use sluice_format::Digest;
 
 pub use auth::{AuthFields, Credentials};
+pub use push::PushError;
 pub use reference::{ImageRef, ReferenceError};
 
 /// How requests are retried.

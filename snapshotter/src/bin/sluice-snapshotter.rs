@@ -88,6 +88,9 @@ struct NodeTarget {
     /// (from a privileged container with hostPID).
     #[arg(long)]
     host_namespace: bool,
+    /// Run the restart command in the mount namespace of this process instead.
+    #[arg(long, value_name = "PID", conflicts_with = "host_namespace")]
+    namespace_of: Option<u32>,
 }
 
 impl NodeTarget {
@@ -101,7 +104,7 @@ impl NodeTarget {
                     .map(str::to_owned)
                     .collect()
             },
-            in_host_namespace: self.host_namespace,
+            namespace_of: self.namespace_of.or(self.host_namespace.then_some(1)),
         }
     }
 }

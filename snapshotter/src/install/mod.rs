@@ -43,10 +43,10 @@ pub struct Restart {
     /// The program and its arguments (split at whitespace; no shell is
     /// needed, the node image has none). Empty: do not restart.
     pub command: Vec<String>,
-    /// Run it in the mount namespace of the host's PID 1 (with `hostPID`),
-    /// where `systemctl` and the system bus are: what an init container of
-    /// the DaemonSet needs.
-    pub in_host_namespace: bool,
+    /// Run it in the mount namespace of this process (by PID): `Some(1)`,
+    /// the host's init with `hostPID`, is where `systemctl` and the system
+    /// bus are: what an init container of the DaemonSet needs.
+    pub namespace_of: Option<u32>,
 }
 
 /// What an install or uninstall did.
@@ -215,9 +215,13 @@ fn restart_containerd(restart: &Restart) -> Result<(), InstallError> {
     };
     let mut cmd = Command::new(program);
     cmd.args(args);
-    if restart.in_host_namespace {
-        let ns = std::fs::File::open("/proc/1/ns/mnt")
-            .map_err(|e| failed(format!("opening /proc/1/ns/mnt (is hostPID set?): {e}")))?;
+    if let Some(pid) = restart.namespace_of {
+        let path = format!("/proc/{pid}/ns/mnt");
+        let ns = std::fs::File::open(&path).map_err(|e| {
+            failed(format!(
+                "opening {path} (needs a privileged container with hostPID): {e}"
+            ))
+        })?;
         use std::os::fd::AsRawFd;
         let fd = ns.as_raw_fd();
         // SAFETY: between fork and exec only async-signal-safe calls: setns(2).

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use sluice_format::chunked::ChunkingOptions;
 use sluice_format::layout::Compression;
 use sluice_format::oci::Manifest;
-use sluice_format::Digest;
 use sluice_puller::registry::RetryPolicy;
 use std::sync::Arc;
 
@@ -136,42 +135,11 @@ pub fn publish(
 /// sluice's own registry client: these tests also run in `cargo xtask
 /// vm-test` guests, which have no skopeo (the registry's tests cover skopeo).
 pub fn push_layout(layout: &Path, tag: &str, reference: &str) {
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let desc = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-        .unwrap_or_else(|| panic!("no manifest tagged {tag} in {}", layout.display()));
-    let blob = |d: &Digest| {
-        bytes::Bytes::from(
-            std::fs::read(
-                layout
-                    .join("blobs")
-                    .join(d.algorithm().as_str())
-                    .join(d.hex()),
-            )
-            .unwrap(),
-        )
-    };
-    let digest: Digest = desc["digest"].as_str().unwrap().parse().unwrap();
-    let manifest_bytes = blob(&digest);
-    let manifest = Manifest::parse(&manifest_bytes).unwrap();
     let image = ImageRef::parse(reference).unwrap();
     let client = RegistryClient::new(RetryPolicy::default());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    for d in manifest
-        .config
-        .iter()
-        .chain(manifest.layers.iter().flatten())
-    {
-        rt.block_on(client.push_blob(&image, blob(&d.digest)))
-            .unwrap();
-    }
-    let media_type = desc["mediaType"].as_str().unwrap();
-    rt.block_on(client.push_manifest(&image, tag, media_type, manifest_bytes))
-        .unwrap();
+    rt.block_on(client.push_layout(layout, tag, &image))
+        .unwrap_or_else(|e| panic!("pushing {} to {reference}: {e}", layout.display()));
 }
 
 /// A layer of a [`Fixture`] mounted over FUSE (unmounted on drop).
