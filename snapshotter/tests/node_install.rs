@@ -186,6 +186,47 @@ fn install_and_uninstall_on_real_containerd_configs() {
     }
 }
 
+/// A config that already plugs sluice in by hand (as docs/snapshotter.md
+/// shows): install changes nothing and restarts nothing; containerd runs
+/// with it; uninstall (no backup exists) takes sluice's settings out.
+#[test]
+fn a_config_patched_by_hand_is_left_as_it_is() {
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snapshotter = SluiceSnapshotter::start(
+        &workspace_binary("sluice-snapshotter"),
+        &dir.path().join("sluice"),
+    );
+    let cdir = dir.path().join("containerd");
+    let config = dir.path().join("config.toml");
+    let counter = dir.path().join("restarts");
+    let by_hand = format!(
+        "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n{}\n[proxy_plugins.sluice]\n  type = \"snapshot\"\n  address = \"{}\"\n\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"sluice\"\n  disable_snapshot_annotations = false\n",
+        Containerd::private_paths(&cdir),
+        snapshotter.socket.display()
+    );
+    std::fs::write(&config, &by_hand).unwrap();
+    let out = node_command("install-node", &config, Some(&snapshotter.socket), &counter);
+    assert!(out.contains("unchanged"), "{out}");
+    assert_eq!(restarts(&counter), 0);
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), by_hand);
+    let containerd = Containerd::start_with_config(&cdir, &config);
+    assert!(plugins(&containerd).contains(&(
+        "io.containerd.snapshotter.v1".into(),
+        "sluice".into(),
+        "ok".into()
+    )));
+    containerd.service.stop();
+    let out = node_command("uninstall-node", &config, None, &counter);
+    assert!(out.contains("no longer uses sluice"), "{out}");
+    let after = std::fs::read_to_string(&config).unwrap();
+    assert!(!after.contains("sluice"), "{after}");
+    assert!(after.contains("disabled_plugins"), "{after}");
+    assert_eq!(restarts(&counter), 1);
+}
+
 /// A config edited by someone else after the install: uninstall takes only
 /// sluice's settings out, keeps the other edit and the backup.
 #[test]

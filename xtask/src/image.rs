@@ -33,6 +33,14 @@ pub struct Options {
     /// Run the image with a private containerd and check /healthz.
     #[arg(long)]
     pub check: bool,
+    /// Credentials for --push (docker config.json) [default:
+    /// ~/.docker/config.json if it exists].
+    #[arg(long)]
+    pub docker_config: Option<PathBuf>,
+    /// TLS CAs, mirrors and plain HTTP for --push, containerd's
+    /// <host>/hosts.toml layout.
+    #[arg(long, default_value = "/etc/sluice/certs.d")]
+    pub hosts_dir: PathBuf,
 }
 
 const BINARY: &str = "sluice-snapshotter";
@@ -80,7 +88,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         archive.display()
     );
     if let Some(reference) = &opts.push {
-        push(&layout, tag, reference)?;
+        let docker_config = opts.docker_config.clone().or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| Path::new(&h).join(".docker/config.json"))
+                .filter(|p| p.is_file())
+        });
+        let client = sluice_puller::RegistryClient::new(Default::default());
+        client
+            .configure_hosts(sluice_puller::registry::hosts::load(
+                &opts.hosts_dir,
+                docker_config.as_deref(),
+            )?)
+            .context("registry configuration for --push")?;
+        push_with(&client, &layout, tag, reference)?;
     }
     if opts.check {
         check(&layout, &archive, tag)?;
@@ -353,11 +373,25 @@ fn healthz(port: u16) -> Option<String> {
     Some(reply)
 }
 
+/// Pushes with a client that has no configuration (the check's local registry).
 fn push(layout: &Path, tag: &str, reference: &str) -> anyhow::Result<()> {
-    step(&format!("pushing the node image to {reference}"));
+    push_with(
+        &sluice_puller::RegistryClient::new(Default::default()),
+        layout,
+        tag,
+        reference,
+    )
+}
+
+fn push_with(
+    client: &sluice_puller::RegistryClient,
+    layout: &Path,
+    tag: &str,
+    reference: &str,
+) -> anyhow::Result<()> {
+    step(&format!("pushing {} to {reference}", layout.display()));
     let image = sluice_puller::ImageRef::parse(reference)
         .with_context(|| format!("{reference:?} is not host[:port]/repository:tag"))?;
-    let client = sluice_puller::RegistryClient::new(Default::default());
     let rt = tokio::runtime::Runtime::new()?;
     let digest = rt
         .block_on(client.push_layout(layout, tag, &image))

@@ -181,6 +181,8 @@ fn run_tests(args: &[String]) -> anyhow::Result<()> {
             image::run(&image::Options {
                 push: None,
                 check: true,
+                docker_config: None,
+                hosts_dir: "/etc/sluice/certs.d".into(),
             })
         })
     } else {

@@ -14,7 +14,7 @@ use super::{FetchError, ImageRef, RegistryClient};
 pub enum PushError {
     #[error("{path}: {reason}")]
     Layout { path: PathBuf, reason: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Registry(#[from] FetchError),
 }
 
