@@ -309,6 +309,44 @@ fn restart_runs_in_another_mount_namespace() {
     );
 }
 
+/// A full disk: the install fails saying so, containerd's config is as it
+/// was, and no partial file is left behind.
+#[test]
+fn a_full_disk_loses_nothing() {
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&small));
+    let config = small.join("config.toml");
+    let original = format!("version = 2\n# {}\n", "x".repeat(20_000));
+    std::fs::write(&config, &original).unwrap();
+    // Fill the rest: no room for the backup.
+    let _ = std::fs::write(small.join("filler"), vec![0u8; 64 * 1024]);
+    let out = Command::new(workspace_binary("sluice-snapshotter"))
+        .args(["install-node", "--no-restart", "--containerd-config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let names: Vec<String> = std::fs::read_dir(&small)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let after = std::fs::read_to_string(&config).unwrap();
+    run(Command::new("umount").arg(&small));
+    assert!(!out.status.success());
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(after, original);
+    let mut names = names;
+    names.sort();
+    assert_eq!(names, ["config.toml", "filler"]);
+}
+
 /// A config containerd itself would refuse is not touched, and says why.
 #[test]
 fn a_broken_config_is_left_alone_with_a_clear_error() {

@@ -82,13 +82,26 @@ fn read_optional(path: &Path) -> Result<Option<String>, InstallError> {
 }
 
 /// Replaces `path` atomically (temporary file in the same directory, fsync,
-/// rename), keeping the mode and owner of the file it replaces.
+/// rename), keeping the mode and owner of the file it replaces. On failure
+/// (a full disk) `path` is as it was and the temporary file is gone.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), InstallError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     let tmp = with_suffix(path, ".sluice-tmp");
+    let result = write_then_rename(path, &tmp, bytes);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn write_then_rename(path: &Path, tmp: &Path, bytes: &[u8]) -> Result<(), InstallError> {
     let ctx = format!("writing {}", tmp.display());
-    let mut f = std::fs::File::create(&tmp).map_err(io(ctx.clone()))?;
+    let mut f = std::fs::File::create(tmp).map_err(io(ctx.clone()))?;
     f.write_all(bytes).map_err(io(ctx.clone()))?;
     match std::fs::metadata(path) {
         Ok(meta) => {
@@ -102,11 +115,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), InstallError> {
             .map_err(io(ctx.clone()))?,
     }
     f.sync_all().map_err(io(ctx))?;
-    std::fs::rename(&tmp, path).map_err(io(format!("replacing {}", path.display())))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    std::fs::rename(tmp, path).map_err(io(format!("replacing {}", path.display())))
 }
 
 fn config_error(path: &Path) -> impl FnOnce(ConfigError) -> InstallError + '_ {
