@@ -6,7 +6,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{lazy_mounts_under, needs_root, node, sha256_file, walk_files, Node};
+use common::{lazy_mounts_under, needs_root, node, private_busybox, sha256_file, walk_files, Node};
 
 use sluice_format::layout::Compression;
 use sluice_testkit::images::busybox_image;
@@ -325,35 +325,7 @@ async fn registry_credentials_from_a_docker_config() {
     }
     use base64::Engine as _;
     let dir = tempfile::tempdir().unwrap();
-    let htpasswd = dir.path().join("htpasswd");
-    std::fs::write(
-        &htpasswd,
-        format!("puller:{}\n", bcrypt::hash("s3cret", 4).unwrap()),
-    )
-    .unwrap();
-    let reg = SluiceRegistry::start(
-        &workspace_binary("sluice-registry"),
-        &dir.path().join("registry"),
-        &["--htpasswd", htpasswd.to_str().unwrap()],
-    );
-    let image = busybox_image(&dir.path().join("image"), Compression::Gzip);
-    let reference = format!("{}/private/busybox:v1", reg.host());
-    run(skopeo(dir.path())
-        .args([
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            "puller:s3cret",
-        ])
-        .arg(image.oci_ref())
-        .arg(format!("docker://{reference}")));
-    reg.wait_for_twin_with_auth(
-        "private/busybox",
-        &image.manifest.digest.to_string(),
-        ("puller", "s3cret"),
-    )
-    .await;
+    let (reg, reference) = private_busybox(dir.path(), "puller", "s3cret").await;
 
     let docker_config = dir.path().join("config.json");
     let auth = base64::engine::general_purpose::STANDARD.encode("puller:s3cret");

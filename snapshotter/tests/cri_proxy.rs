@@ -8,17 +8,15 @@ mod common;
 use std::path::Path;
 
 use bytes::Bytes;
-use common::needs_root;
+use common::{needs_root, private_busybox};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message as _;
-use sluice_format::layout::Compression;
 use sluice_snapshotter::cri_proxy::messages::{
     AuthConfig, ImageSpec, PullImageRequest, PullImageResponse,
 };
-use sluice_testkit::images::busybox_image;
-use sluice_testkit::process::{Containerd, SluiceRegistry, SluiceSnapshotter};
-use sluice_testkit::{run, skopeo, workspace_binary};
+use sluice_testkit::process::{Containerd, SluiceSnapshotter};
+use sluice_testkit::{run, workspace_binary};
 
 /// One unary gRPC call over a unix socket, as kubelet makes it: returns
 /// grpc-status, grpc-message and the reply message bytes.
@@ -89,35 +87,7 @@ async fn kubelet_pull_secrets_reach_lazy_pulls_through_the_cri_proxy() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let htpasswd = dir.path().join("htpasswd");
-    std::fs::write(
-        &htpasswd,
-        format!("kubelet:{}\n", bcrypt::hash("pull-secret", 4).unwrap()),
-    )
-    .unwrap();
-    let reg = SluiceRegistry::start(
-        &workspace_binary("sluice-registry"),
-        &dir.path().join("registry"),
-        &["--htpasswd", htpasswd.to_str().unwrap()],
-    );
-    let image = busybox_image(&dir.path().join("image"), Compression::Gzip);
-    let reference = format!("{}/private/busybox:v1", reg.host());
-    run(skopeo(dir.path())
-        .args([
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            "kubelet:pull-secret",
-        ])
-        .arg(image.oci_ref())
-        .arg(format!("docker://{reference}")));
-    reg.wait_for_twin_with_auth(
-        "private/busybox",
-        &image.manifest.digest.to_string(),
-        ("kubelet", "pull-secret"),
-    )
-    .await;
+    let (reg, reference) = private_busybox(dir.path(), "kubelet", "pull-secret").await;
 
     // containerd with its CRI plugin, plain HTTP to the test registry, and
     // sluice plugged in by the installer.

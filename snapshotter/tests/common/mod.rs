@@ -241,3 +241,39 @@ pub fn converted_layer_bytes(layout: &Path) -> u64 {
         .map(|l| l["size"].as_u64().unwrap())
         .sum()
 }
+
+/// A busybox test image pushed (gzip, by skopeo) to a sluice registry that
+/// requires `user`:`password`, converted into its lazy twin. Returns the
+/// registry and the image reference.
+pub async fn private_busybox(
+    dir: &Path,
+    user: &str,
+    password: &str,
+) -> (sluice_testkit::process::SluiceRegistry, String) {
+    use sluice_format::layout::Compression;
+    let htpasswd = dir.join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        format!("{user}:{}\n", bcrypt::hash(password, 4).unwrap()),
+    )
+    .unwrap();
+    let reg = sluice_testkit::process::SluiceRegistry::start(
+        &workspace_binary("sluice-registry"),
+        &dir.join("registry"),
+        &["--htpasswd", htpasswd.to_str().unwrap()],
+    );
+    let image = sluice_testkit::images::busybox_image(&dir.join("image"), Compression::Gzip);
+    let reference = format!("{}/private/busybox:v1", reg.host());
+    run(sluice_testkit::skopeo(dir)
+        .args(["copy", "--quiet", "--dest-tls-verify=false", "--dest-creds"])
+        .arg(format!("{user}:{password}"))
+        .arg(image.oci_ref())
+        .arg(format!("docker://{reference}")));
+    reg.wait_for_twin_with_auth(
+        "private/busybox",
+        &image.manifest.digest.to_string(),
+        (user, password),
+    )
+    .await;
+    (reg, reference)
+}
