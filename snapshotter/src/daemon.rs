@@ -60,6 +60,8 @@ pub struct Daemon {
     /// The registry client of the lazy path (for the CRI proxy's credentials).
     client: Option<Arc<RegistryClient>>,
     metrics: Arc<SnapshotterMetrics>,
+    /// Runs (on a blocking thread) once containerd can reach the socket.
+    after_listening: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Builds the registry client from the configured hosts dir and docker config.
@@ -150,6 +152,7 @@ impl Daemon {
             remote,
             client: shared_client,
             metrics,
+            after_listening: None,
         })
     }
 
@@ -220,9 +223,19 @@ impl Daemon {
         Ok(listener)
     }
 
+    /// Runs `hook` on a blocking thread as soon as the snapshots socket
+    /// accepts connections: how the daemon plugs itself into containerd's
+    /// config only once containerd can reach it.
+    pub fn after_listening(&mut self, hook: impl FnOnce() + Send + 'static) {
+        self.after_listening = Some(Box::new(hook));
+    }
+
     /// Serves until `shutdown` completes, then unmounts the lazy layers.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let listener = Self::bind_socket(&self.config.address)?;
+        if let Some(hook) = self.after_listening.take() {
+            tokio::task::spawn_blocking(hook);
+        }
         let service = SnapshotsServer::new(SnapshotService::new(
             self.core.clone(),
             self.remote.clone(),

@@ -227,6 +227,86 @@ fn a_config_patched_by_hand_is_left_as_it_is() {
     assert_eq!(restarts(&counter), 1);
 }
 
+/// The DaemonSet's way: the daemon plugs itself in once it serves, so
+/// containerd never names a snapshotter that is not up; a config it cannot
+/// patch stops it with the reason.
+#[test]
+fn the_daemon_installs_itself_once_serving() {
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cdir = dir.path().join("containerd");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let config = cdir.join("config.toml");
+    let original = format!(
+        "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n{}",
+        Containerd::private_paths(&cdir)
+    );
+    std::fs::write(&config, &original).unwrap();
+    let counter = dir.path().join("restarts");
+    let script = dir.path().join("restart.sh");
+    std::fs::write(&script, format!("echo restart >> {}\n", counter.display())).unwrap();
+    let restart = format!("/bin/sh {}", script.display());
+    let snapshotter = SluiceSnapshotter::start_with_args(
+        &workspace_binary("sluice-snapshotter"),
+        &dir.path().join("sluice"),
+        &[
+            "--hosts-dir",
+            dir.path().join("no-hosts").to_str().unwrap(),
+            "--install-node",
+            "--containerd-config",
+            config.to_str().unwrap(),
+            "--restart-command",
+            &restart,
+        ],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while restarts(&counter) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no install within 20 s:\n{}",
+            snapshotter.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let patched = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        patched.contains(&format!("address = \"{}\"", snapshotter.socket.display())),
+        "{patched}"
+    );
+    let containerd = Containerd::start_with_config(&cdir, &config);
+    assert!(plugins(&containerd).contains(&(
+        "io.containerd.snapshotter.v1".into(),
+        "sluice".into(),
+        "ok".into()
+    )));
+    containerd.service.stop();
+    snapshotter.service.stop();
+
+    // A config that cannot be patched: the daemon stops and says why.
+    std::fs::write(&config, "version = 2\nproxy_plugins = 1\n").unwrap();
+    let out = Command::new(workspace_binary("sluice-snapshotter"))
+        .arg("--root")
+        .arg(dir.path().join("sluice2"))
+        .arg("--address")
+        .arg(dir.path().join("sluice2.sock"))
+        .args(["--metrics-address", "", "--install-node", "--no-restart"])
+        .arg("--hosts-dir")
+        .arg(dir.path().join("no-hosts"))
+        .arg("--containerd-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("`proxy_plugins` is not a table"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        "version = 2\nproxy_plugins = 1\n"
+    );
+}
+
 /// A config edited by someone else after the install: uninstall takes only
 /// sluice's settings out, keeps the other edit and the backup.
 #[test]

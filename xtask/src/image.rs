@@ -246,6 +246,7 @@ fn daemonset_spec(
     args: &[&str],
     state: &Path,
     sockets: &Path,
+    containerd_config_dir: &Path,
 ) -> anyhow::Result<serde_json::Value> {
     use serde_json::json;
     let out = containerd.ctr().args(["oci", "spec"]).output()?;
@@ -353,6 +354,11 @@ fn daemonset_spec(
     );
     mounts.push(bind(state, &state.display().to_string(), &["rshared"]));
     mounts.push(bind(sockets, "/run/sluice", &[]));
+    mounts.push(bind(
+        containerd_config_dir,
+        &containerd_config_dir.display().to_string(),
+        &[],
+    ));
     for host in ["/sys/kernel/tracing", "/sys/fs/bpf"] {
         if Path::new(host).is_dir() {
             mounts.push(bind(Path::new(host), host, &[]));
@@ -525,6 +531,12 @@ fn run_daemon_and_pull(
             .arg(&rootfs)
             .output();
     };
+    // The daemon patches a containerd config once it serves, as in the
+    // DaemonSet (restarting is left out: this containerd is configured).
+    let node_config_dir = dir.join("etc-containerd");
+    std::fs::create_dir_all(&node_config_dir)?;
+    let node_config = node_config_dir.join("config.toml");
+    std::fs::write(&node_config, "version = 2\n")?;
     let spec = dir.join("daemonset-spec.json");
     std::fs::write(
         &spec,
@@ -539,9 +551,14 @@ fn run_daemon_and_pull(
                 &format!("127.0.0.1:{port}"),
                 "--root",
                 &state.display().to_string(),
+                "--install-node",
+                "--no-restart",
+                "--containerd-config",
+                &node_config.display().to_string(),
             ],
             state,
             sockets,
+            &node_config_dir,
         )?)?,
     )?;
     let mut task = containerd
@@ -572,6 +589,21 @@ fn run_daemon_and_pull(
             std::thread::sleep(Duration::from_millis(300));
         }
         println!("    the daemon in the image answers /healthz");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&node_config)?;
+            if text.contains("[proxy_plugins.sluice]")
+                && text.contains("address = \"/run/sluice/snapshotter.sock\"")
+                && node_config_dir.join("config.toml.sluice-backup").exists()
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the daemon did not plug itself into containerd's config:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        println!("    it plugged itself into containerd's config (--install-node)");
         // A lazy image for it to mount.
         let images = dir.join("test-image");
         let image = sluice_testkit::images::busybox_image(&images, Compression::Gzip);

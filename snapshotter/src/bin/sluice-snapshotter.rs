@@ -49,6 +49,17 @@ struct ServeArgs {
     /// containerd's socket, where the CRI proxy forwards. Overrides `cri.containerd_address`.
     #[arg(long)]
     containerd_address: Option<PathBuf>,
+    /// Once serving, plug this daemon into containerd's config (as
+    /// `install-node` does, with the daemon's socket) and restart containerd
+    /// if it changed: the DaemonSet's way, so that containerd never names a
+    /// snapshotter that is not up yet. A failure stops the daemon.
+    #[arg(long)]
+    install_node: bool,
+    /// With --install-node: leave the CRI plugin's snapshotter alone.
+    #[arg(long, requires = "install_node")]
+    no_cri: bool,
+    #[command(flatten)]
+    node: NodeTarget,
 }
 
 #[derive(clap::Subcommand)]
@@ -205,7 +216,24 @@ fn serve(cli: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let daemon = Daemon::open(config, runtime.handle().clone())?;
+    let install_socket = config.address.display().to_string();
+    let mut daemon = Daemon::open(config, runtime.handle().clone())?;
+    let (install_failed, failed) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    if cli.install_node {
+        let settings = Settings {
+            socket: install_socket,
+            cri: !cli.no_cri,
+        };
+        let (path, restart) = (cli.node.containerd_config.clone(), cli.node.restart());
+        daemon.after_listening(move || match install::install(&path, &settings, &restart) {
+            Ok(outcome) => report(&path, outcome, "now uses sluice"),
+            Err(e) => {
+                let _ = install_failed.send(anyhow::Error::new(e).context("install-node"));
+            }
+        });
+    }
+    let failure = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let failure_slot = failure.clone();
     runtime.block_on(async {
         daemon.restore().await?;
         // SAFETY: malloc_trim only returns free heap pages to the kernel.
@@ -219,9 +247,16 @@ fn serve(cli: ServeArgs) -> anyhow::Result<()> {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+                Ok(e) = failed => {
+                    *failure_slot.lock().expect("failure slot") = Some(e);
+                }
             }
         };
         daemon.serve(shutdown).await
     })?;
-    Ok(())
+    let failed = failure.lock().expect("failure slot").take();
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
