@@ -332,7 +332,7 @@ fn uninstall_after_other_edits_keeps_them() {
     assert_eq!(restarts(&counter), 2);
 }
 
-/// The init container's way: the restart command runs in another process's
+/// The DaemonSet's way: the restart command runs in another process's
 /// mount namespace (`--host-namespace` is PID 1's, with hostPID in the pod;
 /// here a process in a mount namespace of its own stands in for it, since
 /// this machine's PID 1 is out of reach).
