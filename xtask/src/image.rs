@@ -1,9 +1,10 @@
 //! `cargo xtask image`: the node image, built without Docker.
 //!
 //! 1. `sluice-snapshotter`, `sluice-registry` (one image serves the
-//!    DaemonSet and the registry Deployment) and the `sluice` CLI are built for the gnu target with
-//!    `+crt-static` (no libc needed in the image; glibc ≥ 2.34 has its `files`
-//!    and `dns` name lookups built in, so a static binary resolves names).
+//!    DaemonSet and the registry Deployment) and the `sluice` CLI are built
+//!    for the gnu target with `+crt-static` (no libc needed in the image;
+//!    glibc ≥ 2.34 has its `files` and `dns` name lookups built in, so a
+//!    static binary resolves names).
 //! 2. A root filesystem is staged: the stripped binaries, the documented node
 //!    config (deploy/config/snapshotter.toml), the host's CA bundle for
 //!    registries over TLS, `nsswitch.conf`, and empty `/tmp`, `/run/sluice`,
@@ -111,7 +112,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 /// `cargo build --release` of the daemons, statically linked; returns the
 /// directory they are in.
 fn build_static() -> anyhow::Result<PathBuf> {
-    step("building sluice-snapshotter and sluice-registry statically (release, +crt-static)");
+    step("building the image's binaries statically (release, +crt-static)");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(["build", "--release", "--target", TARGET]);
     for (package, bin) in BINARIES {
