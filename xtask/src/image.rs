@@ -9,7 +9,8 @@
 //!    config (deploy/config/snapshotter.toml), the host's CA bundle for
 //!    registries over TLS, `nsswitch.conf`, and empty `/tmp`, `/run/sluice`,
 //!    `/var/lib/sluice`. Every time stamp is `SOURCE_DATE_EPOCH` (default 0)
-//!    so the same binary gives the same image digest.
+//!    and source paths are remapped at build time, so the same sources give
+//!    the same image digest, whatever the checkout's path.
 //! 3. It becomes an OCI layout (target/image/layout, tag = the version) and an
 //!    OCI archive for `ctr images import` (target/image/sluice-snapshotter.oci.tar).
 //! 4. `--push REF` uploads it with sluice's registry client (any registry,
@@ -118,10 +119,24 @@ fn build_static() -> anyhow::Result<PathBuf> {
     for (package, bin) in BINARIES {
         cmd.args(["--package", package, "--bin", bin]);
     }
+    // Source paths the compiler embeds (panic locations, generated code)
+    // are mapped to fixed names, so that another checkout or machine builds
+    // the same binaries and so the same image digest.
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    let flags = [
+        "-Ctarget-feature=+crt-static".to_owned(),
+        format!("--remap-path-prefix={}=/sluice", workspace().display()),
+        format!("--remap-path-prefix={}=/cargo", cargo_home.display()),
+    ];
     let status = cmd
         // With --target these flags reach only the target's code, not build
-        // scripts (puller's eBPF build among them).
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // scripts (puller's eBPF build among them). The encoded form keeps
+        // paths with spaces whole.
+        .env_remove("RUSTFLAGS")
+        .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"))
         .current_dir(workspace())
         .status()
         .context("running cargo build")?;
