@@ -9,8 +9,10 @@
 //!    config (deploy/config/snapshotter.toml), the host's CA bundle for
 //!    registries over TLS, `nsswitch.conf`, and empty `/tmp`, `/run/sluice`,
 //!    `/var/lib/sluice`. Every time stamp is `SOURCE_DATE_EPOCH` (default 0)
-//!    and source paths are remapped at build time, so the same sources give
-//!    the same image digest, whatever the checkout's path.
+//!    and source paths are remapped at build time, so a rebuild gives the
+//!    same image digest. Across checkout paths only `sluice-registry` is
+//!    identical so far: the eBPF object embedded in the other two carries its
+//!    source path in BTF (built by aya-build, outside these flags).
 //! 3. It becomes an OCI layout (target/image/layout, tag = the version) and an
 //!    OCI archive for `ctr images import` (target/image/sluice-snapshotter.oci.tar).
 //! 4. `--push REF` uploads it with sluice's registry client (any registry,
@@ -120,8 +122,8 @@ fn build_static() -> anyhow::Result<PathBuf> {
         cmd.args(["--package", package, "--bin", bin]);
     }
     // Source paths the compiler embeds (panic locations, generated code)
-    // are mapped to fixed names, so that another checkout or machine builds
-    // the same binaries and so the same image digest.
+    // are mapped to fixed names, so that another checkout builds the same
+    // binaries (not yet the eBPF object's BTF: see the module comment).
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
@@ -443,14 +445,9 @@ fn check(layout: &Path, archive: &Path, tag: &str) -> anyhow::Result<()> {
     let (state, sockets) = (dir.path().join("state"), dir.path().join("sockets"));
     std::fs::create_dir_all(&state)?;
     std::fs::create_dir_all(&sockets)?;
-    let socket = sockets.join("snapshotter.sock");
-    let containerd = Containerd::start(
-        &dir.path().join("containerd"),
-        &format!(
-            "[proxy_plugins.sluice]\n  type = \"snapshot\"\n  address = \"{}\"\n",
-            socket.display()
-        ),
-    );
+    // This containerd runs the daemon's container; a second one (below)
+    // plays the node's containerd restarted with sluice configured.
+    let containerd = Containerd::start(&dir.path().join("containerd"), "");
     let ctr = |args: &[&str]| -> anyhow::Result<String> {
         let out = containerd.ctr().args(args).output()?;
         if !out.status.success() {
@@ -627,17 +624,34 @@ fn run_daemon_and_pull(
         push(&image.layout, &image.tag, &test_ref)?;
         tokio::runtime::Runtime::new()?
             .block_on(registry.wait_for_twin("check/busybox", &image.manifest.digest.to_string()));
+        // The node's containerd, started (as after --install-node restarts
+        // it) with the daemon already serving: had it dialled the socket
+        // before the daemon existed, it would answer with that old dial error
+        // until its backoff let it redial.
+        let node = sluice_testkit::process::Containerd::start(
+            &dir.join("containerd-node"),
+            &format!(
+                "[proxy_plugins.sluice]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                sockets.join("snapshotter.sock").display()
+            ),
+        );
         let out = Command::new(bin_dir.join("sluice"))
             .arg("pull")
             .arg("--address")
-            .arg(&containerd.socket)
+            .arg(&node.socket)
             .arg(&test_ref)
             .output()?;
         let pulled = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() || !pulled.contains("(2 lazy, 0 full") {
+            let socket = sockets.join("snapshotter.sock");
+            let reach = std::os::unix::net::UnixStream::connect(&socket)
+                .map(|_| "connects".to_owned())
+                .unwrap_or_else(|e| e.to_string());
             bail!(
-                "sluice pull through the containerized daemon: {pulled}{}",
-                String::from_utf8_lossy(&out.stderr)
+                "sluice pull through the containerized daemon: {pulled}{}\n{} from the host: {reach}\ncontainerd's log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                socket.display(),
+                node.log()
             );
         }
         let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
@@ -664,7 +678,7 @@ fn run_daemon_and_pull(
                  the daemon's mounts:\n{inside}"
             );
         }
-        let ran = containerd
+        let ran = node
             .ctr()
             .args([
                 "run",
