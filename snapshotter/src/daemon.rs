@@ -57,8 +57,6 @@ pub struct Daemon {
     config: Config,
     core: Arc<Snapshotter>,
     remote: Option<Arc<RemoteLayers>>,
-    /// The registry client of the lazy path (for the CRI proxy's credentials).
-    client: Option<Arc<RegistryClient>>,
     metrics: Arc<SnapshotterMetrics>,
     /// Runs (on a blocking thread) once containerd can reach the socket.
     after_listening: Option<Box<dyn FnOnce() + Send>>,
@@ -86,10 +84,8 @@ impl Daemon {
         )?);
         let puller_metrics = PullerMetrics::new(cache.clone());
         let metrics = SnapshotterMetrics::new(puller_metrics.clone());
-        let mut shared_client = None;
         let remote = if config.lazy.enabled {
             let client = Arc::new(registry_client(&config)?);
-            shared_client = Some(client.clone());
             let p = &config.profiles;
             let tracer = if p.record {
                 let whole_file_max = if config.lazy.passthrough {
@@ -150,7 +146,6 @@ impl Daemon {
             config,
             core,
             remote,
-            client: shared_client,
             metrics,
             after_listening: None,
         })
@@ -257,9 +252,11 @@ impl Daemon {
             tracing::info!(socket = %self.config.cri.address.display(),
                 containerd = %self.config.cri.containerd_address.display(),
                 "CRI image-service proxy (kubelet's --image-service-endpoint)");
+            // The lazy path's registry client, which the proxy teaches
+            // kubelet's credentials.
             let proxy = CriProxy::new(
                 self.config.cri.containerd_address.clone(),
-                self.client.clone(),
+                self.remote.as_ref().map(|r| r.client().clone()),
                 self.metrics.clone(),
             );
             Some(tokio::spawn(proxy.serve(l)))

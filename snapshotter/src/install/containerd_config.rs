@@ -111,14 +111,7 @@ pub fn patch(text: &str, settings: &Settings) -> Result<String, ConfigError> {
             set(images, "disable_snapshot_annotations", false.into());
         }
     }
-    let out = doc.to_string();
-    // Re-serialising an untouched document can differ in insignificant
-    // whitespace; "no change needed" must mean "same bytes".
-    Ok(if parse(text)?.to_string() == out {
-        text.to_owned()
-    } else {
-        out
-    })
+    render(doc, text)
 }
 
 /// `text` without sluice's settings, for when the backup taken at install
@@ -149,6 +142,13 @@ pub fn unpatch(text: &str) -> Result<String, ConfigError> {
             images.remove("snapshotter");
         }
     }
+    render(doc, text)
+}
+
+/// The edited document as text, or `text` itself when the edit changed
+/// nothing: re-serialising an untouched document can differ in
+/// insignificant whitespace, and "no change needed" must mean "same bytes".
+fn render(doc: DocumentMut, text: &str) -> Result<String, ConfigError> {
     let out = doc.to_string();
     Ok(if parse(text)?.to_string() == out {
         text.to_owned()
