@@ -1,8 +1,9 @@
 //! Records shared by the eBPF programs (`src/main.rs`, built for the bpf
 //! target) and the userspace loader in `puller/src/trace/`.
 //!
-//! The programs sit on the page-cache tracepoints (`filemap:mm_filemap_*`)
-//! and on `sched:sched_process_exec`, keep only events on the devices (and
+//! The programs sit on the page-cache tracepoints (`filemap:mm_filemap_*`,
+//! as raw tracepoints where the kernel has BTF, else as classic ones) and on
+//! `sched:sched_process_exec`, keep only events on the devices (and
 //! backing files) of sluice's lazy mounts, and hand them to userspace through
 //! a ring buffer as [`AccessEvent`]s.
 #![no_std]
@@ -74,9 +75,11 @@ pub mod config {
     pub const SLOTS: u32 = 4;
 }
 
-/// Names of the programs' read-only globals that hold tracepoint field
-/// offsets; userspace reads them from tracefs and sets them at load time, so
-/// the programs need no per-kernel layout and no map lookup to find them.
+/// Names of the programs' read-only globals that hold offsets: tracepoint
+/// record fields (from tracefs, for the classic tracepoint programs) and
+/// kernel struct members (from BTF, for the raw tracepoint programs).
+/// Userspace sets them at load time, so the programs need no per-kernel
+/// layout and no map lookup to find them.
 pub mod offsets {
     pub const INO: &str = "OFF_INO";
     pub const DEV: &str = "OFF_DEV";
@@ -86,6 +89,13 @@ pub mod offsets {
     /// on older kernels).
     pub const MAP_START: &str = "OFF_MAP_START";
     pub const MAP_END: &str = "OFF_MAP_END";
+    /// `struct address_space`'s `host` (the file's inode).
+    pub const MAPPING_HOST: &str = "OFF_MAPPING_HOST";
+    /// `struct inode`'s `i_sb` and `i_ino`.
+    pub const INODE_SB: &str = "OFF_INODE_SB";
+    pub const INODE_INO: &str = "OFF_INODE_INO";
+    /// `struct super_block`'s `s_dev`.
+    pub const SB_DEV: &str = "OFF_SB_DEV";
     /// The host's PID namespace (the kernel's dev_t of nsfs and the inode of
     /// `/proc/self/ns/pid` of the loader), for [`super::flags::OTHER_PID_NS`].
     pub const HOST_PIDNS_DEV: &str = "HOST_PIDNS_DEV";

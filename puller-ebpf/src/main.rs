@@ -7,13 +7,14 @@
 mod programs {
     use aya_ebpf::bindings::bpf_pidns_info;
     use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+    use aya_ebpf::helpers::bpf_probe_read_kernel;
     use aya_ebpf::helpers::generated::bpf_get_ns_current_pid_tgid;
     use aya_ebpf::helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     };
-    use aya_ebpf::macros::{map, tracepoint};
+    use aya_ebpf::macros::{btf_tracepoint, map, raw_tracepoint, tracepoint};
     use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
-    use aya_ebpf::programs::TracePointContext;
+    use aya_ebpf::programs::{BtfTracePointContext, RawTracePointContext, TracePointContext};
     use sluice_puller_ebpf::{config, device, flags, kind, AccessEvent, BackingKey, SeenKey};
 
     // Tracepoint field offsets, set by the loader (see `offsets`).
@@ -29,6 +30,17 @@ mod programs {
     static OFF_MAP_START: u32 = 24;
     #[no_mangle]
     static OFF_MAP_END: u32 = 32;
+    // Struct member offsets from the kernel's BTF, set by the loader for the
+    // raw tracepoint programs (which get the tracepoint's arguments, not a
+    // record with the fields already copied out).
+    #[no_mangle]
+    static OFF_MAPPING_HOST: u32 = 0;
+    #[no_mangle]
+    static OFF_INODE_SB: u32 = 0;
+    #[no_mangle]
+    static OFF_INODE_INO: u32 = 0;
+    #[no_mangle]
+    static OFF_SB_DEV: u32 = 0;
     // The host's PID namespace, set by the loader (0/0: unknown).
     #[no_mangle]
     static HOST_PIDNS_DEV: u64 = 0;
@@ -91,23 +103,24 @@ mod programs {
     /// No last-page field (`mm_filemap_fault` reports one page).
     const NONE: usize = usize::MAX;
 
-    /// The common part of the filemap tracepoints: filter, then send.
+    /// What every filemap program does once it knows the device: filter by
+    /// it (the whole cost for unrelated I/O), then by backing file, then
+    /// drop ranges this process already reported, then send. `ino` and
+    /// `range` are read only past the device filter.
     /// Inlined: BPF calls take at most five registers of arguments.
     #[inline(always)]
-    fn access(ctx: &TracePointContext, what: u32, first_off: usize, last_off: usize) -> u32 {
-        // SAFETY: offsets come from the tracepoint's format file; reads are
-        // checked by the verifier-approved probe helper.
-        let dev: u32 = match unsafe { ctx.read_at(off(&OFF_DEV)) } {
-            Ok(d) => d,
-            Err(_) => return 0,
-        };
+    fn report(
+        what: u32,
+        dev: u32,
+        ino: impl FnOnce() -> Option<u64>,
+        range: impl FnOnce() -> (u64, u64),
+    ) -> u32 {
         // SAFETY: a lookup in a map this program owns.
         let Some(mode) = (unsafe { DEVICES.get(&dev) }).copied() else {
             return 0;
         };
-        let ino: u64 = match unsafe { ctx.read_at(off(&OFF_INO)) } {
-            Ok(i) => i,
-            Err(_) => return 0,
+        let Some(ino) = ino() else {
+            return 0;
         };
         if mode == device::LISTED {
             let key = BackingKey { ino, dev, _pad: 0 };
@@ -116,12 +129,7 @@ mod programs {
                 return 0;
             }
         }
-        let first: u64 = unsafe { ctx.read_at(first_off) }.unwrap_or(0);
-        let last: u64 = if last_off == NONE {
-            first
-        } else {
-            unsafe { ctx.read_at(last_off) }.unwrap_or(first)
-        };
+        let (first, last) = range();
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         // The same process touching the same range again (warm re-reads) is
         // not news; any other range is. Exact, so nothing is lost.
@@ -152,24 +160,151 @@ mod programs {
         0
     }
 
+    // Classic tracepoints: the kernel has copied the fields into a record
+    // (offsets from tracefs). Used where the kernel has no BTF.
+
+    #[inline(always)]
+    fn classic(ctx: &TracePointContext, what: u32, first_off: usize, last_off: usize) -> u32 {
+        // SAFETY: offsets come from the tracepoint's format file; reads are
+        // checked by the verifier-approved probe helper.
+        let dev: u32 = match unsafe { ctx.read_at(off(&OFF_DEV)) } {
+            Ok(d) => d,
+            Err(_) => return 0,
+        };
+        report(
+            what,
+            dev,
+            // SAFETY: as above.
+            || unsafe { ctx.read_at(off(&OFF_INO)) }.ok(),
+            || {
+                // SAFETY: as above.
+                let first: u64 = unsafe { ctx.read_at(first_off) }.unwrap_or(0);
+                let last: u64 = if last_off == NONE {
+                    first
+                } else {
+                    // SAFETY: as above.
+                    unsafe { ctx.read_at(last_off) }.unwrap_or(first)
+                };
+                (first, last)
+            },
+        )
+    }
+
     #[tracepoint]
     pub fn sluice_get_pages(ctx: TracePointContext) -> u32 {
-        access(&ctx, kind::READ, off(&OFF_INDEX), off(&OFF_LAST_INDEX))
+        classic(&ctx, kind::READ, off(&OFF_INDEX), off(&OFF_LAST_INDEX))
     }
 
     #[tracepoint]
     pub fn sluice_fault(ctx: TracePointContext) -> u32 {
-        access(&ctx, kind::FAULT, off(&OFF_INDEX), NONE)
+        classic(&ctx, kind::FAULT, off(&OFF_INDEX), NONE)
     }
 
     #[tracepoint]
     pub fn sluice_map_pages(ctx: TracePointContext) -> u32 {
-        access(
+        classic(
             &ctx,
             kind::MAP_PAGES,
             off(&OFF_MAP_START),
             off(&OFF_MAP_END),
         )
+    }
+
+    // Raw tracepoints: the programs get the tracepoint's arguments
+    // (`struct address_space *mapping, pgoff_t index[, pgoff_t last]`, checked
+    // against BTF by the loader) and the kernel skips building the record,
+    // which is most of a classic tracepoint's cost on unrelated I/O.
+
+    /// Reads kernel memory at `addr`.
+    #[inline(always)]
+    fn kread<T>(addr: u64) -> Option<T> {
+        // SAFETY: the probe helper checks the address; a fault is an error.
+        unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+    }
+
+    /// `mapping->host` and `mapping->host->i_sb->s_dev`.
+    #[inline(always)]
+    fn host_and_dev(mapping: u64) -> Option<(u64, u32)> {
+        let host: u64 = kread(mapping + off(&OFF_MAPPING_HOST) as u64)?;
+        let sb: u64 = kread(host + off(&OFF_INODE_SB) as u64)?;
+        if sb == 0 {
+            return None;
+        }
+        Some((host, kread(sb + off(&OFF_SB_DEV) as u64)?))
+    }
+
+    #[inline(always)]
+    fn raw(what: u32, mapping: u64, range: impl FnOnce() -> (u64, u64)) -> u32 {
+        let Some((host, dev)) = host_and_dev(mapping) else {
+            return 0;
+        };
+        report(
+            what,
+            dev,
+            || kread(host + off(&OFF_INODE_INO) as u64),
+            range,
+        )
+    }
+
+    #[raw_tracepoint(tracepoint = "mm_filemap_get_pages")]
+    pub fn sluice_raw_get_pages(ctx: RawTracePointContext) -> i32 {
+        raw(kind::READ, ctx.arg(0), || (ctx.arg(1), ctx.arg(2))) as i32
+    }
+
+    #[raw_tracepoint(tracepoint = "mm_filemap_fault")]
+    pub fn sluice_raw_fault(ctx: RawTracePointContext) -> i32 {
+        // Two arguments only: reading a third is refused at attach time.
+        raw(kind::FAULT, ctx.arg(0), || {
+            let index: u64 = ctx.arg(1);
+            (index, index)
+        }) as i32
+    }
+
+    #[raw_tracepoint(tracepoint = "mm_filemap_map_pages")]
+    pub fn sluice_raw_map_pages(ctx: RawTracePointContext) -> i32 {
+        raw(kind::MAP_PAGES, ctx.arg(0), || (ctx.arg(1), ctx.arg(2))) as i32
+    }
+
+    // BTF tracepoints: like raw ones, but the verifier knows the arguments'
+    // types, so `mapping->host->i_sb->s_dev` are plain loads it checks
+    // against BTF (faults read as 0) instead of a helper call each. The
+    // offsets are constants to the verifier: globals in frozen .rodata.
+
+    /// A load through a BTF-typed kernel pointer at a load-time offset.
+    #[inline(always)]
+    fn field<T: Copy>(ptr: u64, offset: &'static u32) -> T {
+        // SAFETY: the verifier checks the access against the kernel's type
+        // of `ptr` and turns it into a fault-tolerant load.
+        unsafe { core::ptr::read_volatile((ptr + off(offset) as u64) as *const T) }
+    }
+
+    #[inline(always)]
+    fn btf(what: u32, mapping: u64, range: impl FnOnce() -> (u64, u64)) -> u32 {
+        let host: u64 = field(mapping, &OFF_MAPPING_HOST);
+        let sb: u64 = field(host, &OFF_INODE_SB);
+        if sb == 0 {
+            return 0;
+        }
+        let dev: u32 = field(sb, &OFF_SB_DEV);
+        report(what, dev, || Some(field(host, &OFF_INODE_INO)), range)
+    }
+
+    #[btf_tracepoint(function = "mm_filemap_get_pages")]
+    pub fn sluice_btf_get_pages(ctx: BtfTracePointContext) -> i32 {
+        btf(kind::READ, ctx.arg(0), || (ctx.arg(1), ctx.arg(2))) as i32
+    }
+
+    #[btf_tracepoint(function = "mm_filemap_fault")]
+    pub fn sluice_btf_fault(ctx: BtfTracePointContext) -> i32 {
+        btf(kind::FAULT, ctx.arg(0), || {
+            let index: u64 = ctx.arg(1);
+            (index, index)
+        }) as i32
+    }
+
+    #[btf_tracepoint(function = "mm_filemap_map_pages")]
+    pub fn sluice_btf_map_pages(ctx: BtfTracePointContext) -> i32 {
+        btf(kind::MAP_PAGES, ctx.arg(0), || (ctx.arg(1), ctx.arg(2))) as i32
     }
 
     #[tracepoint]

@@ -1,7 +1,12 @@
 //! The measuring half of `cargo xtask bench ebpf` (which prepares the image
 //! and prints the table): warm buffered reads of one big file on the local
-//! filesystem and on a sluice mount, each with and without the eBPF access
-//! tracing programs attached, alternating, several rounds. Prints JSON.
+//! filesystem and on a sluice mount, each without the eBPF access tracing
+//! programs and with them on classic, raw and BTF tracepoints, in a rotating
+//! order, several rounds. Prints JSON.
+//!
+//! Throughput is per second of the reading thread's CPU time (user + system:
+//! the programs run in the reader's system time), so that other load on a
+//! shared machine, which stretches wall time, does not pass for overhead.
 //!
 //! `trace_overhead IMAGE NATIVE_FILE WORK_DIR ROUNDS PASSES`
 
@@ -12,14 +17,27 @@ use std::time::{Duration, Instant};
 
 use sluice_puller::fs::FsOptions;
 use sluice_puller::registry::RetryPolicy;
-use sluice_puller::trace::{AccessTracer, Source};
+use sluice_puller::trace::{AccessTracer, Hooks, Source};
 use sluice_puller::{image, ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
 
-/// Reads `path` `passes` times in 64 KiB reads; returns MB/s.
-fn read_passes(path: &Path, passes: u32) -> f64 {
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Reads `path` `passes` times in 64 KiB reads; returns MB per CPU second
+/// and MB per wall second.
+fn read_passes(path: &Path, passes: u32) -> (f64, f64) {
     let mut buf = vec![0u8; 64 << 10];
     let mut bytes = 0u64;
     let t = Instant::now();
+    let cpu = thread_cpu();
     for _ in 0..passes {
         let mut f = std::fs::File::open(path).expect("open");
         loop {
@@ -30,7 +48,9 @@ fn read_passes(path: &Path, passes: u32) -> f64 {
             bytes += n as u64;
         }
     }
-    bytes as f64 / t.elapsed().as_secs_f64() / 1e6
+    let cpu = (thread_cpu() - cpu).as_secs_f64();
+    let wall = t.elapsed().as_secs_f64();
+    (bytes as f64 / cpu / 1e6, bytes as f64 / wall / 1e6)
 }
 
 fn main() {
@@ -68,12 +88,30 @@ fn main() {
     // Reads go through the FUSE page cache (passthrough off), so that every
     // read on the mount produces events on its device: the full cost path
     // (in-kernel filter hit, ring buffer, userspace) is what is measured.
-    let (probe, _) = AccessTracer::start(rt.handle(), &cache_dir, Duration::from_secs(5), 0, true);
-    if probe.source() != Source::Ebpf {
-        eprintln!("eBPF programs did not load; see the log above");
-        std::process::exit(3);
+    let start = |hooks: Hooks| {
+        AccessTracer::start(
+            rt.handle(),
+            &cache_dir,
+            Duration::from_secs(5),
+            0,
+            Some(hooks),
+        )
+    };
+    let mut tracepoints = serde_json::Map::new();
+    let modes = [
+        None,
+        Some(("classic", Hooks::Classic)),
+        Some(("raw", Hooks::Raw)),
+        Some(("btf", Hooks::Auto)),
+    ];
+    for (name, hooks) in modes.iter().flatten() {
+        let (probe, _) = start(*hooks);
+        if probe.source() != Source::Ebpf {
+            eprintln!("eBPF programs did not load; see the log above");
+            std::process::exit(3);
+        }
+        tracepoints.insert((*name).into(), probe.tracepoints().into());
     }
-    drop(probe);
     let _session = sluice_puller::fs::mount(
         layer.clone(),
         rt.handle().clone(),
@@ -92,38 +130,37 @@ fn main() {
 
     let mut rows = Vec::new();
     let mut drops = 0;
+    let modes = [
+        None,
+        Some(("classic", Hooks::Classic)),
+        Some(("raw", Hooks::Auto)),
+    ];
     for round in 0..rounds {
         for (name, path) in [("native", native), ("sluice", lazy_file.as_path())] {
-            // Alternate the order so that warm-up drift does not favour one.
-            let order = if round % 2 == 0 {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            for traced in order {
-                let tracer = traced.then(|| {
-                    let (t, rx) = AccessTracer::start(
-                        rt.handle(),
-                        &cache_dir,
-                        Duration::from_secs(5),
-                        0,
-                        true,
-                    );
+            // Rotate the order so that drift within a round favours none.
+            for i in 0..modes.len() {
+                let mode = modes[(i + round as usize) % modes.len()];
+                let tracer = mode.map(|(_, hooks)| {
+                    let (t, rx) = start(hooks);
                     t.layer_mounted(&mnt, layer.clone(), pinned.clone());
                     (t, rx)
                 });
-                let mbps = read_passes(path, passes);
+                let (cpu, wall) = read_passes(path, passes);
                 if let Some((t, _)) = &tracer {
                     drops += t.dropped_events();
                 }
                 rows.push(serde_json::json!({
-                    "round": round, "target": name, "traced": traced, "mb_per_s": mbps
+                    "round": round,
+                    "target": name,
+                    "hooks": mode.map(|(n, _)| n).unwrap_or("none"),
+                    "mb_per_cpu_s": cpu,
+                    "mb_per_s": wall,
                 }));
             }
         }
     }
     println!(
         "{}",
-        serde_json::json!({"rows": rows, "dropped_events": drops})
+        serde_json::json!({"rows": rows, "dropped_events": drops, "tracepoints": tracepoints})
     );
 }

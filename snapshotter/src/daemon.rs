@@ -27,7 +27,7 @@ use crate::remote::{Profiles, RemoteLayers, RemoteOptions};
 use crate::service::SnapshotService;
 use crate::snapshots::Snapshotter;
 use sluice_puller::prefetch::{PrefetchOptions, Prefetcher};
-use sluice_puller::trace::{AccessTracer, Recording};
+use sluice_puller::trace::{AccessTracer, Hooks, Recording};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -98,7 +98,7 @@ impl Daemon {
                     &config.root.join("cache"),
                     Duration::from_secs(p.window_secs.max(1)),
                     whole_file_max,
-                    p.ebpf,
+                    p.ebpf.then_some(Hooks::Auto),
                 );
                 let tracer = Arc::new(tracer);
                 runtime.spawn(publish_recordings(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{fixture, mount_fresh};
 use sluice_puller::fs::FsOptions;
-use sluice_puller::trace::{AccessTracer, Source};
+use sluice_puller::trace::{AccessTracer, Hooks, Source};
 use sluice_testkit::kernel;
 
 fn yes(b: bool) -> &'static str {
@@ -41,8 +41,13 @@ fn kernel_features() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let f = fixture();
     let cache_dir = f.dir.path().join("cache");
-    let (tracer, _done) =
-        AccessTracer::start(rt.handle(), &cache_dir, Duration::from_secs(2), 0, true);
+    let (tracer, _done) = AccessTracer::start(
+        rt.handle(),
+        &cache_dir,
+        Duration::from_secs(2),
+        0,
+        Some(Hooks::Auto),
+    );
     let ebpf = tracer.source() == Source::Ebpf;
     println!(
         "FEATURE ebpf-tracer {}",
@@ -50,6 +55,19 @@ fn kernel_features() {
     );
     // The tracer needs the page-cache tracepoints and nothing else exotic.
     assert_eq!(ebpf, kernel::has_filemap_tracepoints() && ringbuf);
+    // With the kernel's BTF, every page-cache hook is a BTF tracepoint.
+    let hooks = tracer.tracepoints();
+    let raw = hooks.iter().any(|h| h.ends_with("(btf)"));
+    println!("FEATURE ebpf-btf-tracepoints {}", yes(raw));
+    if ebpf && std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        assert!(
+            hooks
+                .iter()
+                .filter(|h| h.starts_with("mm_filemap"))
+                .all(|h| h.ends_with("(btf)")),
+            "{hooks:?}"
+        );
+    }
 
     // FUSE passthrough as the kernel negotiates it: a small file is fetched
     // whole at open, and passed through if the kernel can.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sluice_puller::fs::FsOptions;
 use sluice_puller::registry::RetryPolicy;
-use sluice_puller::trace::{AccessTracer, Recording, Source};
+use sluice_puller::trace::{AccessTracer, Hooks, Recording, Source};
 use sluice_puller::{ChunkCache, LayerOptions, RegistryClient, RemoteLayer};
 
 /// The recording window: long enough for both files to be read under qemu's
@@ -21,8 +21,8 @@ const WINDOW: Duration = Duration::from_secs(6);
 
 /// Mounts the app layer of the busybox fixture with a tracer, runs
 /// `sh -c 'move into a new cgroup; exec cat FILES'`, and returns the
-/// recording of that cgroup.
-fn record(try_ebpf: bool, files: &[&str]) -> (Source, Recording, u64) {
+/// recording of that cgroup, and the tracepoints used.
+fn record(ebpf: Option<Hooks>, files: &[&str]) -> (Source, Recording, u64, Vec<String>) {
     let f = common::fixture();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -32,7 +32,7 @@ fn record(try_ebpf: bool, files: &[&str]) -> (Source, Recording, u64) {
     let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
     let cache_dir = f.dir.path().join("cache");
     let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
-    let (tracer, mut done) = AccessTracer::start(rt.handle(), &cache_dir, WINDOW, 0, try_ebpf);
+    let (tracer, mut done) = AccessTracer::start(rt.handle(), &cache_dir, WINDOW, 0, ebpf);
     let (_, _, manifest) = rt.block_on(client.manifest(&f.image)).unwrap();
     let pinned = f.image.with_reference(manifest.to_string());
     let layer = Arc::new(
@@ -68,8 +68,14 @@ fn record(try_ebpf: bool, files: &[&str]) -> (Source, Recording, u64) {
         .find(|r| r.join("cgroup.controllers").exists())
         .map(|r| {
             r.join(format!(
-                "sluice-trace-test-{}-{try_ebpf}",
-                std::process::id()
+                "sluice-trace-test-{}-{}",
+                std::process::id(),
+                match ebpf {
+                    None => "fuse",
+                    Some(Hooks::Auto) => "auto",
+                    Some(Hooks::Raw) => "raw",
+                    Some(Hooks::Classic) => "classic",
+                }
             ))
         });
     let enter = match &cgroup {
@@ -111,7 +117,7 @@ fn record(try_ebpf: bool, files: &[&str]) -> (Source, Recording, u64) {
     if let Some(c) = &cgroup {
         let _ = std::fs::remove_dir(c);
     }
-    (tracer.source(), recording, drops)
+    (tracer.source(), recording, drops, tracer.tracepoints())
 }
 
 fn paths(r: &Recording) -> Vec<String> {
@@ -124,16 +130,13 @@ fn paths(r: &Recording) -> Vec<String> {
     out
 }
 
-#[test]
-fn ebpf_programs_record_a_containers_reads_in_order() {
-    if !sluice_testkit::is_root() {
-        eprintln!("SKIP: loading eBPF programs and FUSE mounts need root");
-        return;
-    }
+/// Runs the recording with `hooks` and checks what the eBPF programs saw.
+fn check_ebpf_recording(hooks: Hooks) -> Vec<String> {
     // start.sh is small: opened with passthrough, so its reads reach the
     // kernel on the cache's backing file; blob.bin (3 MiB) is read through
     // the FUSE daemon. Both must be seen, in order.
-    let (source, rec, drops) = record(true, &["app/start.sh", "app/data/blob.bin"]);
+    let (source, rec, drops, tracepoints) =
+        record(Some(hooks), &["app/start.sh", "app/data/blob.bin"]);
     if !sluice_testkit::kernel::has_filemap_tracepoints() {
         // The documented fallback: one line in the log, and the FUSE daemon's
         // view recorded instead (only reads that reach the daemon).
@@ -147,7 +150,7 @@ fn ebpf_programs_record_a_containers_reads_in_order() {
             "{:?}",
             rec.profile
         );
-        return;
+        return tracepoints;
     }
     assert_eq!(
         source,
@@ -157,7 +160,7 @@ fn ebpf_programs_record_a_containers_reads_in_order() {
     assert_eq!(
         paths(&rec),
         ["app/start.sh", "app/data/blob.bin"],
-        "{:?}",
+        "{:?} (tracepoints {tracepoints:?})",
         rec.profile
     );
     let blob: u64 = rec
@@ -175,6 +178,54 @@ fn ebpf_programs_record_a_containers_reads_in_order() {
         .entries
         .windows(2)
         .all(|w| w[0].first_touch_ms <= w[1].first_touch_ms));
+    tracepoints
+}
+
+#[test]
+fn ebpf_programs_record_a_containers_reads_in_order() {
+    if !sluice_testkit::is_root() {
+        eprintln!("SKIP: loading eBPF programs and FUSE mounts need root");
+        return;
+    }
+    let tracepoints = check_ebpf_recording(Hooks::Auto);
+    // Where the kernel has BTF, the page-cache hooks are BTF tracepoints:
+    // this recording came from them.
+    if std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
+        && sluice_testkit::kernel::has_filemap_tracepoints()
+    {
+        let filemap: Vec<_> = tracepoints
+            .iter()
+            .filter(|t| t.starts_with("mm_filemap"))
+            .collect();
+        assert!(
+            !filemap.is_empty() && filemap.iter().all(|t| t.ends_with("(btf)")),
+            "{tracepoints:?}"
+        );
+    }
+}
+
+/// The other programs record the same: raw tracepoints (a verifier that
+/// refuses the BTF ones) and classic ones (kernels without BTF; fields from
+/// tracefs).
+#[test]
+fn raw_and_classic_tracepoint_programs_record_the_same() {
+    if !sluice_testkit::is_root() {
+        eprintln!("SKIP: loading eBPF programs and FUSE mounts need root");
+        return;
+    }
+    let raw = check_ebpf_recording(Hooks::Raw);
+    if std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
+        && sluice_testkit::kernel::has_filemap_tracepoints()
+    {
+        assert!(
+            raw.iter()
+                .filter(|t| t.starts_with("mm_filemap"))
+                .all(|t| t.ends_with("(raw)")),
+            "{raw:?}"
+        );
+    }
+    let classic = check_ebpf_recording(Hooks::Classic);
+    assert!(classic.iter().all(|t| !t.ends_with(')')), "{classic:?}");
 }
 
 #[test]
@@ -183,7 +234,7 @@ fn fuse_side_recording_without_ebpf() {
         eprintln!("SKIP: FUSE mounts need root");
         return;
     }
-    let (source, rec, _) = record(false, &["app/data/blob.bin", "app/start.sh"]);
+    let (source, rec, _, _) = record(None, &["app/data/blob.bin", "app/start.sh"]);
     assert_eq!(source, Source::Fuse);
     assert_eq!(
         paths(&rec),

@@ -1,19 +1,28 @@
 //! Loading and attaching the eBPF programs of `puller-ebpf`, and keeping
 //! their maps in step with the mounts.
 //!
-//! Tracepoint field offsets are read from tracefs at load time and handed to
-//! the programs in a config map, so one object works on every kernel that has
-//! the tracepoints. A tracepoint the kernel lacks is skipped (logged); if none
-//! attaches, loading fails and the caller falls back to FUSE-side recording.
+//! The page-cache tracepoints are hooked, in order of preference, as BTF
+//! tracepoints (`tp_btf`: the verifier knows the argument types, so following
+//! `mapping->host->i_sb` is plain loads), raw tracepoints (the same arguments
+//! read with a helper call per pointer) or classic tracepoints. BTF and raw
+//! ones need the kernel's BTF, for the struct offsets and to check the
+//! tracepoint's arguments. A classic tracepoint program makes the kernel
+//! build the event's record on every call, for every file on the machine,
+//! before the program can even check the device; it remains for kernels
+//! without BTF (field offsets from tracefs). All offsets are load-time
+//! globals, so one object works on every kernel that has the tracepoints. A
+//! tracepoint the kernel lacks is skipped (logged); if none attaches, loading
+//! fails and the caller falls back to FUSE-side recording.
 
 use std::collections::HashMap as StdHashMap;
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::{BtfTracePoint, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use sluice_puller_ebpf::{config, device, offsets, AccessEvent, BackingKey};
 
+use super::btf::{Arg, KernelBtf};
 use super::Recorder;
 
 fn drain(ring: &mut RingBuf<MapData>, recorder: &Recorder) {
@@ -42,13 +51,107 @@ pub enum TraceError {
     Tracefs(String),
 }
 
-/// (program, tracepoint category, tracepoint name).
-const PROGRAMS: [(&str, &str, &str); 4] = [
-    ("sluice_get_pages", "filemap", "mm_filemap_get_pages"),
-    ("sluice_fault", "filemap", "mm_filemap_fault"),
-    ("sluice_map_pages", "filemap", "mm_filemap_map_pages"),
-    ("sluice_exec", "sched", "sched_process_exec"),
+/// How the page-cache tracepoints are hooked: the first kind that loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hooks {
+    /// BTF tracepoints, else raw ones, else classic ones.
+    Auto,
+    /// Raw tracepoints, else classic ones (for comparisons).
+    Raw,
+    /// Classic tracepoints only (for comparisons and tests).
+    Classic,
+}
+
+/// A page-cache tracepoint and its programs.
+struct FilemapHook {
+    name: &'static str,
+    classic: &'static str,
+    raw: &'static str,
+    btf: &'static str,
+    /// `pgoff_t` arguments after the mapping.
+    pages: usize,
+}
+
+const FILEMAP: [FilemapHook; 3] = [
+    FilemapHook {
+        name: "mm_filemap_get_pages",
+        classic: "sluice_get_pages",
+        raw: "sluice_raw_get_pages",
+        btf: "sluice_btf_get_pages",
+        pages: 2,
+    },
+    FilemapHook {
+        name: "mm_filemap_fault",
+        classic: "sluice_fault",
+        raw: "sluice_raw_fault",
+        btf: "sluice_btf_fault",
+        pages: 1,
+    },
+    FilemapHook {
+        name: "mm_filemap_map_pages",
+        classic: "sluice_map_pages",
+        raw: "sluice_raw_map_pages",
+        btf: "sluice_btf_map_pages",
+        pages: 2,
+    },
 ];
+
+/// The struct offsets the raw programs follow, from the kernel's BTF.
+fn struct_offsets(btf: &KernelBtf) -> Result<[(&'static str, u32); 4], String> {
+    let get = |s: &str, m: &str| btf.member_offset(s, m).map_err(|e| e.to_string());
+    Ok([
+        (offsets::MAPPING_HOST, get("address_space", "host")?),
+        (offsets::INODE_SB, get("inode", "i_sb")?),
+        (offsets::INODE_INO, get("inode", "i_ino")?),
+        (offsets::SB_DEV, get("super_block", "s_dev")?),
+    ])
+}
+
+/// Whether the raw program fits the tracepoint's arguments on this kernel.
+fn raw_fits(btf: &KernelBtf, hook: &FilemapHook) -> Result<(), String> {
+    let args = btf.tracepoint_args(hook.name).map_err(|e| e.to_string())?;
+    let fits = args.len() == 1 + hook.pages
+        && args[0] == Arg::StructPtr("address_space".into())
+        && args[1..].iter().all(|a| matches!(a, Arg::Int(_)));
+    if fits {
+        Ok(())
+    } else {
+        Err(format!("arguments {args:?}"))
+    }
+}
+
+fn attach_classic(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<(), String> {
+    let p: &mut TracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} missing"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    p.load().map_err(|e| e.to_string())?;
+    p.attach(category, name).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn attach_btf(ebpf: &mut Ebpf, prog: &str, name: &str, btf: &aya::Btf) -> Result<(), String> {
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} missing"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    p.load(name, btf).map_err(|e| e.to_string())?;
+    p.attach().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} missing"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    p.load().map_err(|e| e.to_string())?;
+    p.attach(name).map_err(|e| e.to_string())?;
+    Ok(())
+}
 
 fn tracefs_root() -> Option<std::path::PathBuf> {
     ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
@@ -97,22 +200,44 @@ pub struct EbpfTracer {
     config: Mutex<Array<MapData, u32>>,
     drops: PerCpuArray<MapData, u64>,
     ring: Mutex<Option<RingBuf<MapData>>>,
-    attached: Vec<&'static str>,
+    attached: Vec<String>,
 }
 
 impl EbpfTracer {
-    pub fn load(_runtime: &tokio::runtime::Handle) -> Result<Self, TraceError> {
+    pub fn load(_runtime: &tokio::runtime::Handle, hooks: Hooks) -> Result<Self, TraceError> {
         if OBJECT.is_empty() {
             return Err(TraceError::NotBuilt);
         }
-        // Offsets first: without tracefs nothing can attach anyway.
+        // BTF and raw tracepoints need the kernel's BTF for the offsets.
+        let btf = match hooks {
+            Hooks::Auto | Hooks::Raw => match KernelBtf::from_sys_fs()
+                .map_err(|e| e.to_string())
+                .and_then(|btf| struct_offsets(&btf).map(|o| (btf, o)))
+            {
+                Ok(found) => Some(found),
+                Err(e) => {
+                    tracing::info!(
+                        "no kernel BTF for raw tracepoints ({e}): using classic tracepoints"
+                    );
+                    None
+                }
+            },
+            Hooks::Classic => None,
+        };
+        // Record field offsets, for the classic programs. Without tracefs
+        // they cannot attach anyway.
         let pages = field_offsets("filemap", "mm_filemap_get_pages")
-            .or_else(|_| field_offsets("filemap", "mm_filemap_fault"))?;
+            .or_else(|_| field_offsets("filemap", "mm_filemap_fault"));
+        let pages = match (pages, &btf) {
+            (Ok(p), _) => p,
+            (Err(_), Some(_)) => StdHashMap::new(),
+            (Err(e), None) => return Err(e),
+        };
         let map_pages = field_offsets("filemap", "mm_filemap_map_pages").unwrap_or_default();
         let get = |m: &StdHashMap<String, u32>, names: &[&str]| {
             names.iter().find_map(|n| m.get(*n).copied()).unwrap_or(0)
         };
-        let globals = [
+        let mut globals = vec![
             (offsets::INO, get(&pages, &["i_ino"])),
             (offsets::DEV, get(&pages, &["s_dev"])),
             (offsets::INDEX, get(&pages, &["index"])),
@@ -126,6 +251,9 @@ impl EbpfTracer {
                 get(&map_pages, &["end_index", "last_index"]),
             ),
         ];
+        if let Some((_, struct_offsets)) = &btf {
+            globals.extend(struct_offsets);
+        }
         // The host's PID namespace: exec events say whether a process is
         // outside it (in a container), decided while the process exists.
         let (pidns_dev, pidns_ino) = std::fs::metadata("/proc/self/ns/pid")
@@ -150,27 +278,61 @@ impl EbpfTracer {
         .map_err(|e| TraceError::Load(e.to_string()))?;
         let mut attached = Vec::new();
         let mut errors = Vec::new();
-        for (prog, category, name) in PROGRAMS {
-            let result = (|| -> Result<(), String> {
-                let p: &mut TracePoint = ebpf
-                    .program_mut(prog)
-                    .ok_or_else(|| format!("program {prog} missing"))?
-                    .try_into()
-                    .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-                p.load().map_err(|e| e.to_string())?;
-                p.attach(category, name).map_err(|e| e.to_string())?;
-                Ok(())
-            })();
-            match result {
-                Ok(()) => attached.push(name),
+        // aya's own parse of the same BTF, to load BTF tracepoints with.
+        let aya_btf = match (hooks, &btf) {
+            (Hooks::Auto, Some(_)) => aya::Btf::from_sys_fs()
+                .map_err(|e| tracing::info!("BTF tracepoints not used: {e}"))
+                .ok(),
+            _ => None,
+        };
+        for hook in &FILEMAP {
+            // The cheapest kind that this kernel accepts; BTF and raw ones
+            // only where BTF says the program fits the arguments (a verifier
+            // on an older kernel may still refuse one: then the next kind).
+            let fits = match &btf {
+                Some((btf, _)) => raw_fits(btf, hook),
+                None => Err("classic requested or no BTF".into()),
+            };
+            let mut tries: Vec<(&str, Result<(), String>)> = Vec::new();
+            if let (Ok(()), Some(aya_btf)) = (&fits, &aya_btf) {
+                tries.push(("btf", attach_btf(&mut ebpf, hook.btf, hook.name, aya_btf)));
+            }
+            if fits.is_ok() && !tries.iter().any(|(_, r)| r.is_ok()) {
+                tries.push(("raw", attach_raw(&mut ebpf, hook.raw, hook.name)));
+            }
+            if let Some((kind, _)) = tries.iter().find(|(_, r)| r.is_ok()) {
+                attached.push(format!("{} ({kind})", hook.name));
+                continue;
+            }
+            if btf.is_some() {
+                let why: Vec<String> = match &fits {
+                    Err(e) => vec![e.clone()],
+                    Ok(()) => tries
+                        .iter()
+                        .filter_map(|(k, r)| r.as_ref().err().map(|e| format!("{k}: {e}")))
+                        .collect(),
+                };
+                tracing::info!(
+                    tracepoint = hook.name,
+                    "using a classic tracepoint: {}",
+                    why.join("; ")
+                );
+            }
+            match attach_classic(&mut ebpf, hook.classic, "filemap", hook.name) {
+                Ok(()) => attached.push(hook.name.to_owned()),
                 Err(e) => {
-                    tracing::warn!(tracepoint = %format!("{category}:{name}"), "not attached: {e}");
-                    errors.push(format!("{category}:{name}: {e}"));
+                    tracing::warn!(tracepoint = %format!("filemap:{}", hook.name), "not attached: {e}");
+                    errors.push(format!("filemap:{}: {e}", hook.name));
                 }
             }
         }
-        if !attached.iter().any(|n| n.starts_with("mm_filemap")) {
+        if attached.is_empty() {
             return Err(TraceError::Attach(errors.join("; ")));
+        }
+        // Exec is rare: a classic tracepoint costs nothing worth avoiding.
+        match attach_classic(&mut ebpf, "sluice_exec", "sched", "sched_process_exec") {
+            Ok(()) => attached.push("sched_process_exec".to_owned()),
+            Err(e) => tracing::warn!(tracepoint = "sched:sched_process_exec", "not attached: {e}"),
         }
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
@@ -195,8 +357,9 @@ impl EbpfTracer {
         })
     }
 
-    /// The tracepoints that are attached.
-    pub fn attached(&self) -> &[&'static str] {
+    /// The tracepoints that are attached (`NAME (btf)` / `NAME (raw)` for BTF
+    /// and raw ones).
+    pub fn attached(&self) -> &[String] {
         &self.attached
     }
 

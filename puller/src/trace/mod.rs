@@ -14,6 +14,7 @@
 //! image's layers and lasts a window; then it becomes a
 //! [`crate::profile::Profile`] for that image.
 
+pub mod btf;
 pub mod ebpf;
 mod recorder;
 
@@ -21,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use ebpf::Hooks;
 pub use recorder::{Recorder, Recording};
 
 use crate::layer::RemoteLayer;
@@ -56,7 +58,7 @@ pub struct AccessTracer {
 
 impl AccessTracer {
     /// Starts recording with windows of `window`; finished recordings arrive
-    /// on the returned channel. `try_ebpf = false` skips eBPF. Files up to
+    /// on the returned channel. `ebpf = None` skips eBPF. Files up to
     /// `whole_file_max` bytes are recorded whole (set it to the FUSE
     /// filesystem's `open_fetch_max` when passthrough is on, else 0).
     pub fn start(
@@ -64,11 +66,11 @@ impl AccessTracer {
         cache_dir: &Path,
         window: Duration,
         whole_file_max: u64,
-        try_ebpf: bool,
+        ebpf: Option<Hooks>,
     ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<Recording>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let ebpf = if try_ebpf {
-            match ebpf::EbpfTracer::load(runtime) {
+        let ebpf = if let Some(hooks) = ebpf {
+            match ebpf::EbpfTracer::load(runtime, hooks) {
                 Ok(t) => Some(Arc::new(t)),
                 Err(e) => {
                     tracing::warn!("eBPF access tracing unavailable ({e}); recording prefetch profiles from what the FUSE daemon serves instead");
@@ -98,6 +100,15 @@ impl AccessTracer {
 
     pub fn source(&self) -> Source {
         self.recorder.source()
+    }
+
+    /// The tracepoints the eBPF programs are attached to (`NAME (raw)` for
+    /// raw ones); empty without eBPF.
+    pub fn tracepoints(&self) -> Vec<String> {
+        self.ebpf
+            .as_ref()
+            .map(|t| t.attached().to_vec())
+            .unwrap_or_default()
     }
 
     /// What the FUSE filesystems of traced layers should be given.

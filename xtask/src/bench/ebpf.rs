@@ -2,11 +2,13 @@
 //!
 //! Warm buffered reads (64 KiB) of one big file, from the page cache, on an
 //! unrelated filesystem (the local disk: the programs run, find the device
-//! is not sluice's, and return) and on a sluice mount (every read produces an
-//! event that goes through the ring buffer to userspace), each with and
-//! without the programs attached, alternating within each round. Reports
-//! median throughput, the slowdown, and the events dropped. The measuring is
-//! done by `puller/examples/trace_overhead.rs`, which links the loader.
+//! is not sluice's, and return) and on a sluice mount (reads produce events
+//! that go through the ring buffer to userspace), each without the programs
+//! and with them on classic tracepoints (kernels without BTF), raw
+//! tracepoints and BTF tracepoints (the default where the kernel has BTF),
+//! in a rotating order within each round. Reports the median throughput per CPU second of the
+//! reader, the slowdowns, and the events dropped. The measuring is done by
+//! `puller/examples/trace_overhead.rs`, which links the loader.
 
 use std::process::Command;
 
@@ -24,20 +26,25 @@ pub struct Options {
     /// Size of the file read, in MiB.
     #[arg(long, default_value_t = 256)]
     mib: usize,
-    /// Rounds (each measures all four cases).
-    #[arg(long, default_value_t = 7)]
+    /// Rounds (each measures all eight cases).
+    #[arg(long, default_value_t = 9)]
     rounds: u32,
     /// Passes over the file per measurement.
     #[arg(long, default_value_t = 8)]
     passes: u32,
 }
 
+/// Throughput in MB per CPU second of the reading thread (medians).
 #[derive(Serialize)]
 struct Case {
     target: String,
-    untraced_mb_per_s: f64,
-    traced_mb_per_s: f64,
-    slowdown_percent: f64,
+    untraced_mb_per_cpu_s: f64,
+    classic_mb_per_cpu_s: f64,
+    raw_mb_per_cpu_s: f64,
+    btf_mb_per_cpu_s: f64,
+    classic_slowdown_percent: f64,
+    raw_slowdown_percent: f64,
+    btf_slowdown_percent: f64,
 }
 
 #[derive(Serialize)]
@@ -46,6 +53,8 @@ struct Report {
     rounds: u32,
     cases: Vec<Case>,
     dropped_events: u64,
+    /// What each mode attached (raw ones end in "(raw)").
+    tracepoints: serde_json::Value,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -130,54 +139,81 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         )
     })?;
     let rows = json["rows"].as_array().cloned().unwrap_or_default();
-    let pick = |target: &str, traced: bool| -> Vec<f64> {
-        rows.iter()
-            .filter(|r| r["target"] == target && r["traced"] == traced)
-            .filter_map(|r| r["mb_per_s"].as_f64())
-            .collect()
+    let pick = |target: &str, hooks: &str| -> f64 {
+        median(
+            rows.iter()
+                .filter(|r| r["target"] == target && r["hooks"] == hooks)
+                .filter_map(|r| r["mb_per_cpu_s"].as_f64())
+                .collect(),
+        )
     };
+    let slowdown = |off: f64, on: f64| (1.0 - on / off) * 100.0;
     let mut cases = Vec::new();
     for (target, label) in [
         ("native", "unrelated filesystem (local ext4)"),
-        ("sluice", "sluice mount (every read an event)"),
+        ("sluice", "sluice mount (reads traced)"),
     ] {
-        let off = median(pick(target, false));
-        let on = median(pick(target, true));
+        let (off, classic, raw, btf) = (
+            pick(target, "none"),
+            pick(target, "classic"),
+            pick(target, "raw"),
+            pick(target, "btf"),
+        );
         cases.push(Case {
             target: label.into(),
-            untraced_mb_per_s: off,
-            traced_mb_per_s: on,
-            slowdown_percent: (1.0 - on / off) * 100.0,
+            untraced_mb_per_cpu_s: off,
+            classic_mb_per_cpu_s: classic,
+            raw_mb_per_cpu_s: raw,
+            btf_mb_per_cpu_s: btf,
+            classic_slowdown_percent: slowdown(off, classic),
+            raw_slowdown_percent: slowdown(off, raw),
+            btf_slowdown_percent: slowdown(off, btf),
         });
     }
+    let tracepoints = json["tracepoints"].clone();
+    let raw_used = tracepoints["raw"].as_array().is_some_and(|t| {
+        t.iter()
+            .any(|n| n.as_str().is_some_and(|n| n.ends_with("(raw)")))
+    });
     let report = Report {
         file_mib: opts.mib,
         rounds: opts.rounds,
         cases,
         dropped_events: json["dropped_events"].as_u64().unwrap_or(0),
+        tracepoints,
     };
     println!(
-        "\neBPF access tracing overhead: warm 64 KiB reads of a {} MiB file, median of {} rounds\n",
+        "\neBPF access tracing overhead: warm 64 KiB reads of a {} MiB file, MB per CPU second of the reader, median of {} rounds\n",
         opts.mib, opts.rounds
     );
-    println!("| reads on | without programs MB/s | with programs MB/s | slowdown | target ≤ 2% |");
-    println!("|---|---:|---:|---:|:---:|");
+    println!("| reads on | no programs | classic | raw | BTF (default) | slowdown classic | slowdown raw | slowdown BTF | target ≤ 2% |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|:---:|");
     for c in &report.cases {
         println!(
-            "| {} | {:.0} | {:.0} | {:.2}% | {} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}% | {:.2}% | {:.2}% | {} |",
             c.target,
-            c.untraced_mb_per_s,
-            c.traced_mb_per_s,
-            c.slowdown_percent,
-            if c.slowdown_percent <= 2.0 {
+            c.untraced_mb_per_cpu_s,
+            c.classic_mb_per_cpu_s,
+            c.raw_mb_per_cpu_s,
+            c.btf_mb_per_cpu_s,
+            c.classic_slowdown_percent,
+            c.raw_slowdown_percent,
+            c.btf_slowdown_percent,
+            if c.btf_slowdown_percent <= 2.0 {
                 "yes"
             } else {
                 "no"
             }
         );
     }
+    println!("\ntracepoints attached: {}", report.tracepoints);
+    if !raw_used {
+        println!(
+            "this kernel gave no raw tracepoints (no BTF?): the raw column measured classic ones"
+        );
+    }
     println!(
-        "\nevents dropped (ring buffer full): {}",
+        "events dropped (ring buffer full): {}",
         report.dropped_events
     );
     let path = output_dir().join("ebpf.json");
