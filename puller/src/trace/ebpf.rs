@@ -192,6 +192,14 @@ fn field_offsets(category: &str, name: &str) -> Result<StdHashMap<String, u32>, 
     Ok(out)
 }
 
+/// What the kernel counted for one program.
+#[derive(Debug, Clone)]
+pub struct ProgramStats {
+    pub name: String,
+    pub calls: u64,
+    pub run_time: std::time::Duration,
+}
+
 pub struct EbpfTracer {
     // Keeps the programs loaded and attached for as long as it lives.
     _ebpf: Mutex<Ebpf>,
@@ -415,6 +423,23 @@ impl EbpfTracer {
     pub fn unwatch_backing(&self, dev: u32, ino: u64) {
         let key = BackingKey { ino, dev, _pad: 0 };
         let _ = self.backing.lock().expect("backing").remove(&key);
+    }
+
+    /// Calls and run time of each loaded program, as counted by the kernel
+    /// while BPF run-time statistics are on (`aya::sys::enable_stats`);
+    /// zero otherwise.
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        let ebpf = self._ebpf.lock().expect("ebpf");
+        ebpf.programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some(ProgramStats {
+                    name: name.to_owned(),
+                    calls: info.run_count(),
+                    run_time: info.run_time(),
+                })
+            })
+            .collect()
     }
 
     /// Events the programs could not deliver (ring buffer full).

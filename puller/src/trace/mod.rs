@@ -149,6 +149,15 @@ impl AccessTracer {
         }
     }
 
+    /// The eBPF programs' calls and run time (counted only while BPF
+    /// run-time statistics are on); empty without eBPF.
+    pub fn program_stats(&self) -> Vec<ebpf::ProgramStats> {
+        self.ebpf
+            .as_ref()
+            .map(|t| t.program_stats())
+            .unwrap_or_default()
+    }
+
     /// Ring-buffer events lost because userspace fell behind.
     pub fn dropped_events(&self) -> u64 {
         self.ebpf.as_ref().map(|t| t.dropped()).unwrap_or(0)
