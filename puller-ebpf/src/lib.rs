@@ -59,19 +59,43 @@ pub struct BackingKey {
     pub _pad: u32,
 }
 
-/// Values of the device map.
-pub mod device {
-    /// Every inode on the device is traced (a lazy FUSE mount).
-    pub const ALL: u8 = 1;
-    /// Only inodes listed in the backing-file map (the chunk cache's
-    /// filesystem, whose passthrough files carry reads after open).
-    pub const LISTED: u8 = 2;
+/// Pre-filters the filemap programs check before any hash lookup: bits and
+/// counters in array maps, whose lookups the verifier turns into plain loads.
+/// Reads on other devices, and of the cache device's files that are not
+/// backing files, stop there: a hash-map lookup is a function call, which
+/// costs far more (all the more with return-stack mitigations such as AMD's
+/// SRSO "safe RET"), and these programs run on every buffered read on the
+/// machine. A hit is confirmed in the exact maps.
+pub mod filter {
+    /// The device filter: a bitmap of this many 64-bit words.
+    pub const DEVICE_WORDS: u32 = 1024;
+    /// The backing-file filter: this many counters.
+    pub const BACKING_SLOTS: u32 = 1 << 16;
+
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+    /// A device's bit in the device filter (below `DEVICE_WORDS * 64`).
+    #[inline(always)]
+    pub fn device_bit(dev: u32) -> u32 {
+        (u64::from(dev).wrapping_mul(GOLDEN) >> 48) as u32
+    }
+
+    /// A backing file's counter in the backing-file filter (below
+    /// `BACKING_SLOTS`).
+    #[inline(always)]
+    pub fn backing_slot(dev: u32, ino: u64) -> u32 {
+        ((ino ^ (u64::from(dev) << 40)).wrapping_mul(GOLDEN) >> 48) as u32
+    }
 }
 
 /// Slots of the configuration array (runtime switches).
 pub mod config {
     /// 1 while anything is mounted: exec events are sent only then.
     pub const ENABLED: u32 = 0;
+    /// The chunk cache's device (0: none). Of its files only the backing
+    /// files (FUSE passthrough) in the backing-file map are traced: once a
+    /// file is served with passthrough its pages belong to the backing file.
+    pub const CACHE_DEV: u32 = 1;
     pub const SLOTS: u32 = 4;
 }
 
@@ -100,6 +124,12 @@ pub mod offsets {
     /// `/proc/self/ns/pid` of the loader), for [`super::flags::OTHER_PID_NS`].
     pub const HOST_PIDNS_DEV: &str = "HOST_PIDNS_DEV";
     pub const HOST_PIDNS_INO: &str = "HOST_PIDNS_INO";
+    /// How long after an exec page-cache accesses are reported, in jiffies
+    /// (u64): the recording window. Userspace records an access only if its
+    /// process executed a program at most a window before, so outside that
+    /// time the filemap programs return at once: the cost of tracing sluice's
+    /// mounts is paid only while a container starts.
+    pub const WINDOW_JIFFIES: &str = "WINDOW_JIFFIES";
 }
 
 /// Key of the in-kernel "already reported" map: a process touching the same

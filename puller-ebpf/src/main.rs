@@ -8,14 +8,14 @@ mod programs {
     use aya_ebpf::bindings::bpf_pidns_info;
     use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
     use aya_ebpf::helpers::bpf_probe_read_kernel;
-    use aya_ebpf::helpers::generated::bpf_get_ns_current_pid_tgid;
+    use aya_ebpf::helpers::generated::{bpf_get_ns_current_pid_tgid, bpf_jiffies64};
     use aya_ebpf::helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     };
     use aya_ebpf::macros::{btf_tracepoint, map, raw_tracepoint, tracepoint};
     use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
     use aya_ebpf::programs::{BtfTracePointContext, RawTracePointContext, TracePointContext};
-    use sluice_puller_ebpf::{config, device, flags, kind, AccessEvent, BackingKey, SeenKey};
+    use sluice_puller_ebpf::{config, filter, flags, kind, AccessEvent, BackingKey, SeenKey};
 
     // Tracepoint field offsets, set by the loader (see `offsets`).
     #[no_mangle]
@@ -46,6 +46,9 @@ mod programs {
     static HOST_PIDNS_DEV: u64 = 0;
     #[no_mangle]
     static HOST_PIDNS_INO: u64 = 0;
+    // The recording window in jiffies, set by the loader.
+    #[no_mangle]
+    static WINDOW_JIFFIES: u64 = u64::MAX;
 
     #[inline(always)]
     fn off(v: &'static u32) -> usize {
@@ -60,12 +63,21 @@ mod programs {
     /// Userspace is woken once this much is waiting (and polls anyway).
     const WAKEUP_BYTES: u64 = 64 << 10;
 
-    /// Devices of lazy mounts (and of the chunk cache): see `device`.
+    /// Devices of lazy mounts: every inode on them is traced.
     #[map]
     static DEVICES: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
     /// Backing files handed to the kernel for passthrough.
     #[map]
     static BACKING: HashMap<BackingKey, u8> = HashMap::with_max_entries(1 << 16, 0);
+    /// Bits of the devices in DEVICES (see `filter`).
+    #[map]
+    static DEVICE_FILTER: Array<u64> = Array::with_max_entries(filter::DEVICE_WORDS, 0);
+    /// Counts of the backing files in BACKING per slot (see `filter`).
+    #[map]
+    static BACKING_FILTER: Array<u32> = Array::with_max_entries(filter::BACKING_SLOTS, 0);
+    /// Jiffies of the last exec while lazy layers are mounted (0: none).
+    #[map]
+    static LAST_EXEC: Array<u64> = Array::with_max_entries(1, 0);
     #[map]
     static CONFIG: Array<u32> = Array::with_max_entries(config::SLOTS, 0);
     #[map]
@@ -100,11 +112,26 @@ mod programs {
         }
     }
 
+    /// Whether a recording window is open: some process executed a program
+    /// at most a window ago. Userspace records only accesses of processes
+    /// within a window after their exec, so nothing it would keep is lost;
+    /// outside windows every filemap call ends here. No calls: the verifier
+    /// inlines `bpf_jiffies64` and array lookups into loads.
+    #[inline(always)]
+    fn window_open() -> bool {
+        let last = LAST_EXEC.get(0).copied().unwrap_or(0);
+        // SAFETY: a helper without arguments; a read of a global the loader
+        // set (volatile: not folded).
+        let (now, window) = unsafe { (bpf_jiffies64(), core::ptr::read_volatile(&WINDOW_JIFFIES)) };
+        last != 0 && now.wrapping_sub(last) <= window
+    }
+
     /// No last-page field (`mm_filemap_fault` reports one page).
     const NONE: usize = usize::MAX;
 
     /// What every filemap program does once it knows the device: filter by
-    /// it (the whole cost for unrelated I/O), then by backing file, then
+    /// it (for unrelated I/O, array loads are the whole cost: no calls), or
+    /// by backing file on the cache's device, then
     /// drop ranges this process already reported, then send. `ino` and
     /// `range` are read only past the device filter.
     /// Inlined: BPF calls take at most five registers of arguments.
@@ -115,20 +142,37 @@ mod programs {
         ino: impl FnOnce() -> Option<u64>,
         range: impl FnOnce() -> (u64, u64),
     ) -> u32 {
-        // SAFETY: a lookup in a map this program owns.
-        let Some(mode) = (unsafe { DEVICES.get(&dev) }).copied() else {
-            return 0;
-        };
-        let Some(ino) = ino() else {
-            return 0;
-        };
-        if mode == device::LISTED {
+        let ino = if dev != 0 && dev as usize == cfg(config::CACHE_DEV) {
+            // The cache's device: only its backing files.
+            let Some(ino) = ino() else {
+                return 0;
+            };
+            match BACKING_FILTER.get(filter::backing_slot(dev, ino)) {
+                Some(&n) if n > 0 => {}
+                _ => return 0,
+            }
             let key = BackingKey { ino, dev, _pad: 0 };
-            // SAFETY: as above.
+            // SAFETY: a lookup in a map this program owns.
             if unsafe { BACKING.get(&key) }.is_none() {
                 return 0;
             }
-        }
+            ino
+        } else {
+            // A lazy mount's device, or (nearly always) unrelated I/O.
+            let bit = filter::device_bit(dev);
+            match DEVICE_FILTER.get(bit >> 6) {
+                Some(word) if word & (1 << (bit & 63)) != 0 => {}
+                _ => return 0,
+            }
+            // SAFETY: as above.
+            if unsafe { DEVICES.get(&dev) }.is_none() {
+                return 0;
+            }
+            let Some(ino) = ino() else {
+                return 0;
+            };
+            ino
+        };
         let (first, last) = range();
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         // The same process touching the same range again (warm re-reads) is
@@ -165,6 +209,9 @@ mod programs {
 
     #[inline(always)]
     fn classic(ctx: &TracePointContext, what: u32, first_off: usize, last_off: usize) -> u32 {
+        if !window_open() {
+            return 0;
+        }
         // SAFETY: offsets come from the tracepoint's format file; reads are
         // checked by the verifier-approved probe helper.
         let dev: u32 = match unsafe { ctx.read_at(off(&OFF_DEV)) } {
@@ -235,6 +282,9 @@ mod programs {
 
     #[inline(always)]
     fn raw(what: u32, mapping: u64, range: impl FnOnce() -> (u64, u64)) -> u32 {
+        if !window_open() {
+            return 0;
+        }
         let Some((host, dev)) = host_and_dev(mapping) else {
             return 0;
         };
@@ -280,6 +330,9 @@ mod programs {
 
     #[inline(always)]
     fn btf(what: u32, mapping: u64, range: impl FnOnce() -> (u64, u64)) -> u32 {
+        if !window_open() {
+            return 0;
+        }
         let host: u64 = field(mapping, &OFF_MAPPING_HOST);
         let sb: u64 = field(host, &OFF_INODE_SB);
         if sb == 0 {
@@ -311,6 +364,11 @@ mod programs {
     pub fn sluice_exec(_ctx: TracePointContext) -> u32 {
         if cfg(config::ENABLED) == 0 {
             return 0;
+        }
+        if let Some(last) = LAST_EXEC.get_ptr_mut(0) {
+            // SAFETY: the map's one slot; a plain store (racing execs on
+            // other CPUs write nearly the same value).
+            unsafe { *last = bpf_jiffies64() };
         }
         // SAFETY: reads of globals the loader set (volatile: not folded).
         let (dev, ino) = unsafe {

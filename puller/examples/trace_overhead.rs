@@ -20,6 +20,14 @@ use sluice_puller::registry::RetryPolicy;
 use sluice_puller::trace::{AccessTracer, Hooks, Source};
 use sluice_puller::{image, ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
 
+/// Executes a program (opens the programs' recording window).
+fn exec_something() {
+    let status = std::process::Command::new("true")
+        .status()
+        .expect("exec true");
+    assert!(status.success());
+}
+
 /// CPU time of the calling thread.
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -128,10 +136,18 @@ fn main() {
     read_passes(&lazy_file, 2);
     read_passes(native, 2);
 
+    // The programs report only within the recording window after an exec
+    // (a starting container): reads outside it, and inside it after an exec.
+    let targets = [
+        ("native", native, false),
+        ("native-window", native, true),
+        ("sluice", lazy_file.as_path(), false),
+        ("sluice-window", lazy_file.as_path(), true),
+    ];
     let mut rows = Vec::new();
     let mut drops = 0;
     for round in 0..rounds {
-        for (name, path) in [("native", native), ("sluice", lazy_file.as_path())] {
+        for (name, path, window) in targets {
             // Rotate the order so that drift within a round favours none.
             for i in 0..modes.len() {
                 let mode = modes[(i + round as usize) % modes.len()];
@@ -140,6 +156,9 @@ fn main() {
                     t.layer_mounted(&mnt, layer.clone(), pinned.clone());
                     (t, rx)
                 });
+                if window {
+                    exec_something();
+                }
                 let (cpu, wall) = read_passes(path, passes);
                 if let Some((t, _)) = &tracer {
                     drops += t.dropped_events();
@@ -161,9 +180,12 @@ fn main() {
     match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
         Ok(_stats_on) => {
             for (mode, hooks) in modes.iter().flatten() {
-                for (name, path) in [("native", native), ("sluice", lazy_file.as_path())] {
+                for (name, path, window) in targets {
                     let (t, _rx) = start(*hooks);
                     t.layer_mounted(&mnt, layer.clone(), pinned.clone());
+                    if window {
+                        exec_something();
+                    }
                     let reads = passes as u64 * (std::fs::metadata(path).unwrap().len() >> 16);
                     read_passes(path, passes);
                     for p in t.program_stats() {

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use sluice_puller_ebpf::{config, device, offsets, AccessEvent, BackingKey};
+use sluice_puller_ebpf::{config, filter, offsets, AccessEvent, BackingKey};
 
 use super::btf::{Arg, KernelBtf};
 use super::Recorder;
@@ -160,6 +160,27 @@ fn tracefs_root() -> Option<std::path::PathBuf> {
         .find(|p| p.join("events").is_dir())
 }
 
+/// The kernel's tick rate, from its build configuration where the machine
+/// has it; else 1000, the highest in use, so that a window in jiffies is
+/// never shorter than meant (only longer, which costs time, not events).
+fn kernel_hz() -> u64 {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    std::fs::read_to_string(format!("/boot/config-{}", release.trim()))
+        .ok()
+        .and_then(|config| {
+            config
+                .lines()
+                .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(1000)
+}
+
+/// The recording window in jiffies, with a second of slack for the tick.
+fn window_jiffies(window: std::time::Duration, hz: u64) -> u64 {
+    (window.as_secs_f64() * hz as f64).ceil() as u64 + hz
+}
+
 /// Field offsets of a tracepoint, from its `format` file.
 fn field_offsets(category: &str, name: &str) -> Result<StdHashMap<String, u32>, TraceError> {
     let root = tracefs_root().ok_or_else(|| {
@@ -192,6 +213,47 @@ fn field_offsets(category: &str, name: &str) -> Result<StdHashMap<String, u32>, 
     Ok(out)
 }
 
+/// The programs' pre-filters (`sluice_puller_ebpf::filter`) and what they
+/// hold, so that a change writes only the words and counters it alters.
+struct Filters {
+    device_map: Array<MapData, u64>,
+    device_words: Vec<u64>,
+    backing_map: Array<MapData, u32>,
+    backing_counts: Vec<u32>,
+}
+
+impl Filters {
+    fn set_devices(&mut self, devices: impl Iterator<Item = u32>) {
+        let mut words = vec![0u64; filter::DEVICE_WORDS as usize];
+        for dev in devices {
+            let bit = filter::device_bit(dev);
+            words[(bit >> 6) as usize] |= 1 << (bit & 63);
+        }
+        for (i, (&new, old)) in words.iter().zip(&mut self.device_words).enumerate() {
+            if new != *old {
+                match self.device_map.set(i as u32, new, 0) {
+                    Ok(()) => *old = new,
+                    Err(e) => tracing::warn!("eBPF device filter: {e}"),
+                }
+            }
+        }
+    }
+
+    fn count_backing(&mut self, dev: u32, ino: u64, up: bool) {
+        let slot = filter::backing_slot(dev, ino);
+        let n = &mut self.backing_counts[slot as usize];
+        let new = if up {
+            n.saturating_add(1)
+        } else {
+            n.saturating_sub(1)
+        };
+        match self.backing_map.set(slot, new, 0) {
+            Ok(()) => *n = new,
+            Err(e) => tracing::warn!("eBPF backing filter: {e}"),
+        }
+    }
+}
+
 /// What the kernel counted for one program.
 #[derive(Debug, Clone)]
 pub struct ProgramStats {
@@ -205,6 +267,7 @@ pub struct EbpfTracer {
     _ebpf: Mutex<Ebpf>,
     devices: Mutex<HashMap<MapData, u32, u8>>,
     backing: Mutex<HashMap<MapData, BackingKey, u8>>,
+    filters: Mutex<Filters>,
     config: Mutex<Array<MapData, u32>>,
     drops: PerCpuArray<MapData, u64>,
     ring: Mutex<Option<RingBuf<MapData>>>,
@@ -212,7 +275,13 @@ pub struct EbpfTracer {
 }
 
 impl EbpfTracer {
-    pub fn load(_runtime: &tokio::runtime::Handle, hooks: Hooks) -> Result<Self, TraceError> {
+    /// Loads and attaches the programs; `window` is the recording window
+    /// (events are reported only that long after an exec).
+    pub fn load(
+        _runtime: &tokio::runtime::Handle,
+        hooks: Hooks,
+        window: std::time::Duration,
+    ) -> Result<Self, TraceError> {
         if OBJECT.is_empty() {
             return Err(TraceError::NotBuilt);
         }
@@ -276,6 +345,8 @@ impl EbpfTracer {
         }
         loader.override_global(offsets::HOST_PIDNS_DEV, &pidns_dev, true);
         loader.override_global(offsets::HOST_PIDNS_INO, &pidns_ino, true);
+        let window_jiffies = window_jiffies(window, kernel_hz());
+        loader.override_global(offsets::WINDOW_JIFFIES, &window_jiffies, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| TraceError::Load(e.to_string()))?;
@@ -354,10 +425,19 @@ impl EbpfTracer {
             .map_err(|e| TraceError::Load(e.to_string()))?;
         let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)
             .map_err(|e| TraceError::Load(e.to_string()))?;
+        let filters = Filters {
+            device_map: Array::try_from(take(&mut ebpf, "DEVICE_FILTER")?)
+                .map_err(|e| TraceError::Load(e.to_string()))?,
+            device_words: vec![0; filter::DEVICE_WORDS as usize],
+            backing_map: Array::try_from(take(&mut ebpf, "BACKING_FILTER")?)
+                .map_err(|e| TraceError::Load(e.to_string()))?,
+            backing_counts: vec![0; filter::BACKING_SLOTS as usize],
+        };
         Ok(EbpfTracer {
             _ebpf: Mutex::new(ebpf),
             devices: Mutex::new(devices),
             backing: Mutex::new(backing),
+            filters: Mutex::new(filters),
             config: Mutex::new(cfg),
             drops,
             ring: Mutex::new(Some(ring)),
@@ -371,14 +451,21 @@ impl EbpfTracer {
         &self.attached
     }
 
-    fn set_enabled(&self) {
-        let any = self
+    /// After a change of the device map: the filter, and the exec switch
+    /// (on while a lazy layer is mounted).
+    fn devices_changed(&self) {
+        let devices: Vec<u32> = self
             .devices
             .lock()
             .expect("devices")
-            .iter()
+            .keys()
             .filter_map(Result::ok)
-            .any(|(_, mode)| mode == device::ALL);
+            .collect();
+        self.filters
+            .lock()
+            .expect("filters")
+            .set_devices(devices.iter().copied());
+        let any = !devices.is_empty();
         let _ = self
             .config
             .lock()
@@ -388,41 +475,54 @@ impl EbpfTracer {
 
     /// Traces every inode of a lazy mount's device.
     pub fn watch_device(&self, dev: u32) {
-        if let Err(e) = self
-            .devices
-            .lock()
-            .expect("devices")
-            .insert(dev, device::ALL, 0)
-        {
+        if let Err(e) = self.devices.lock().expect("devices").insert(dev, 1, 0) {
             tracing::warn!(dev, "eBPF device map: {e}");
         }
-        self.set_enabled();
+        self.devices_changed();
     }
 
     pub fn unwatch_device(&self, dev: u32) {
         let _ = self.devices.lock().expect("devices").remove(&dev);
-        self.set_enabled();
+        self.devices_changed();
     }
 
     /// Traces listed inodes of the cache's device (passthrough backing files).
     pub fn watch_cache_device(&self, dev: u32) {
-        let mut d = self.devices.lock().expect("devices");
-        // A lazy mount never shares the cache's device; don't downgrade one.
-        if d.get(&dev, 0).is_err() {
-            let _ = d.insert(dev, device::LISTED, 0);
+        if let Err(e) = self
+            .config
+            .lock()
+            .expect("config")
+            .set(config::CACHE_DEV, dev, 0)
+        {
+            tracing::warn!(dev, "eBPF config map: {e}");
         }
     }
 
     pub fn watch_backing(&self, dev: u32, ino: u64) {
         let key = BackingKey { ino, dev, _pad: 0 };
-        if let Err(e) = self.backing.lock().expect("backing").insert(key, 1, 0) {
-            tracing::debug!(dev, ino, "eBPF backing map: {e}");
+        let mut backing = self.backing.lock().expect("backing");
+        if backing.get(&key, 0).is_ok() {
+            return;
+        }
+        match backing.insert(key, 1, 0) {
+            // Counted once per key, so that removal undoes it exactly.
+            Ok(()) => self
+                .filters
+                .lock()
+                .expect("filters")
+                .count_backing(dev, ino, true),
+            Err(e) => tracing::debug!(dev, ino, "eBPF backing map: {e}"),
         }
     }
 
     pub fn unwatch_backing(&self, dev: u32, ino: u64) {
         let key = BackingKey { ino, dev, _pad: 0 };
-        let _ = self.backing.lock().expect("backing").remove(&key);
+        if self.backing.lock().expect("backing").remove(&key).is_ok() {
+            self.filters
+                .lock()
+                .expect("filters")
+                .count_backing(dev, ino, false);
+        }
     }
 
     /// Calls and run time of each loaded program, as counted by the kernel

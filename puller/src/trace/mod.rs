@@ -70,7 +70,7 @@ impl AccessTracer {
     ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<Recording>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let ebpf = if let Some(hooks) = ebpf {
-            match ebpf::EbpfTracer::load(runtime, hooks) {
+            match ebpf::EbpfTracer::load(runtime, hooks, window) {
                 Ok(t) => Some(Arc::new(t)),
                 Err(e) => {
                     tracing::warn!("eBPF access tracing unavailable ({e}); recording prefetch profiles from what the FUSE daemon serves instead");
