@@ -144,14 +144,20 @@ fn main() {
         ("sluice", lazy_file.as_path(), false),
         ("sluice-window", lazy_file.as_path(), true),
     ];
+    // "none-again" is a second untraced measurement: its difference from
+    // "none" is the noise floor of this machine, printed next to the rest.
+    let timed: Vec<(&str, Option<Hooks>)> = [("none", None), ("none-again", None)]
+        .into_iter()
+        .chain(modes.iter().flatten().map(|(n, h)| (*n, Some(*h))))
+        .collect();
     let mut rows = Vec::new();
     let mut drops = 0;
     for round in 0..rounds {
         for (name, path, window) in targets {
             // Rotate the order so that drift within a round favours none.
-            for i in 0..modes.len() {
-                let mode = modes[(i + round as usize) % modes.len()];
-                let tracer = mode.map(|(_, hooks)| {
+            for i in 0..timed.len() {
+                let (label, mode) = timed[(i + round as usize) % timed.len()];
+                let tracer = mode.map(|hooks| {
                     let (t, rx) = start(hooks);
                     t.layer_mounted(&mnt, layer.clone(), pinned.clone());
                     (t, rx)
@@ -166,7 +172,7 @@ fn main() {
                 rows.push(serde_json::json!({
                     "round": round,
                     "target": name,
-                    "hooks": mode.map(|(n, _)| n).unwrap_or("none"),
+                    "hooks": label,
                     "mb_per_cpu_s": cpu,
                     "mb_per_s": wall,
                 }));
