@@ -31,8 +31,8 @@ mod programs {
     #[no_mangle]
     static OFF_MAP_END: u32 = 32;
     // Struct member offsets from the kernel's BTF, set by the loader for the
-    // raw tracepoint programs (which get the tracepoint's arguments, not a
-    // record with the fields already copied out).
+    // raw and BTF tracepoint programs (which get the tracepoint's arguments,
+    // not a record with the fields already copied out).
     #[no_mangle]
     static OFF_MAPPING_HOST: u32 = 0;
     #[no_mangle]
@@ -131,9 +131,9 @@ mod programs {
 
     /// What every filemap program does once it knows the device: filter by
     /// it (for unrelated I/O, array loads are the whole cost: no calls), or
-    /// by backing file on the cache's device, then
-    /// drop ranges this process already reported, then send. `ino` and
-    /// `range` are read only past the device filter.
+    /// by backing file on the cache's device; then drop ranges this process
+    /// already reported, then send. `ino` and `range` are read only past the
+    /// filters.
     /// Inlined: BPF calls take at most five registers of arguments.
     #[inline(always)]
     fn report(

@@ -1,8 +1,10 @@
 //! The measuring half of `cargo xtask bench ebpf` (which prepares the image
 //! and prints the table): warm buffered reads of one big file on the local
-//! filesystem and on a sluice mount, each without the eBPF access tracing
-//! programs and with them on classic, raw and BTF tracepoints, in a rotating
-//! order, several rounds. Prints JSON.
+//! filesystem and on a sluice mount, outside and inside a recording window
+//! (opened by an exec), each without the eBPF access tracing programs (twice:
+//! the noise floor) and with them on classic, raw and BTF tracepoints, in a
+//! rotating order, several rounds; then an untimed pass with the kernel's
+//! BPF run-time statistics on. Prints JSON.
 //!
 //! Throughput is per second of the reading thread's CPU time (user + system:
 //! the programs run in the reader's system time), so that other load on a
@@ -107,18 +109,17 @@ fn main() {
     };
     let mut tracepoints = serde_json::Map::new();
     let modes = [
-        None,
-        Some(("classic", Hooks::Classic)),
-        Some(("raw", Hooks::Raw)),
-        Some(("btf", Hooks::Auto)),
+        ("classic", Hooks::Classic),
+        ("raw", Hooks::Raw),
+        ("btf", Hooks::Auto),
     ];
-    for (name, hooks) in modes.iter().flatten() {
-        let (probe, _) = start(*hooks);
+    for (name, hooks) in modes {
+        let (probe, _) = start(hooks);
         if probe.source() != Source::Ebpf {
             eprintln!("eBPF programs did not load; see the log above");
             std::process::exit(3);
         }
-        tracepoints.insert((*name).into(), probe.tracepoints().into());
+        tracepoints.insert(name.into(), probe.tracepoints().into());
     }
     let _session = sluice_puller::fs::mount(
         layer.clone(),
@@ -148,7 +149,7 @@ fn main() {
     // "none" is the noise floor of this machine, printed next to the rest.
     let timed: Vec<(&str, Option<Hooks>)> = [("none", None), ("none-again", None)]
         .into_iter()
-        .chain(modes.iter().flatten().map(|(n, h)| (*n, Some(*h))))
+        .chain(modes.map(|(n, h)| (n, Some(h))))
         .collect();
     let mut rows = Vec::new();
     let mut drops = 0;
@@ -185,9 +186,9 @@ fn main() {
     let mut programs = Vec::new();
     match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
         Ok(_stats_on) => {
-            for (mode, hooks) in modes.iter().flatten() {
+            for (mode, hooks) in modes {
                 for (name, path, window) in targets {
-                    let (t, _rx) = start(*hooks);
+                    let (t, _rx) = start(hooks);
                     t.layer_mounted(&mnt, layer.clone(), pinned.clone());
                     if window {
                         exec_something();

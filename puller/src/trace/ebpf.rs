@@ -120,34 +120,33 @@ fn raw_fits(btf: &KernelBtf, hook: &FilemapHook) -> Result<(), String> {
     }
 }
 
-fn attach_classic(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<(), String> {
-    let p: &mut TracePoint = ebpf
-        .program_mut(prog)
-        .ok_or_else(|| format!("program {prog} missing"))?
+/// The program `name` of the object, as the kind `P` it was built as.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, String>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("program {name} missing"))?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        .map_err(|e: aya::programs::ProgramError| e.to_string())
+}
+
+fn attach_classic(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<(), String> {
+    let p: &mut TracePoint = program(ebpf, prog)?;
     p.load().map_err(|e| e.to_string())?;
     p.attach(category, name).map_err(|e| e.to_string())?;
     Ok(())
 }
 
 fn attach_btf(ebpf: &mut Ebpf, prog: &str, name: &str, btf: &aya::Btf) -> Result<(), String> {
-    let p: &mut BtfTracePoint = ebpf
-        .program_mut(prog)
-        .ok_or_else(|| format!("program {prog} missing"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let p: &mut BtfTracePoint = program(ebpf, prog)?;
     p.load(name, btf).map_err(|e| e.to_string())?;
     p.attach().map_err(|e| e.to_string())?;
     Ok(())
 }
 
 fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
-    let p: &mut RawTracePoint = ebpf
-        .program_mut(prog)
-        .ok_or_else(|| format!("program {prog} missing"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let p: &mut RawTracePoint = program(ebpf, prog)?;
     p.load().map_err(|e| e.to_string())?;
     p.attach(name).map_err(|e| e.to_string())?;
     Ok(())
