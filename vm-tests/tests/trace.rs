@@ -187,9 +187,14 @@ fn ebpf_programs_record_a_containers_reads_in_order() {
         eprintln!("SKIP: loading eBPF programs and FUSE mounts need root");
         return;
     }
-    let tracepoints = check_ebpf_recording(Hooks::Auto);
     // Where the kernel has BTF, the page-cache hooks are BTF tracepoints:
     // this recording came from them.
+    assert_hooks_where_btf(&check_ebpf_recording(Hooks::Auto), "(btf)");
+}
+
+/// Where the kernel has BTF and the tracepoints, every page-cache hook in
+/// `tracepoints` is of the kind `suffix` names.
+fn assert_hooks_where_btf(tracepoints: &[String], suffix: &str) {
     if std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
         && sluice_testkit::kernel::has_filemap_tracepoints()
     {
@@ -198,7 +203,7 @@ fn ebpf_programs_record_a_containers_reads_in_order() {
             .filter(|t| t.starts_with("mm_filemap"))
             .collect();
         assert!(
-            !filemap.is_empty() && filemap.iter().all(|t| t.ends_with("(btf)")),
+            !filemap.is_empty() && filemap.iter().all(|t| t.ends_with(suffix)),
             "{tracepoints:?}"
         );
     }
@@ -213,17 +218,7 @@ fn raw_and_classic_tracepoint_programs_record_the_same() {
         eprintln!("SKIP: loading eBPF programs and FUSE mounts need root");
         return;
     }
-    let raw = check_ebpf_recording(Hooks::Raw);
-    if std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
-        && sluice_testkit::kernel::has_filemap_tracepoints()
-    {
-        assert!(
-            raw.iter()
-                .filter(|t| t.starts_with("mm_filemap"))
-                .all(|t| t.ends_with("(raw)")),
-            "{raw:?}"
-        );
-    }
+    assert_hooks_where_btf(&check_ebpf_recording(Hooks::Raw), "(raw)");
     let classic = check_ebpf_recording(Hooks::Classic);
     assert!(classic.iter().all(|t| !t.ends_with(')')), "{classic:?}");
 }
