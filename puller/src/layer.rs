@@ -137,31 +137,37 @@ const WILLNEED_WINDOW: u64 = 2 << 20;
 /// a file not yet in the page cache caught up with it and waited on faults.
 const WILLNEED_AHEAD: u64 = 4;
 
-/// Asks the kernel to read the backing file ahead of a sequential reader:
-/// a read at the start asks for the first windows, and a read that enters a
+/// The windows (first, last) to read ahead for a read of `offset..end`: a
+/// read at the start asks for the first windows, and a read that enters a
 /// window asks for the one `WILLNEED_AHEAD` beyond it (asking for the same
 /// pages on every read walks the page cache each time, which cost more than
-/// the reads themselves).
-fn advise_window_ahead(m: &Mmap, offset: u64, end: u64) {
-    let len = m.len() as u64;
-    let advise = |first: u64, last: u64| {
-        let from = first * WILLNEED_WINDOW;
-        if from < len {
-            let n = ((last + 1) * WILLNEED_WINDOW).min(len) - from;
-            let _ = m.advise_range(memmap2::Advice::WillNeed, from as usize, n as usize);
-        }
-    };
+/// the reads themselves). Stateless, so reads handled out of order by the
+/// FUSE threads still leave no gap.
+fn windows_to_read_ahead(offset: u64, end: u64) -> Vec<(u64, u64)> {
     if offset == 0 {
-        advise(0, WILLNEED_AHEAD);
-        return;
+        return vec![(0, WILLNEED_AHEAD)];
     }
     let entered = offset
         .is_multiple_of(WILLNEED_WINDOW)
         .then_some(offset / WILLNEED_WINDOW);
     let crossed = (offset / WILLNEED_WINDOW != (end.max(1) - 1) / WILLNEED_WINDOW)
         .then_some((end - 1) / WILLNEED_WINDOW);
-    for window in [entered, crossed].into_iter().flatten() {
-        advise(window + WILLNEED_AHEAD, window + WILLNEED_AHEAD);
+    [entered, crossed]
+        .into_iter()
+        .flatten()
+        .map(|w| (w + WILLNEED_AHEAD, w + WILLNEED_AHEAD))
+        .collect()
+}
+
+/// Asks the kernel to read a whole-file mapping ahead of a sequential reader.
+fn advise_window_ahead(m: &Mmap, offset: u64, end: u64) {
+    let len = m.len() as u64;
+    for (first, last) in windows_to_read_ahead(offset, end) {
+        let from = first * WILLNEED_WINDOW;
+        if from < len {
+            let n = ((last + 1) * WILLNEED_WINDOW).min(len) - from;
+            let _ = m.advise_range(memmap2::Advice::WillNeed, from as usize, n as usize);
+        }
     }
 }
 
@@ -321,6 +327,31 @@ impl RemoteLayer {
     /// Whether a chunk is in the cache.
     pub fn has_chunk(&self, d: &Digest) -> bool {
         self.cache.contains(d)
+    }
+
+    /// Has the kernel read the cached chunks ahead of a reader of a file
+    /// served chunk by chunk into the page cache, in the background (see
+    /// [`ChunkCache::read_ahead`]; chunks not cached are fetched by the
+    /// filesystem's own readahead).
+    fn read_ahead_chunks(&self, node: usize, offset: u64, end: u64) {
+        let digests: Vec<Digest> = windows_to_read_ahead(offset, end)
+            .into_iter()
+            .flat_map(|(first, last)| {
+                let from = first * WILLNEED_WINDOW;
+                self.index
+                    .chunks_for_range(node, from, (last + 1 - first) * WILLNEED_WINDOW)
+                    .iter()
+                    // This read's own chunks are being read already; a file
+                    // read to its end has nothing left to ask for.
+                    .filter(|c| c.file_offset >= end)
+                    .map(|c| c.digest.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if !digests.is_empty() {
+            let cache = self.cache.clone();
+            tokio::task::spawn_blocking(move || cache.read_ahead(&digests));
+        }
     }
 
     /// Fetches chunks ahead of readers (see [`crate::prefetch`]).
@@ -685,6 +716,7 @@ impl RemoteLayer {
                 }
             }
         }
+        self.read_ahead_chunks(node, offset, end);
         for attempt in 0..2 {
             self.ensure(chunks).await?;
             let mut maps = Vec::with_capacity(chunks.len());
@@ -724,5 +756,41 @@ impl RemoteLayer {
             return Ok(ReadData::Owned(out));
         }
         unreachable!("the loop returns")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A sequential reader in 1 MiB reads is asked ahead for every window
+    /// exactly once, whatever order the reads are handled in.
+    #[test]
+    fn read_ahead_windows_cover_a_sequential_reader_once() {
+        let mut asked: Vec<u64> = Vec::new();
+        let mut reads: Vec<u64> = (0..64).collect();
+        // Out of order, as several FUSE threads may handle them.
+        reads.swap(3, 4);
+        reads.swap(10, 17);
+        for i in reads {
+            for (first, last) in windows_to_read_ahead(i * MIB, (i + 1) * MIB) {
+                asked.extend(first..=last);
+            }
+        }
+        asked.sort();
+        let expected: Vec<u64> = (0..=(63 / 2 + WILLNEED_AHEAD)).collect();
+        assert_eq!(asked, expected);
+    }
+
+    #[test]
+    fn a_read_crossing_into_a_window_asks_beyond_it() {
+        let w = WILLNEED_WINDOW;
+        assert_eq!(
+            windows_to_read_ahead(w - 4096, w + 4096),
+            [(1 + WILLNEED_AHEAD, 1 + WILLNEED_AHEAD)]
+        );
+        assert!(windows_to_read_ahead(4096, 8192).is_empty());
     }
 }

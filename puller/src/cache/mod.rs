@@ -243,6 +243,25 @@ impl ChunkCache {
             .contains_key(d)
     }
 
+    /// Asks the kernel to read these cached chunks' files into the page
+    /// cache in the background (`POSIX_FADV_WILLNEED`), ahead of a reader.
+    /// Each chunk is a file of its own, so the kernel's readahead never
+    /// crosses from one to the next: without this a sequential reader of
+    /// chunks on disk waits for one small read after another. Chunks not
+    /// cached are skipped. Blocking (opens files): call off the I/O path.
+    pub fn read_ahead(&self, digests: &[Digest]) {
+        use std::os::fd::AsRawFd;
+        for d in digests {
+            if !self.contains(d) {
+                continue;
+            }
+            if let Ok(f) = File::open(self.path(d)) {
+                // SAFETY: a valid descriptor; advice only, no memory passed.
+                unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+            }
+        }
+    }
+
     /// The mapped chunk, if cached and intact.
     pub fn get(&self, d: &Digest) -> Option<Arc<Mmap>> {
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);
