@@ -95,9 +95,10 @@ fn main() {
     );
     let mnt = work.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    // Reads go through the FUSE page cache (passthrough off), so that every
-    // read on the mount produces events on its device: the full cost path
-    // (in-kernel filter hit, ring buffer, userspace) is what is measured.
+    // Reads go through the FUSE page cache (passthrough off), so that reads
+    // on the mount are events on its device: inside a recording window the
+    // full cost path (filter hit, "already reported" map, ring buffer,
+    // userspace) is what is measured.
     let start = |hooks: Hooks| {
         AccessTracer::start(
             rt.handle(),

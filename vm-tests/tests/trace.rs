@@ -189,24 +189,7 @@ fn ebpf_programs_record_a_containers_reads_in_order() {
     }
     // Where the kernel has BTF, the page-cache hooks are BTF tracepoints:
     // this recording came from them.
-    assert_hooks_where_btf(&check_ebpf_recording(Hooks::Auto), "(btf)");
-}
-
-/// Where the kernel has BTF and the tracepoints, every page-cache hook in
-/// `tracepoints` is of the kind `suffix` names.
-fn assert_hooks_where_btf(tracepoints: &[String], suffix: &str) {
-    if std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
-        && sluice_testkit::kernel::has_filemap_tracepoints()
-    {
-        let filemap: Vec<_> = tracepoints
-            .iter()
-            .filter(|t| t.starts_with("mm_filemap"))
-            .collect();
-        assert!(
-            !filemap.is_empty() && filemap.iter().all(|t| t.ends_with(suffix)),
-            "{tracepoints:?}"
-        );
-    }
+    common::assert_hooks_where_btf(&check_ebpf_recording(Hooks::Auto), "(btf)");
 }
 
 /// The other programs record the same: raw tracepoints (a verifier that
@@ -218,7 +201,7 @@ fn raw_and_classic_tracepoint_programs_record_the_same() {
         eprintln!("SKIP: loading eBPF programs and FUSE mounts need root");
         return;
     }
-    assert_hooks_where_btf(&check_ebpf_recording(Hooks::Raw), "(raw)");
+    common::assert_hooks_where_btf(&check_ebpf_recording(Hooks::Raw), "(raw)");
     let classic = check_ebpf_recording(Hooks::Classic);
     assert!(classic.iter().all(|t| !t.ends_with(')')), "{classic:?}");
 }

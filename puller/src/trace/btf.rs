@@ -170,6 +170,11 @@ impl KernelBtf {
         })
     }
 
+    /// The raw BTF, for other parsers of the same data (aya's loader).
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
     fn name(&self, offset: u32) -> &str {
         let start = self.strings.start + offset as usize;
         let bytes = self.data.get(start..self.strings.end).unwrap_or_default();

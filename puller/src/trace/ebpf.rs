@@ -356,11 +356,14 @@ impl EbpfTracer {
         .map_err(|e| TraceError::Load(e.to_string()))?;
         let mut attached = Vec::new();
         let mut errors = Vec::new();
-        // aya's own parse of the same BTF, to load BTF tracepoints with.
+        // aya's own parse of the same BTF (read once), to load BTF
+        // tracepoints with.
         let aya_btf = match (hooks, &btf) {
-            (Hooks::Auto, Some(_)) => aya::Btf::from_sys_fs()
-                .map_err(|e| tracing::info!("BTF tracepoints not used: {e}"))
-                .ok(),
+            (Hooks::Auto, Some((btf, _))) => {
+                aya::Btf::parse(btf.bytes(), aya::Endianness::default())
+                    .map_err(|e| tracing::info!("BTF tracepoints not used: {e}"))
+                    .ok()
+            }
             _ => None,
         };
         for hook in &FILEMAP {

@@ -223,3 +223,20 @@ pub fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
         }
     }
 }
+
+/// Where the kernel has BTF and the tracepoints, every page-cache hook in
+/// `tracepoints` is of the kind `suffix` names.
+pub fn assert_hooks_where_btf(tracepoints: &[String], suffix: &str) {
+    if std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
+        && sluice_testkit::kernel::has_filemap_tracepoints()
+    {
+        let filemap: Vec<_> = tracepoints
+            .iter()
+            .filter(|t| t.starts_with("mm_filemap"))
+            .collect();
+        assert!(
+            !filemap.is_empty() && filemap.iter().all(|t| t.ends_with(suffix)),
+            "{tracepoints:?}"
+        );
+    }
+}
