@@ -484,3 +484,124 @@ fn debian_python3_rootfs_reads_identically_through_the_mount() {
     );
     assert!(layer.stats.passthrough_opens.load(Ordering::Relaxed) > 0);
 }
+
+/// `getxattr(2)` of `path`: the value, or the errno.
+fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: both strings are NUL-terminated and `buf` is as long as we say.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
+/// Extended attributes through the mount: a layer that has them serves each
+/// one (and an opaque directory's `trusted.overlay.opaque`, as overlayfs
+/// expects); in a layer without any, the kernel answers "not supported"
+/// itself once the daemon has told it so.
+#[test]
+fn extended_attributes_through_the_mount() {
+    use sluice_format::layout::Layout;
+    use sluice_format::oci::{OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST};
+
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    std::fs::create_dir_all(plain.join("etc")).unwrap();
+    std::fs::write(plain.join("etc/hostname"), "sluice\n").unwrap();
+    // A layer written as tar by hand: PAX xattrs and an opaque directory.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir_header = tar::Header::new_ustar();
+    dir_header.set_entry_type(tar::EntryType::Directory);
+    dir_header.set_mode(0o755);
+    dir_header.set_size(0);
+    for d in ["app/", "etc/"] {
+        b.append_data(&mut dir_header.clone(), d, std::io::empty())
+            .unwrap();
+    }
+    let mut empty = tar::Header::new_ustar();
+    empty.set_mode(0o644);
+    empty.set_size(0);
+    b.append_data(&mut empty, "etc/.wh..wh..opq", std::io::empty())
+        .unwrap();
+    b.append_pax_extensions([("SCHILY.xattr.user.sluice", &b"layer value"[..])])
+        .unwrap();
+    let mut file = tar::Header::new_ustar();
+    file.set_mode(0o755);
+    file.set_size(5);
+    b.append_data(&mut file, "app/tool", &b"tool\n"[..])
+        .unwrap();
+    let with_xattrs = b.into_inner().unwrap();
+
+    let layout_dir = dir.path().join("layout");
+    let layout = Layout::create(&layout_dir).unwrap();
+    let (base, base_diff) = layout.put_layer(&plain, Compression::Gzip).unwrap();
+    let top = layout.put_blob(OCI_LAYER_TAR, &with_xattrs).unwrap();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [base_diff.to_string(), top.digest.to_string()]},
+    });
+    let config = layout
+        .put_blob(OCI_CONFIG, &serde_json::to_vec(&config).unwrap())
+        .unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [base, top],
+    });
+    let mut desc = layout
+        .put_blob(OCI_MANIFEST, &serde_json::to_vec(&manifest).unwrap())
+        .unwrap();
+    desc.annotations
+        .insert("org.opencontainers.image.ref.name".into(), "v1".into());
+    layout.write_index(&[desc]).unwrap();
+    let f = common::publish(
+        dir,
+        &layout_dir,
+        "fuse/xattrs",
+        &ChunkingOptions::default(),
+        vec![],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cache = f.dir.path().join("cache");
+
+    let (top, _) = mount_fresh(&rt, &f, 1, &cache, &FsOptions::default());
+    assert_eq!(
+        getxattr(&top.path.join("app/tool"), "user.sluice").as_deref(),
+        Ok(&b"layer value"[..])
+    );
+    assert_eq!(
+        getxattr(&top.path.join("etc"), "trusted.overlay.opaque").as_deref(),
+        Ok(&b"y"[..])
+    );
+    assert_eq!(
+        getxattr(&top.path.join("app/tool"), "user.other"),
+        Err(libc::ENODATA)
+    );
+    assert_eq!(
+        getxattr(&top.path.join("app"), "trusted.overlay.opaque"),
+        Err(libc::ENODATA)
+    );
+
+    let (base, _) = mount_fresh(&rt, &f, 0, &cache, &FsOptions::default());
+    // "Not supported" rather than "no such attribute": the kernel answers
+    // without asking the daemon (which is the point: no round trip).
+    for (path, name) in [
+        ("etc/hostname", "user.sluice"),
+        ("etc", "trusted.overlay.opaque"),
+    ] {
+        for _ in 0..2 {
+            assert_eq!(
+                getxattr(&base.path.join(path), name),
+                Err(libc::EOPNOTSUPP),
+                "{path} {name}"
+            );
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(base.path.join("etc/hostname")).unwrap(),
+        "sluice\n"
+    );
+}

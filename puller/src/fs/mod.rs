@@ -7,7 +7,10 @@
 //!   is shown as a 0:0 character device `NAME`, and `.wh..wh..opq` hides itself
 //!   and marks its directory opaque (`trusted.overlay.opaque=y`).
 //! - The layer is immutable, so entries and attributes are cached by the kernel
-//!   for a long time and file pages are kept across opens.
+//!   for a long time and file pages are kept across opens. Round trips that a
+//!   starting program would wait for are avoided: symlink targets are cached,
+//!   directories open without a request, and a layer without extended
+//!   attributes tells the kernel so once (overlayfs asks every entry).
 //! - Requests are served by several threads; reads block only their thread.
 //! - Passthrough (kernel ≥ 6.9): opening a file that is local (or small enough
 //!   to fetch whole at open) hands the kernel the cached file itself, so reads
@@ -152,6 +155,9 @@ pub struct LayerFs {
     /// Names per content node (hard links).
     links: Vec<u32>,
     whiteouts: Vec<bool>,
+    /// Whether any entry has an extended attribute (an opaque directory
+    /// counts: it is shown as one).
+    has_xattrs: bool,
     total_bytes: u64,
     options: FsOptions,
     /// Passthrough negotiated with the kernel and still working.
@@ -230,6 +236,8 @@ impl LayerFs {
                 .sort_unstable_by_key(|&n| shown_name(&nodes[n as usize].path));
             d.entries.shrink_to_fit();
         }
+        let has_xattrs =
+            nodes.iter().any(|n| !n.xattrs.is_empty()) || dirs.values().any(|d| d.opaque);
         LayerFs {
             layer,
             runtime,
@@ -238,6 +246,7 @@ impl LayerFs {
             parents,
             links,
             whiteouts,
+            has_xattrs,
             total_bytes,
             options,
             passthrough: AtomicBool::new(false),
@@ -521,6 +530,12 @@ impl Filesystem for LayerFs {
         // per entry when a runtime walks a directory.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Every request is a round trip that a starting program waits for:
+        // symlink targets stay in the page cache, and directories are opened
+        // without asking us (`opendir` answers ENOSYS; the kernel then keeps
+        // their listings cached).
+        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
+        let _ = config.add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         if !self.options.passthrough {
             return Ok(());
         }
@@ -732,7 +747,19 @@ impl Filesystem for LayerFs {
         reply.statfs(blocks, 0, 0, self.parents.len() as u64, 0, 4096, 255, 4096);
     }
 
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // The kernel opens directories itself from now on (see `init`).
+        reply.error(Errno::ENOSYS);
+    }
+
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.has_xattrs {
+            // overlayfs asks every lower entry for its trusted.overlay.*
+            // attributes (thousands of round trips while a program starts);
+            // ENOSYS makes the kernel answer "not supported" itself for the
+            // rest of this mount, which overlayfs and exec read as "none".
+            return reply.error(Errno::ENOSYS);
+        }
         let Some(i) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };

@@ -47,7 +47,8 @@ pub struct Options {
     /// Images to run (default: all): busybox, numpy-pandas, python3-large, worst-case.
     #[arg(long, value_delimiter = ',')]
     images: Vec<String>,
-    /// Systems to run (default: all): overlay-gzip, overlay-zstd, sluice, sluice-profile, warm.
+    /// Systems to run (default: all): overlay-gzip, overlay-zstd, sluice,
+    /// sluice-profile, sluice-warm, warm.
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
     /// Refuse to measure while other processes keep more than this share of
@@ -65,14 +66,16 @@ enum System {
     OverlayZstd,
     Sluice,
     SluiceProfile,
+    SluiceWarm,
     Warm,
 }
 
-const SYSTEMS: [System; 5] = [
+const SYSTEMS: [System; 6] = [
     System::OverlayGzip,
     System::OverlayZstd,
     System::Sluice,
     System::SluiceProfile,
+    System::SluiceWarm,
     System::Warm,
 ];
 
@@ -83,6 +86,7 @@ impl System {
             System::OverlayZstd => "overlay-zstd",
             System::Sluice => "sluice",
             System::SluiceProfile => "sluice-profile",
+            System::SluiceWarm => "sluice-warm",
             System::Warm => "warm",
         }
     }
@@ -293,6 +297,9 @@ struct Sample {
     system: String,
     repetition: usize,
     seconds: f64,
+    /// Of `seconds`: until the pull command returned (zero for `warm`); the
+    /// rest is `ctr run` until the ready line.
+    pull_seconds: f64,
     fetched_bytes: u64,
     /// The lazy daemon's counters (empty for overlayfs systems).
     daemon: BTreeMap<String, u64>,
@@ -334,11 +341,19 @@ struct Target {
 /// Counters of the lazy daemon recorded with each sample.
 const DAEMON_METRICS: &[&str] = &[
     "layer_fetch_requests",
+    "layer_fetched_bytes",
     "layer_demanded_bytes",
     "layer_fetched_ahead_bytes",
     "layer_prefetched_bytes",
     "layer_prefetch_hit_bytes",
 ];
+
+struct Measured {
+    seconds: f64,
+    pull_seconds: f64,
+    fetched: u64,
+    daemon: BTreeMap<String, u64>,
+}
 
 struct Bench {
     bin: PathBuf,
@@ -366,6 +381,21 @@ fn snapshotter_config(
         .unwrap_or_default();
     std::fs::write(&path, format!("{lazy}[profiles]\n{profiles}"))?;
     Ok(path)
+}
+
+/// The lazy daemon's [`DAEMON_METRICS`] (empty for nodes without sluice).
+fn daemon_counters(node: &Node) -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut counters = BTreeMap::new();
+    if let Some(s) = &node.snapshotter {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        for name in DAEMON_METRICS {
+            let v = rt.block_on(s.metric(&format!("sluice_puller_{name}_total")));
+            counters.insert((*name).to_owned(), v as u64);
+        }
+    }
+    Ok(counters)
 }
 
 /// A fresh node: containerd, plus the sluice daemon for lazy systems.
@@ -500,29 +530,33 @@ impl Bench {
         Ok(())
     }
 
-    /// One timed cold start; returns seconds, bytes through the proxy and,
-    /// for lazy systems, the daemon's counters right after the ready line.
-    fn measure(
-        &mut self,
-        system: System,
-        f: &Fixture,
-        p: &Pushed,
-    ) -> anyhow::Result<(f64, u64, BTreeMap<String, u64>)> {
+    /// One timed cold start: seconds to ready and to the pull's end, bytes
+    /// through the proxy and, for lazy systems, the daemon's counters right
+    /// after the ready line.
+    fn measure(&mut self, system: System, f: &Fixture, p: &Pushed) -> anyhow::Result<Measured> {
         let node = self.node(match system {
-            System::Sluice => Some("off"),
+            System::Sluice | System::SluiceWarm => Some("off"),
             System::SluiceProfile => Some("prefetch"),
             _ => None,
         })?;
         let containerd = node.containerd.as_ref().expect("running");
-        if system == System::Warm {
-            self.must(
+        match system {
+            System::Warm => self.must(
                 &node,
                 containerd
                     .ctr()
                     .args(["image", "pull", "--plain-http", &p.gzip_direct]),
                 "ctr image pull (warm-up)",
-            )?;
+            )?,
+            // What the start has read is in the chunk cache; the rest of the
+            // image is still remote, as on a node that ran it before.
+            System::SluiceWarm => {
+                self.sluice_pull(&node, &p.gzip_direct, "sluice pull (warm-up)")?;
+                self.run_until_ready(&node, &p.gzip_direct, f, "sluice")?;
+            }
+            _ => {}
         }
+        let counters_before = daemon_counters(&node)?;
         drop_caches()?;
         let before = self.proxy.bytes.load(Ordering::Relaxed);
         let t = Instant::now();
@@ -544,23 +578,25 @@ impl Bench {
                 self.sluice_pull(&node, &p.gzip, "sluice pull")?;
                 (p.gzip.as_str(), "sluice")
             }
+            System::SluiceWarm => (p.gzip_direct.as_str(), "sluice"),
             System::Warm => (p.gzip_direct.as_str(), "overlayfs"),
         };
+        let pull_seconds = t.elapsed().as_secs_f64();
         self.run_until_ready(&node, reference, f, snapshotter)?;
         let seconds = t.elapsed().as_secs_f64();
         let fetched = self.proxy.bytes.load(Ordering::Relaxed) - before;
-        let mut daemon = BTreeMap::new();
-        if let Some(s) = &node.snapshotter {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            for name in DAEMON_METRICS {
-                let v = rt.block_on(s.metric(&format!("sluice_puller_{name}_total")));
-                daemon.insert((*name).to_owned(), v as u64);
-            }
+        // Only what the timed part did (sluice-warm's warm-up is not counted).
+        let mut daemon = daemon_counters(&node)?;
+        for (name, v) in daemon.iter_mut() {
+            *v -= counters_before.get(name).copied().unwrap_or(0);
         }
         drop(node);
-        Ok((seconds, fetched, daemon))
+        Ok(Measured {
+            seconds,
+            pull_seconds,
+            fetched,
+            daemon,
+        })
     }
 
     /// A recording node starts the image once and publishes its profile.
@@ -729,18 +765,24 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             let n = order.len();
             order.rotate_left(rep % n);
             for system in order {
-                let (seconds, fetched, daemon) = bench.measure(system, f, p)?;
+                let Measured {
+                    seconds,
+                    pull_seconds,
+                    fetched,
+                    daemon,
+                } = bench.measure(system, f, p)?;
                 let requests = daemon
                     .get("layer_fetch_requests")
                     .map(|n| format!(" in {n} range requests"))
                     .unwrap_or_default();
                 println!(
-                    "    [{}/{}] {:<14} {:<15} {:>7.2} s  {:>8.1} MB fetched{requests}",
+                    "    [{}/{}] {:<14} {:<15} {:>7.2} s (pull {:.2} s)  {:>8.1} MB fetched{requests}",
                     rep + 1,
                     opts.repetitions,
                     f.name,
                     system.name(),
                     seconds,
+                    pull_seconds,
                     fetched as f64 / 1e6
                 );
                 samples.push(Sample {
@@ -748,6 +790,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                     system: system.name().to_owned(),
                     repetition: rep,
                     seconds,
+                    pull_seconds,
                     fetched_bytes: fetched,
                     daemon,
                 });
@@ -893,11 +936,12 @@ mod chart {
     use super::{Options, Summary, SYSTEMS};
 
     const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-    const COLORS: [RGBColor; 5] = [
+    const COLORS: [RGBColor; 6] = [
         RGBColor(0x9e, 0x9e, 0x9e),
         RGBColor(0x60, 0x7d, 0x8b),
         RGBColor(0x1e, 0x88, 0xe5),
         RGBColor(0x43, 0xa0, 0x47),
+        RGBColor(0x8e, 0x24, 0xaa),
         RGBColor(0xff, 0xb3, 0x00),
     ];
 
