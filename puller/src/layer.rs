@@ -103,7 +103,8 @@ pub struct LayerStats {
     pub passthrough_opens: AtomicU64,
     /// Compressed bytes fetched by prefetch.
     pub prefetched_bytes: AtomicU64,
-    /// Compressed bytes fetched ahead of a read (neighbouring chunks).
+    /// Compressed bytes fetched ahead of a read (neighbouring chunks, and
+    /// sequential readahead).
     pub fetched_ahead_bytes: AtomicU64,
     /// Compressed bytes of prefetched chunks that a reader then used.
     pub prefetch_hit_bytes: AtomicU64,

@@ -101,7 +101,7 @@ impl Collector for LayerCollector {
         counter(
             &mut encoder,
             "layer_fetched_ahead_bytes",
-            "Compressed bytes of neighbouring chunks fetched along with a read",
+            "Compressed bytes fetched ahead of readers (neighbouring chunks, sequential readahead)",
             &rows(&|l| l.stats.fetched_ahead_bytes.load(Ordering::Relaxed)),
         )?;
         counter(

@@ -283,6 +283,10 @@ impl LayerFs {
             .filter(|c| !self.layer.has_chunk(&c.digest))
             .cloned()
             .collect();
+        self.layer.stats.fetched_ahead_bytes.fetch_add(
+            chunks.iter().map(|c| c.blob_len).sum::<u64>(),
+            Ordering::Relaxed,
+        );
         // Big files streamed to their ends one after the other in layer
         // order (a program reading a data set, a checksum over a directory):
         // the stream goes on into the files that follow, within the same
