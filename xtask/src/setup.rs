@@ -116,7 +116,7 @@ pub fn ensure_ebpf_toolchain() -> anyhow::Result<()> {
         return Ok(());
     }
     step("cargo install bpf-linker@0.10.4 --locked (once; about 5 minutes on 2 cores)");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = cargo_command()
         .args(["install", "bpf-linker@0.10.4", "--locked"])
         .status()
         .context("running cargo install bpf-linker")?;
@@ -203,10 +203,31 @@ pub fn workspace() -> PathBuf {
         .to_owned()
 }
 
+/// The cargo that runs xtask, without the variables `cargo run` set for
+/// xtask itself (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, …). Build scripts
+/// such as ring's rerun when those change, so builds started from xtask
+/// and `cargo xtask` itself rebuilt ring and everything above it (rustls,
+/// hyper, the daemons) each time one followed the other: minutes per run.
+pub fn cargo_command() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                name,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
+            )
+        {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// Runs cargo in the workspace with the given arguments.
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let status = cargo_command()
         .args(args)
         .current_dir(workspace())
         .status()
@@ -239,8 +260,7 @@ pub struct TestTotals {
 /// Runs `cargo test …`, echoing its output, and sums its `test result:` lines.
 pub fn cargo_test(args: &[&str]) -> anyhow::Result<TestTotals> {
     use std::io::BufRead;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut child = Command::new(&cargo)
+    let mut child = cargo_command()
         .args(args)
         .current_dir(workspace())
         .stdout(std::process::Stdio::piped())

@@ -219,7 +219,7 @@ struct TestBinary {
 /// `cargo test --no-run` of vm-tests, statically linked.
 fn build_tests(dir: &Path) -> anyhow::Result<Vec<TestBinary>> {
     step("building the kernel-facing tests statically (vm-tests, +crt-static)");
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let out = crate::setup::cargo_command()
         .args([
             "test",
             "--package",

@@ -118,7 +118,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 /// directory they are in.
 fn build_static() -> anyhow::Result<PathBuf> {
     step("building the image's binaries statically (release, +crt-static)");
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = crate::setup::cargo_command();
     cmd.args(["build", "--release", "--target", TARGET]);
     for (package, bin) in BINARIES {
         cmd.args(["--package", package, "--bin", bin]);
