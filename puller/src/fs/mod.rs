@@ -158,6 +158,9 @@ pub struct LayerFs {
     /// Whether any entry has an extended attribute (an opaque directory
     /// counts: it is shown as one).
     has_xattrs: bool,
+    /// The kernel opens directories itself when `opendir` answers ENOSYS
+    /// (Linux ≥ 5.1 says so at init); older ones would fail the open.
+    kernel_opens_dirs: bool,
     total_bytes: u64,
     options: FsOptions,
     /// Passthrough negotiated with the kernel and still working.
@@ -247,6 +250,7 @@ impl LayerFs {
             links,
             whiteouts,
             has_xattrs,
+            kernel_opens_dirs: false,
             total_bytes,
             options,
             passthrough: AtomicBool::new(false),
@@ -539,7 +543,9 @@ impl Filesystem for LayerFs {
         // without asking us (`opendir` answers ENOSYS; the kernel then keeps
         // their listings cached).
         let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
-        let _ = config.add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
+        self.kernel_opens_dirs = config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok();
         if !self.options.passthrough {
             return Ok(());
         }
@@ -752,8 +758,15 @@ impl Filesystem for LayerFs {
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // The kernel opens directories itself from now on (see `init`).
-        reply.error(Errno::ENOSYS);
+        if self.kernel_opens_dirs {
+            // The kernel opens directories itself from now on (see `init`).
+            return reply.error(Errno::ENOSYS);
+        }
+        // What the kernel then assumes: listings never change.
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
