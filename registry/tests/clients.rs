@@ -16,10 +16,20 @@ use sluice_testkit::{require_tool, run};
 const BIN: &str = env!("CARGO_BIN_EXE_sluice-registry");
 
 /// An empty auth file, so clients never read the machine's credentials.
+/// Written once per test process and renamed into place: tests run in
+/// parallel, and rewriting it for every client let a skopeo read it while
+/// another test had just truncated it ("unexpected end of JSON input").
 fn auth_file() -> std::path::PathBuf {
-    let p = std::env::temp_dir().join("sluice-test-auth.json");
-    std::fs::write(&p, "{}").unwrap();
-    p
+    static AUTH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    AUTH.get_or_init(|| {
+        let dir = std::env::temp_dir();
+        let p = dir.join("sluice-test-auth.json");
+        let tmp = dir.join(format!("sluice-test-auth.json.{}", std::process::id()));
+        std::fs::write(&tmp, "{}").unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        p
+    })
+    .clone()
 }
 
 fn skopeo() -> Command {
