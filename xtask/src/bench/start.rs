@@ -588,7 +588,7 @@ impl Bench {
         // Only what the timed part did (sluice-warm's warm-up is not counted).
         let mut daemon = daemon_counters(&node)?;
         for (name, v) in daemon.iter_mut() {
-            *v -= counters_before.get(name).copied().unwrap_or(0);
+            *v = v.saturating_sub(counters_before.get(name).copied().unwrap_or(0));
         }
         drop(node);
         Ok(Measured {
