@@ -182,6 +182,40 @@ impl Layout {
         ))
     }
 
+    /// Writes the config and manifest of a single-platform image
+    /// (linux/amd64) of `layers` (already stored; `diff_ids` are the digests
+    /// of their uncompressed tars) and an `index.json` naming it `tag`.
+    /// Returns the manifest descriptor.
+    pub fn put_image(
+        &self,
+        layers: &[Descriptor],
+        diff_ids: &[Digest],
+        cmd: &[String],
+        env: &[String],
+        tag: &str,
+    ) -> Result<Descriptor, LayoutError> {
+        let config = json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "created": "1970-01-01T00:00:00Z",
+            "config": { "Cmd": cmd, "Env": env },
+            "rootfs": { "type": "layers", "diff_ids": diff_ids },
+        });
+        let config = self.put_blob(oci::OCI_CONFIG, &serde_json::to_vec(&config)?)?;
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": oci::OCI_MANIFEST,
+            "config": config,
+            "layers": layers,
+        });
+        let mut desc = self.put_blob(oci::OCI_MANIFEST, &serde_json::to_vec(&manifest)?)?;
+        desc.annotations
+            .insert("org.opencontainers.image.ref.name".into(), tag.to_owned());
+        self.write_index(std::slice::from_ref(&desc))?;
+        desc.annotations.clear();
+        Ok(desc)
+    }
+
     /// Writes `index.json` listing the given manifests.
     pub fn write_index(&self, manifests: &[Descriptor]) -> Result<(), LayoutError> {
         let index = json!({
@@ -208,26 +242,7 @@ pub fn build_image(out: &Path, spec: &ImageSpec) -> Result<Descriptor, LayoutErr
         layers.push(desc);
         diff_ids.push(diff_id);
     }
-    let config = json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "created": "1970-01-01T00:00:00Z",
-        "config": { "Cmd": spec.cmd, "Env": spec.env },
-        "rootfs": { "type": "layers", "diff_ids": diff_ids },
-    });
-    let config = layout.put_blob(oci::OCI_CONFIG, &serde_json::to_vec(&config)?)?;
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": oci::OCI_MANIFEST,
-        "config": config,
-        "layers": layers,
-    });
-    let mut desc = layout.put_blob(oci::OCI_MANIFEST, &serde_json::to_vec(&manifest)?)?;
-    desc.annotations
-        .insert("org.opencontainers.image.ref.name".into(), spec.tag.clone());
-    layout.write_index(std::slice::from_ref(&desc))?;
-    desc.annotations.clear();
-    Ok(desc)
+    layout.put_image(&layers, &diff_ids, &spec.cmd, &spec.env, &spec.tag)
 }
 
 /// Writes `dir` as a tar stream: entries in byte order of their paths, parents

@@ -507,7 +507,7 @@ fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
 #[test]
 fn extended_attributes_through_the_mount() {
     use sluice_format::layout::Layout;
-    use sluice_format::oci::{OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST};
+    use sluice_format::oci::OCI_LAYER_TAR;
 
     let dir = tempfile::tempdir().unwrap();
     let plain = dir.path().join("plain");
@@ -541,22 +541,15 @@ fn extended_attributes_through_the_mount() {
     let layout = Layout::create(&layout_dir).unwrap();
     let (base, base_diff) = layout.put_layer(&plain, Compression::Gzip).unwrap();
     let top = layout.put_blob(OCI_LAYER_TAR, &with_xattrs).unwrap();
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [base_diff.to_string(), top.digest.to_string()]},
-    });
-    let config = layout
-        .put_blob(OCI_CONFIG, &serde_json::to_vec(&config).unwrap())
+    layout
+        .put_image(
+            &[base, top.clone()],
+            &[base_diff, top.digest],
+            &[],
+            &[],
+            "v1",
+        )
         .unwrap();
-    let manifest = serde_json::json!({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [base, top],
-    });
-    let mut desc = layout
-        .put_blob(OCI_MANIFEST, &serde_json::to_vec(&manifest).unwrap())
-        .unwrap();
-    desc.annotations
-        .insert("org.opencontainers.image.ref.name".into(), "v1".into());
-    layout.write_index(&[desc]).unwrap();
     let f = common::publish(
         dir,
         &layout_dir,
