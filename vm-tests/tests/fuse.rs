@@ -598,3 +598,94 @@ fn extended_attributes_through_the_mount() {
         "sluice\n"
     );
 }
+
+/// A program reading big files one after the other in layer order (a
+/// checksum over a data set) gets the files after them fetched ahead; when a
+/// file was made local that way, its open is passed through to the kernel
+/// and its reads never reach the daemon, so the open must carry the stream
+/// on, or every few files the reader would stall on a cold one.
+#[test]
+fn a_stream_through_big_files_goes_on_past_files_already_local() {
+    use sluice_format::layout::Layout;
+
+    const PARTS: usize = 8;
+    const PART_BYTES: usize = 2 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    let parts: Vec<Vec<u8>> = (0..PARTS)
+        .map(|i| sluice_testkit::images::pseudo_random(PART_BYTES, 71 + 2 * i as u64))
+        .collect();
+    for (i, p) in parts.iter().enumerate() {
+        std::fs::write(root.join(format!("data/part-{i}.bin")), p).unwrap();
+    }
+    let layout_dir = dir.path().join("layout");
+    let layout = Layout::create(&layout_dir).unwrap();
+    let (layer, diff) = layout.put_layer(&root, Compression::Gzip).unwrap();
+    layout.put_image(&[layer], &[diff], &[], &[], "v1").unwrap();
+    let f = common::publish(
+        dir,
+        &layout_dir,
+        "fuse/stream",
+        &ChunkingOptions::default(),
+        vec![root],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (m, _) = mount_fresh(
+        &rt,
+        &f,
+        0,
+        &f.dir.path().join("cache"),
+        &FsOptions::default(),
+    );
+    let node = |i: usize| {
+        m.layer
+            .index()
+            .lookup(&format!("data/part-{i}.bin"))
+            .expect("part in the index")
+    };
+    // Share of a part's chunks in the cache: windows are counted in
+    // compressed bytes, so a window "6 MiB past a file" may end a chunk
+    // short of the third file after it.
+    let local_share = |i: usize| {
+        let chunks = m.layer.index().file_chunks_of(node(i));
+        let local = chunks
+            .iter()
+            .filter(|c| m.layer.has_chunk(&c.digest))
+            .count();
+        local as f64 / chunks.len() as f64
+    };
+    let local_within = |i: usize, wait: Duration| {
+        let until = Instant::now() + wait;
+        while local_share(i) < 0.9 {
+            if Instant::now() > until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    };
+    let read = |i: usize| std::fs::read(m.path.join(format!("data/part-{i}.bin"))).unwrap();
+
+    // Parts 0 and 1 are read cold, through the daemon: the stream starts at
+    // part 1 (it follows part 0) and reaches 6 MiB past its end.
+    assert!(read(0) == parts[0] && read(1) == parts[1]);
+    for i in 2..5 {
+        assert!(
+            local_within(i, Duration::from_secs(20)),
+            "part {i} fetched ahead"
+        );
+    }
+    assert!(local_share(5) < 0.5, "the stream went further than asked");
+    // Part 2 is local: passed through where the kernel can; either way its
+    // open or reads carry the stream on to part 5.
+    assert!(read(2) == parts[2]);
+    assert!(
+        local_within(5, Duration::from_secs(20)),
+        "the stream stopped at a file that was local (passthrough: {})",
+        m.layer.stats.passthrough_opens.load(Ordering::Relaxed)
+    );
+    for (i, part) in parts.iter().enumerate().skip(3) {
+        assert!(read(i) == *part, "part {i}");
+    }
+}

@@ -291,34 +291,53 @@ impl LayerFs {
             chunks.iter().map(|c| c.blob_len).sum::<u64>(),
             Ordering::Relaxed,
         );
-        // Big files streamed to their ends one after the other in layer
-        // order (a program reading a data set, a checksum over a directory):
-        // the stream goes on into the files that follow, within the same
-        // window. One big file alone (a library the loader reads) does not
-        // count; small files' neighbours come by `fetch_neighbours`.
-        let file_chunks = index.file_chunks_of(node);
-        if let (Some(first), Some(last)) = (file_chunks.first(), file_chunks.last()) {
-            let file_end = last.file_offset + last.size;
-            let streams_on = file_end >= STREAM_MIN && from + len > file_end && {
-                let mut prev = self.last_streamed.lock().expect("last streamed");
-                let (first_at, last_at) = (
-                    self.layer.chunk_position(first),
-                    self.layer.chunk_position(last),
-                );
-                let follows = matches!((*prev, first_at), (Some(p), Some(f)) if p + 1 == f);
-                *prev = last_at;
-                follows
-            };
-            if streams_on {
-                let budget = from + len - file_end;
-                chunks.extend(
-                    self.layer
-                        .chunks_following(last, last.blob_offset + last.blob_len + budget),
-                );
-            }
+        let file_end = index
+            .file_chunks_of(node)
+            .last()
+            .map_or(0, |c| c.file_offset + c.size);
+        if from + len > file_end {
+            chunks.extend(self.stream_on(node, from + len - file_end));
         }
         // Readahead is not profile prefetch: not counted as prefetched.
         self.fetch_in_background(chunks);
+    }
+
+    /// Big files read to their ends one after the other in layer order (a
+    /// program reading a data set, a checksum over a directory): when file
+    /// `node` follows the file streamed last, the stream goes on into the
+    /// files after it, `beyond` compressed bytes past its end (chunks neither
+    /// cached nor in flight). One big file alone (a library the loader maps)
+    /// does not count; small files' neighbours come by `fetch_neighbours`.
+    fn stream_on(&self, node: usize, beyond: u64) -> Vec<sluice_format::chunked::ChunkRef> {
+        let file_chunks = self.layer.index().file_chunks_of(node);
+        let (Some(first), Some(last)) = (file_chunks.first(), file_chunks.last()) else {
+            return Vec::new();
+        };
+        if last.file_offset + last.size < STREAM_MIN {
+            return Vec::new();
+        }
+        let follows = {
+            let mut prev = self.last_streamed.lock().expect("last streamed");
+            let first_at = self.layer.chunk_position(first);
+            let follows = matches!((*prev, first_at), (Some(p), Some(f)) if p + 1 == f);
+            *prev = self.layer.chunk_position(last);
+            follows
+        };
+        if !follows {
+            return Vec::new();
+        }
+        self.layer
+            .chunks_following(last, last.blob_offset + last.blob_len + beyond)
+    }
+
+    /// A passthrough open of file `node` of `size` bytes: its reads will never
+    /// reach the daemon, so the open is where a stream through the layer's
+    /// files goes on (else it would stall at every file made local ahead of
+    /// the reader: measured, a checksum over 48 files of 2 MiB through a
+    /// 100 Mbit/s link took 11.2 s instead of 8.8; the link alone, 8.1).
+    fn stream_on_at_open(&self, node: usize, size: u64) {
+        let beyond = READAHEAD.saturating_sub(size).max(READAHEAD / 2);
+        self.fetch_in_background(self.stream_on(node, beyond));
     }
 
     /// Fetches chunks without anyone waiting (readahead, fetch-ahead); a
@@ -367,6 +386,7 @@ impl LayerFs {
                     // As below: this open stands for the reads it will do.
                     o.read(&self.layer, i, 0, size, pid);
                 }
+                self.stream_on_at_open(i, size);
                 self.reply_passthrough(content, &id, reply);
                 return None;
             }
@@ -416,6 +436,7 @@ impl LayerFs {
             },
         };
         drop(backing);
+        self.stream_on_at_open(i, size);
         self.reply_passthrough(content, &id, reply);
         None
     }
