@@ -8,7 +8,7 @@
 //! that does not match its digest is fetched again, and after the retries the
 //! read fails with an error, never with wrong bytes. Reads have a deadline.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,7 +33,8 @@ const MAX_GAP: u64 = 16 << 10;
 const PARALLEL_RANGES: usize = 4;
 /// Default of [`LayerOptions::fetch_ahead`].
 pub const DEFAULT_FETCH_AHEAD: u64 = 512 << 10;
-/// Fetches of a chunk whose bytes fail verification before giving up.
+/// Fetches of a chunk (its bytes failing verification, or the body that
+/// carried it breaking off) before giving up.
 const VERIFY_ATTEMPTS: u32 = 3;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -114,6 +115,8 @@ pub struct LayerStats {
 }
 
 type Outcome = Option<Result<(), String>>;
+/// The senders of the chunks one [`RemoteLayer::ensure`] fetches, by digest.
+type Claims = HashMap<Digest, watch::Sender<Outcome>>;
 
 /// Bytes of a read: a slice of one mapped chunk (no copy), or assembled.
 pub enum ReadData {
@@ -399,10 +402,12 @@ impl RemoteLayer {
     }
 
     /// Makes sure `chunks` are in the cache, fetching what is missing.
+    /// Whoever waits for one of the chunks this call fetches is told as soon
+    /// as that chunk is cached, not when the whole fetch is done.
     pub async fn ensure(&self, chunks: &[ChunkRef]) -> Result<(), LayerError> {
         let mut mine = Vec::new();
         let mut theirs = Vec::new();
-        let mut senders = Vec::new();
+        let mut claims = HashMap::new();
         {
             let mut map = self.inflight.lock().expect("inflight");
             for c in chunks {
@@ -414,7 +419,7 @@ impl RemoteLayer {
                 } else {
                     let (tx, rx) = watch::channel(None);
                     map.insert(c.digest.clone(), rx);
-                    senders.push(tx);
+                    claims.insert(c.digest.clone(), tx);
                     mine.push(c.clone());
                 }
             }
@@ -423,10 +428,19 @@ impl RemoteLayer {
             layer: self,
             digests: mine.iter().map(|c| c.digest.clone()).collect(),
         };
-        let result = self.fetch_chunks(&mine).await;
-        let outcome: Result<(), String> = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
-        for tx in senders {
-            let _ = tx.send(Some(outcome.clone()));
+        let result = self.fetch_chunks(&mine, &claims).await;
+        // Chunks not cached by now failed, or their fetch was abandoned.
+        let outcome: Outcome = Some(match &result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        });
+        for tx in claims.values() {
+            tx.send_if_modified(|v| {
+                v.is_none() && {
+                    *v = outcome.clone();
+                    true
+                }
+            });
         }
         drop(guard);
         result?;
@@ -504,8 +518,9 @@ impl RemoteLayer {
         out
     }
 
-    /// Fetches chunks (already claimed by us), coalescing neighbours.
-    async fn fetch_chunks(&self, chunks: &[ChunkRef]) -> Result<(), LayerError> {
+    /// Fetches chunks (already claimed by us, with the senders that tell
+    /// their waiters), coalescing neighbours.
+    async fn fetch_chunks(&self, chunks: &[ChunkRef], claims: &Claims) -> Result<(), LayerError> {
         let mut sorted: Vec<&ChunkRef> = chunks.iter().collect();
         sorted.sort_by_key(|c| c.blob_offset);
         let mut groups: Vec<Vec<&ChunkRef>> = Vec::new();
@@ -530,7 +545,7 @@ impl RemoteLayer {
         // Several ranges at once: on a link with latency, round trips in
         // parallel (HTTP/1.1 pooled connections or HTTP/2 streams).
         use futures_util::stream::{StreamExt, TryStreamExt};
-        let fetches: Vec<_> = groups.iter().map(|g| self.fetch_group(g)).collect();
+        let fetches: Vec<_> = groups.iter().map(|g| self.fetch_group(g, claims)).collect();
         futures_util::stream::iter(fetches)
             .buffer_unordered(PARALLEL_RANGES)
             .try_collect::<Vec<()>>()
@@ -538,43 +553,73 @@ impl RemoteLayer {
         Ok(())
     }
 
-    async fn fetch_group(&self, group: &[&ChunkRef]) -> Result<(), LayerError> {
-        let start = group[0].blob_offset;
-        let last = group[group.len() - 1];
-        let end = last.blob_offset + last.blob_len;
-        let mut pending: Vec<&ChunkRef> = group.to_vec();
+    /// Fetches one run of neighbouring chunks in one range request, caching
+    /// each chunk as soon as its bytes are in. Chunks whose bytes fail
+    /// verification, or that a broken-off body did not bring, are fetched
+    /// again (from the next source), up to [`VERIFY_ATTEMPTS`] requests.
+    async fn fetch_group(&self, group: &[&ChunkRef], claims: &Claims) -> Result<(), LayerError> {
+        let mut pending: VecDeque<&ChunkRef> = group.iter().copied().collect();
         let mut attempt = 0;
-        while !pending.is_empty() {
+        let mut last_error = String::new();
+        while let (Some(first), Some(last)) = (pending.front(), pending.back()) {
+            if attempt == VERIFY_ATTEMPTS {
+                return Err(self.fetch_err(format!(
+                    "{} chunk(s) still missing after {attempt} fetches: {last_error}",
+                    pending.len()
+                )));
+            }
             attempt += 1;
+            let start = first.blob_offset;
+            let end = last.blob_offset + last.blob_len;
             let started = std::time::Instant::now();
-            let bytes = self
+            let mut body = self
                 .client
-                .blob_range(&self.image, &self.digest, start..end, attempt as usize - 1)
+                .blob_range_stream(&self.image, &self.digest, start..end, attempt as usize - 1)
                 .await
                 .map_err(|e: FetchError| self.fetch_err(e.to_string()))?;
+            self.stats.fetch_requests.fetch_add(1, Ordering::Relaxed);
+            let mut failed = Vec::new();
+            // Bytes of the body from blob offset `at` on, not used yet.
+            let mut held: Vec<u8> = Vec::new();
+            let mut at = start;
+            loop {
+                let piece = match body.next().await {
+                    None => break,
+                    Some(Ok(piece)) => piece,
+                    Some(Err(e)) => {
+                        last_error = e.to_string();
+                        tracing::warn!(
+                            image = %self.image,
+                            layer = %self.digest,
+                            attempt,
+                            chunks_left = pending.len(),
+                            error = %last_error,
+                            "range broke off; fetching the rest again"
+                        );
+                        break;
+                    }
+                };
+                self.stats
+                    .fetched_bytes
+                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                // Chunks wholly inside one piece are used from it directly.
+                let used = if held.is_empty() {
+                    let used = self.cache_arrived(&piece, at, &mut pending, &mut failed, claims);
+                    held.extend_from_slice(&piece[used..]);
+                    used
+                } else {
+                    held.extend_from_slice(&piece);
+                    let used = self.cache_arrived(&held, at, &mut pending, &mut failed, claims);
+                    held.drain(..used);
+                    used
+                };
+                at += used as u64;
+            }
             if let Some(h) = &self.opts.fetch_latency {
                 h.observe(started.elapsed().as_secs_f64());
             }
-            self.stats.fetch_requests.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .fetched_bytes
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            let mut failed = Vec::new();
-            let mut last_error = String::new();
-            for c in pending {
-                let from = (c.blob_offset - start) as usize;
-                let compressed = &bytes[from..from + c.blob_len as usize];
-                let name = self.digest.to_string();
-                let r = self.cache.insert_with(&c.digest, c.size, |out| {
-                    LayerIndex::decompress_chunk(&name, c, compressed, out)
-                        .map_err(|e| e.to_string())
-                });
-                if let Err(e) = r {
-                    last_error = e.to_string();
-                    failed.push(c);
-                }
-            }
             if !failed.is_empty() {
+                last_error = failed[0].1.clone();
                 tracing::warn!(
                     image = %self.image,
                     layer = %self.digest,
@@ -583,16 +628,50 @@ impl RemoteLayer {
                     error = %last_error,
                     "fetched chunks failed verification"
                 );
-                if attempt >= VERIFY_ATTEMPTS {
-                    return Err(self.fetch_err(format!(
-                        "{} chunk(s) failed verification {attempt} times: {last_error}",
-                        failed.len()
-                    )));
-                }
             }
-            pending = failed;
+            // Whatever is not cached yet, in blob order, goes again.
+            let mut again: Vec<&ChunkRef> = failed.into_iter().map(|(c, _)| c).collect();
+            again.extend(pending.drain(..));
+            again.sort_by_key(|c| c.blob_offset);
+            pending = again.into();
         }
         Ok(())
+    }
+
+    /// Caches the chunks at the front of `pending` whose bytes `data` (body
+    /// bytes from blob offset `at` on) holds in full, and tells their
+    /// waiters; chunks that fail go to `failed`. Returns how many bytes of
+    /// `data` are used up (everything before the next chunk still pending).
+    fn cache_arrived<'c>(
+        &self,
+        data: &[u8],
+        at: u64,
+        pending: &mut VecDeque<&'c ChunkRef>,
+        failed: &mut Vec<(&'c ChunkRef, String)>,
+        claims: &Claims,
+    ) -> usize {
+        while let Some(&c) = pending.front() {
+            let from = (c.blob_offset - at) as usize;
+            let to = from + c.blob_len as usize;
+            if to > data.len() {
+                return from.min(data.len());
+            }
+            pending.pop_front();
+            let name = self.digest.to_string();
+            let cached = self.cache.insert_with(&c.digest, c.size, |out| {
+                LayerIndex::decompress_chunk(&name, c, &data[from..to], out)
+                    .map_err(|e| e.to_string())
+            });
+            match cached {
+                Ok(_) => {
+                    if let Some(tx) = claims.get(&c.digest) {
+                        tx.send_replace(Some(Ok(())));
+                    }
+                }
+                Err(e) => failed.push((c, e.to_string())),
+            }
+        }
+        data.len()
     }
 
     /// Makes a whole file local and returns it as one cached entry (keyed by

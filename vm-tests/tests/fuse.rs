@@ -240,6 +240,92 @@ fn corrupting_proxy(upstream: SocketAddr) -> SocketAddr {
     addr
 }
 
+/// A TCP proxy that passes `cut` bytes of each connection's responses on,
+/// then closes it: a registry that dies in the middle of a body.
+fn breaking_proxy(upstream: SocketAddr, cut: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            std::thread::spawn(move || {
+                let Ok(mut server) = TcpStream::connect(upstream) else {
+                    return;
+                };
+                let mut to_server = client.try_clone().unwrap();
+                let mut from_client = server.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut to_server, &mut from_client);
+                });
+                let mut left = cut;
+                let mut buf = [0u8; 65536];
+                while left > 0 {
+                    let n = match server.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n.min(left),
+                    };
+                    if client.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    left -= n;
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+                let _ = server.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
+/// A body that breaks off mid-range: the chunks that arrived before the break
+/// are kept (cached as they came), and only the rest is fetched again, from
+/// the next source.
+#[test]
+fn a_range_that_breaks_off_is_resumed_where_it_stopped() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cache_dir = f.dir.path().join("cache");
+    let (m, client) = mount_fresh(&rt, &f, 1, &cache_dir, &FsOptions::default());
+    // One mirror that breaks every response off after 1 MiB, then the
+    // registry itself.
+    const CUT: usize = 1 << 20;
+    let proxy = breaking_proxy(f.registry.addr, CUT);
+    client
+        .configure_host(
+            &f.image.host,
+            HostConfig {
+                mirrors: vec![proxy.to_string()],
+                ..HostConfig::default()
+            },
+        )
+        .unwrap();
+    let index = m.layer.index();
+    let blob = index.lookup("app/data/blob.bin").unwrap();
+    let chunks = index.file_chunks_of(blob);
+    let first = chunks.first().unwrap();
+    let last = chunks.last().unwrap();
+    let range = last.blob_offset + last.blob_len - first.blob_offset;
+    assert!(
+        range > 2 * CUT as u64 && range < 4 << 20,
+        "the file should come in one range, longer than the cut: {range}"
+    );
+    rt.block_on(m.layer.ensure(chunks)).unwrap();
+    assert!(m.layer.is_local(blob));
+    let requests = m.layer.stats.fetch_requests.load(Ordering::Relaxed);
+    let fetched = m.layer.stats.fetched_bytes.load(Ordering::Relaxed);
+    assert_eq!(requests, 2, "one broken request, one for the rest");
+    let biggest = chunks.iter().map(|c| c.blob_len).max().unwrap();
+    assert!(
+        fetched <= range + biggest + 16 * 1024,
+        "fetched {fetched} bytes for a range of {range}: the rest was not resumed where it stopped"
+    );
+    assert_eq!(
+        std::fs::read(m.path.join("app/data/blob.bin")).unwrap(),
+        std::fs::read(f.roots[1].join("app/data/blob.bin")).unwrap()
+    );
+    assert_cache_is_clean(&cache_dir);
+}
+
 /// Every chunk file in the cache hashes to its name.
 fn assert_cache_is_clean(dir: &Path) {
     for prefix in std::fs::read_dir(dir.join("chunks")).unwrap() {

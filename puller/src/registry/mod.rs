@@ -185,6 +185,69 @@ pub struct Fetched {
     pub content_type: Option<String>,
 }
 
+/// The body of a range response, piece by piece (see
+/// [`RegistryClient::blob_range_stream`]).
+pub struct RangeStream {
+    url: String,
+    body: hyper::body::Incoming,
+    expected: u64,
+    received: u64,
+    /// Longest wait for the next piece.
+    idle_timeout: Duration,
+    done: bool,
+}
+
+impl RangeStream {
+    /// The next piece of the range, in order; `None` once all of it came.
+    /// A body that breaks off, ends short, runs long or stalls for longer
+    /// than an attempt's deadline gives an error (and ends the stream).
+    pub async fn next(&mut self) -> Option<Result<Bytes, FetchError>> {
+        while !self.done {
+            let frame = match tokio::time::timeout(self.idle_timeout, self.body.frame()).await {
+                Err(_) => Err(FetchError::Timeout {
+                    url: self.url.clone(),
+                    timeout: self.idle_timeout,
+                }),
+                Ok(Some(Err(e))) => Err(FetchError::Transport {
+                    url: self.url.clone(),
+                    reason: error_chain(&e),
+                }),
+                Ok(None) if self.received == self.expected => {
+                    self.done = true;
+                    return None;
+                }
+                Ok(None) => Err(self.length_error()),
+                Ok(Some(Ok(frame))) => Ok(frame),
+            };
+            let data = match frame {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => data,
+                    _ => continue, // trailers, empty frames
+                },
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            };
+            self.received += data.len() as u64;
+            if self.received > self.expected {
+                self.done = true;
+                return Some(Err(self.length_error()));
+            }
+            return Some(Ok(data));
+        }
+        None
+    }
+
+    fn length_error(&self) -> FetchError {
+        FetchError::Length {
+            url: self.url.clone(),
+            expected: self.expected,
+            got: self.received,
+        }
+    }
+}
+
 fn is_loopback(host: &str) -> bool {
     let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
     let name = name.trim_start_matches('[').trim_end_matches(']');
@@ -356,6 +419,27 @@ impl RegistryClient {
         range: Option<Range<u64>>,
         first: usize,
     ) -> Result<Fetched, FetchError> {
+        self.retrying(image, path, first, |url| {
+            let range = range.clone();
+            async move { self.attempt(image, &url, accept, range).await }
+        })
+        .await
+    }
+
+    /// Runs `attempt` on the URL of `path` at each endpoint (mirrors in
+    /// order, starting at the `first`-th, then the host), retrying each with
+    /// backoff while the error is retryable.
+    async fn retrying<T, F, Fut>(
+        &self,
+        image: &ImageRef,
+        path: &str,
+        first: usize,
+        mut attempt: F,
+    ) -> Result<T, FetchError>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, FetchError>>,
+    {
         let mut endpoints = self.endpoints(&image.host)?;
         let n = endpoints.len();
         endpoints.rotate_left(first % n);
@@ -363,11 +447,11 @@ impl RegistryClient {
         for base in endpoints {
             let url = format!("{base}/v2/{}/{path}", image.repository);
             let mut delay = self.retry.base_delay;
-            for attempt in 1..=self.retry.attempts.max(1) {
-                match self.attempt(image, &url, accept, range.clone()).await {
+            for round in 1..=self.retry.attempts.max(1) {
+                match attempt(url.clone()).await {
                     Ok(f) => return Ok(f),
-                    Err(e) if e.retryable() && attempt < self.retry.attempts => {
-                        tracing::debug!(%url, attempt, error = %e, "retrying");
+                    Err(e) if e.retryable() && round < self.retry.attempts => {
+                        tracing::debug!(%url, attempt = round, error = %e, "retrying");
                         tokio::time::sleep(jitter(delay)).await;
                         delay *= 2;
                         last = Some(e);
@@ -380,6 +464,68 @@ impl RegistryClient {
             }
         }
         Err(last.expect("at least one endpoint was tried"))
+    }
+
+    /// One attempt at a byte range whose body is read as it arrives: the
+    /// status and length are checked here, the bytes by [`RangeStream`].
+    async fn attempt_range_stream(
+        &self,
+        image: &ImageRef,
+        url: &str,
+        range: Range<u64>,
+    ) -> Result<RangeStream, FetchError> {
+        let timeout = self.retry.attempt_timeout;
+        let expected = range.end - range.start;
+        let request = async {
+            let mut headers = http::HeaderMap::new();
+            let value = format!("bytes={}-{}", range.start, range.end - 1);
+            headers.insert(
+                header::RANGE,
+                http::HeaderValue::from_str(&value).expect("a range header is ASCII"),
+            );
+            let (status, headers, body) = self
+                .exchange_streaming(image, http::Method::GET, url, headers, Bytes::new())
+                .await?;
+            if !status.is_success() {
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                return Err(FetchError::Status {
+                    url: url.to_owned(),
+                    status,
+                    message: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+                });
+            }
+            let announced = headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if status != StatusCode::PARTIAL_CONTENT || announced.is_some_and(|n| n != expected) {
+                return Err(FetchError::Length {
+                    url: url.to_owned(),
+                    expected,
+                    got: announced.unwrap_or(0),
+                });
+            }
+            Ok(RangeStream {
+                url: url.to_owned(),
+                body,
+                expected,
+                received: 0,
+                idle_timeout: timeout,
+                done: false,
+            })
+        };
+        tokio::time::timeout(timeout, request)
+            .await
+            .unwrap_or_else(|_| {
+                Err(FetchError::Timeout {
+                    url: url.to_owned(),
+                    timeout,
+                })
+            })
     }
 
     async fn attempt(
@@ -446,10 +592,7 @@ impl RegistryClient {
         })
     }
 
-    /// One request and its whole response, with the registry's
-    /// authentication: the cached token (or basic credentials) first; on a
-    /// 401, the challenge is answered once and the request sent again. Any
-    /// other status is returned for the caller to judge.
+    /// One request and its whole response (see [`Self::exchange_streaming`]).
     async fn exchange(
         &self,
         image: &ImageRef,
@@ -458,6 +601,32 @@ impl RegistryClient {
         headers: http::HeaderMap,
         body: Bytes,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), FetchError> {
+        let (status, headers, body) = self
+            .exchange_streaming(image, method, url, headers, body)
+            .await?;
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| FetchError::Transport {
+                url: url.to_owned(),
+                reason: error_chain(&e),
+            })?
+            .to_bytes();
+        Ok((status, headers, body))
+    }
+
+    /// One request with the registry's authentication: the cached token (or
+    /// basic credentials) first; on a 401, the challenge is answered once
+    /// and the request sent again. Returns the response with its body still
+    /// to read; any other status is returned for the caller to judge.
+    async fn exchange_streaming(
+        &self,
+        image: &ImageRef,
+        method: http::Method,
+        url: &str,
+        headers: http::HeaderMap,
+        body: Bytes,
+    ) -> Result<(StatusCode, http::HeaderMap, hyper::body::Incoming), FetchError> {
         let transport = |e: &dyn std::error::Error| FetchError::Transport {
             url: url.to_owned(),
             reason: error_chain(e),
@@ -501,13 +670,7 @@ impl RegistryClient {
                 continue;
             }
             let headers = resp.headers().clone();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| transport(&e))?
-                .to_bytes();
-            return Ok((status, headers, body));
+            return Ok((status, headers, resp.into_body()));
         }
         Err(FetchError::Status {
             url: url.to_owned(),
@@ -658,6 +821,24 @@ impl RegistryClient {
             )
             .await?
             .bytes)
+    }
+
+    /// A byte range of a blob, read piece by piece as it arrives (so that a
+    /// caller can use the first chunks of a long range before the last ones
+    /// are in). Retries and mirrors as [`Self::blob_range`] until the
+    /// response starts; a body that breaks off is the caller's to resume.
+    pub async fn blob_range_stream(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        range: Range<u64>,
+        attempt: usize,
+    ) -> Result<RangeStream, FetchError> {
+        self.retrying(image, &format!("blobs/{digest}"), attempt, |url| {
+            let range = range.clone();
+            async move { self.attempt_range_stream(image, &url, range).await }
+        })
+        .await
     }
 
     /// A whole (small) blob, verified against its digest.
