@@ -4,7 +4,10 @@
 //! Workloads: one 1 GiB file read sequentially in 1 MiB reads, and 20,000 small
 //! files (1–16 KiB) read whole by 8 threads. Systems: (a) native ext4,
 //! (b) sluice cold (empty cache, registry behind a throttling proxy),
-//! (c) sluice warm with FUSE passthrough, (d) sluice warm without passthrough.
+//! (c) sluice warm with FUSE passthrough, (d) sluice warm without passthrough
+//! (files made whole by the passthrough daemon), (e) sluice warm as a node
+//! without passthrough (Linux < 6.9) has it: the cache holds chunks only and
+//! every read is assembled from them.
 //! The page cache is dropped before every measurement. Also: the resident
 //! memory of a `sluice mount` daemon with 10 layers mounted and idle.
 
@@ -58,6 +61,7 @@ struct Report {
     link_latency_ms: u64,
     rows: Vec<Measure>,
     warm_passthrough_vs_native_big: f64,
+    warm_chunks_vs_native_big: f64,
     warm_no_passthrough_vs_native_big: f64,
     cold_big_vs_link: f64,
     daemon_rss_10_layers_kib: u64,
@@ -302,7 +306,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         idle_rss(&sluice, &image, &work, &cache)?;
         return Ok(());
     }
-    step(&format!("reading: native, then sluice cold ({} MB/s + {} ms link), warm with and without passthrough", opts.link_mbps, opts.link_ms));
+    step(&format!("reading: native, then sluice cold ({} MB/s + {} ms link), warm with and without passthrough, warm chunk by chunk", opts.link_mbps, opts.link_ms));
     let mut rows = vec![measure(
         "native ext4",
         &big.join("blob.bin"),
@@ -335,6 +339,25 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             &small_files,
         )?);
     }
+    {
+        // A cache of chunks only, as a node without passthrough fills it:
+        // filled straight from the registry (not measured), then read warm.
+        let chunks_only = work.join("cache-chunks");
+        let direct = format!("{}/bench/read:v1", reg.host());
+        let _d = Daemon::start(&sluice, &direct, &mnt, &chunks_only, &["--no-passthrough"])?;
+        measure(
+            "(filling a chunk cache, no link)",
+            &big_in(&mnt),
+            &small_in(&mnt),
+            &small_files,
+        )?;
+        rows.push(measure(
+            "sluice warm, chunk by chunk",
+            &big_in(&mnt),
+            &small_in(&mnt),
+            &small_files,
+        )?);
+    }
 
     let rss = idle_rss(&sluice, &image, &work, &cache)?;
 
@@ -344,6 +367,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         link_latency_ms: opts.link_ms,
         warm_passthrough_vs_native_big: rows[2].big_mb_per_s / native,
         warm_no_passthrough_vs_native_big: rows[3].big_mb_per_s / native,
+        warm_chunks_vs_native_big: rows[4].big_mb_per_s / native,
         cold_big_vs_link: rows[1].big_mb_per_s / opts.link_mbps as f64,
         daemon_rss_10_layers_kib: rss,
         rows,
