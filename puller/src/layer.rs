@@ -744,6 +744,17 @@ impl RemoteLayer {
             })
     }
 
+    /// Whether a file is cached as one whole-file entry (what passthrough
+    /// hands the kernel; a one-chunk file is its chunk).
+    pub fn is_whole(&self, node: usize) -> bool {
+        match &self.index.node(self.index.resolve(node)).kind {
+            sluice_format::chunked::NodeKind::File {
+                digest: Some(d), ..
+            } => self.cache.contains(d),
+            _ => false,
+        }
+    }
+
     /// Whether every chunk of a file is cached.
     pub fn is_local(&self, node: usize) -> bool {
         self.index

@@ -410,13 +410,15 @@ fn corrupt_bytes_are_never_served_nor_cached() {
     assert!(err.to_string().contains("TOC"), "{err}");
 }
 
-/// The app layer mounted with only small files (≤ 64 KiB) fetched at open,
-/// its 3 MiB file's path in the mount and that file's original bytes.
+/// The app layer mounted with only small files (≤ 64 KiB) fetched at open
+/// and files over 1 MiB made whole in the background, its 3 MiB file's path
+/// in the mount and that file's original bytes.
 fn app_layer_with_a_big_file() -> (Fixture, tokio::runtime::Runtime, Mounted, PathBuf, Vec<u8>) {
     let f = fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let opts = FsOptions {
         open_fetch_max: 64 * 1024,
+        whole_at_open_max: 1 << 20,
         ..FsOptions::default()
     };
     let (m, _) = mount_fresh(&rt, &f, 1, &f.dir.path().join("cache"), &opts);
@@ -442,13 +444,33 @@ fn local_files_are_passed_through_to_the_kernel() {
     // A large one is served lazily by the daemon until it is complete...
     assert_eq!(std::fs::read(&big).unwrap(), original);
     assert_eq!(opens(), u64::from(passthrough));
-    let served = m.layer.stats.served_bytes.load(Ordering::Relaxed);
+    let served = || m.layer.stats.served_bytes.load(Ordering::Relaxed);
+    // ...and the first open once it is local: the daemon serves it from the
+    // chunks while the whole file is assembled in the background (the open
+    // does not wait for that copy)...
+    let node = m.layer.index().lookup("app/data/blob.bin").unwrap();
+    assert!(m.layer.is_local(node) && !m.layer.is_whole(node));
+    let before = served();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(std::fs::read(&big).unwrap(), original);
+    assert_eq!(served() - before, original.len() as u64);
+    if passthrough {
+        let until = Instant::now() + Duration::from_secs(20);
+        while !m.layer.is_whole(node) {
+            assert!(Instant::now() < until, "the whole file was never made");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    } else {
+        assert!(!m.layer.is_whole(node), "a copy made for nothing");
+    }
+    assert_eq!(opens(), u64::from(passthrough));
     // ...then new opens go to the kernel: with the page cache dropped, reading
     // it again does not reach the daemon at all (without passthrough, the
     // daemon serves it again, from the cache).
+    let served_before = served();
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
     assert_eq!(std::fs::read(&big).unwrap(), original);
-    let served_again = m.layer.stats.served_bytes.load(Ordering::Relaxed) - served;
+    let served_again = served() - served_before;
     if passthrough {
         assert_eq!(opens(), 2);
         assert_eq!(served_again, 0, "reads reached the daemon");

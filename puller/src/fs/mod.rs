@@ -17,7 +17,7 @@
 //!   never reach this daemon again. Detected at mount; without it, reads are
 //!   served from the chunk cache's memory maps.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -50,6 +50,11 @@ pub struct FsOptions {
     /// Files up to this size are fetched whole when opened (then passed
     /// through); larger ones are fetched by the ranges that are read.
     pub open_fetch_max: u64,
+    /// A local file up to this size that is not yet one whole-file cache
+    /// entry is copied into one at open, which then waits (tens of
+    /// milliseconds); a larger one is copied in the background while the
+    /// daemon serves its opens from the chunks.
+    pub whole_at_open_max: u64,
     /// Threads serving requests.
     pub threads: usize,
     /// Told about reads and passthrough backing files (access recording).
@@ -61,6 +66,7 @@ impl std::fmt::Debug for FsOptions {
         f.debug_struct("FsOptions")
             .field("passthrough", &self.passthrough)
             .field("open_fetch_max", &self.open_fetch_max)
+            .field("whole_at_open_max", &self.whole_at_open_max)
             .field("threads", &self.threads)
             .field("observer", &self.observer.is_some())
             .finish()
@@ -72,6 +78,7 @@ impl Default for FsOptions {
         FsOptions {
             passthrough: true,
             open_fetch_max: 1 << 20,
+            whole_at_open_max: 64 << 20,
             threads: 4,
             observer: None,
         }
@@ -170,6 +177,8 @@ pub struct LayerFs {
     streams: Mutex<HashMap<usize, Stream>>,
     /// Chunk position of the end of the last big file read to its end.
     last_streamed: Mutex<Option<usize>>,
+    /// Content nodes being made whole in the background.
+    making_whole: Arc<Mutex<HashSet<usize>>>,
 }
 
 fn ino_of(root: usize, node: usize) -> INodeNo {
@@ -258,6 +267,7 @@ impl LayerFs {
             next_fh: AtomicU64::new(1),
             streams: Mutex::new(HashMap::new()),
             last_streamed: Mutex::new(None),
+            making_whole: Arc::new(Mutex::new(HashSet::new())),
         }
     }
 
@@ -399,6 +409,14 @@ impl LayerFs {
         {
             return Some(reply);
         }
+        if size > self.options.whole_at_open_max && !self.layer.is_whole(i) {
+            // Local, but in chunks, and big: copying it into one file now
+            // would hold this open (a model file of gigabytes: seconds). The
+            // daemon serves this open from the chunks; the copy is made in
+            // the background, and the opens after it are passed through.
+            self.make_whole_in_background(i);
+            return Some(reply);
+        }
         self.fetch_neighbours(i, 0, size);
         let file = match self.layer.materialize_blocking(&self.runtime, i) {
             Ok(Some(f)) => f,
@@ -439,6 +457,31 @@ impl LayerFs {
         self.stream_on_at_open(i, size);
         self.reply_passthrough(content, &id, reply);
         None
+    }
+
+    /// Copies a local file's chunks into one whole-file cache entry, off the
+    /// request path (see [`RemoteLayer::materialize_blocking`]).
+    fn make_whole_in_background(&self, node: usize) {
+        let content = self.layer.index().resolve(node);
+        if !self
+            .making_whole
+            .lock()
+            .expect("making whole")
+            .insert(content)
+        {
+            return;
+        }
+        let (layer, runtime, making) = (
+            self.layer.clone(),
+            self.runtime.clone(),
+            self.making_whole.clone(),
+        );
+        self.runtime.spawn_blocking(move || {
+            if let Err(e) = layer.materialize_blocking(&runtime, content) {
+                tracing::warn!(error = %e, "making a file whole for passthrough failed; the daemon keeps serving it");
+            }
+            making.lock().expect("making whole").remove(&content);
+        });
     }
 
     /// Answers an open with the inode's passthrough file.
