@@ -75,6 +75,10 @@ enum Command {
         /// Serve every read through the daemon (no FUSE passthrough).
         #[arg(long)]
         no_passthrough: bool,
+        /// Local files up to this size are made into one whole file for
+        /// passthrough at open (the open waits); larger ones in the background.
+        #[arg(long, default_value_t = FsOptions::default().whole_at_open_max >> 20)]
+        whole_at_open_mib: u64,
         /// Seconds a read may wait for the registry.
         #[arg(long, default_value_t = 60)]
         read_deadline: u64,
@@ -141,6 +145,7 @@ fn run() -> anyhow::Result<()> {
             cache_mib,
             copies,
             no_passthrough,
+            whole_at_open_mib,
             read_deadline,
         } => mount(
             image,
@@ -148,7 +153,11 @@ fn run() -> anyhow::Result<()> {
             cache,
             cache_mib,
             copies,
-            !no_passthrough,
+            FsOptions {
+                passthrough: !no_passthrough,
+                whole_at_open_max: whole_at_open_mib << 20,
+                ..FsOptions::default()
+            },
             read_deadline,
         ),
     }
@@ -225,7 +234,7 @@ fn mount(
     cache_dir: PathBuf,
     cache_mib: u64,
     copies: usize,
-    passthrough: bool,
+    fs_opts: FsOptions,
     read_deadline: u64,
 ) -> anyhow::Result<()> {
     let image = ImageRef::parse(&image)?;
@@ -268,13 +277,14 @@ fn mount(
             };
             std::fs::create_dir_all(&target)
                 .with_context(|| format!("creating {}", target.display()))?;
-            let fs_opts = FsOptions {
-                passthrough,
-                ..FsOptions::default()
-            };
             sessions.push(
-                sluice_puller::fs::mount(layer.clone(), runtime.handle().clone(), &target, fs_opts)
-                    .with_context(|| format!("mounting {}", target.display()))?,
+                sluice_puller::fs::mount(
+                    layer.clone(),
+                    runtime.handle().clone(),
+                    &target,
+                    fs_opts.clone(),
+                )
+                .with_context(|| format!("mounting {}", target.display()))?,
             );
             layers.push(layer);
         }
