@@ -14,6 +14,8 @@
 //! fetch_ahead_kib = 512     # a read that must fetch also takes the chunks after
 //!                           # it in the layer (neighbouring files), up to this
 //!                           # much compressed data, in a parallel request; 0 = off
+//! whole_at_open_mib = 64    # a cached file is copied into one piece for passthrough
+//!                           # at open up to this size; larger, in the background
 //!
 //! [cache]
 //! max_mib = 10240           # chunk cache bound; least recently used chunks go first
@@ -103,6 +105,7 @@ pub struct LazyConfig {
     pub read_deadline_secs: u64,
     pub fuse_threads: usize,
     pub fetch_ahead_kib: u64,
+    pub whole_at_open_mib: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,6 +144,7 @@ impl Default for LazyConfig {
             read_deadline_secs: 60,
             fuse_threads: 4,
             fetch_ahead_kib: sluice_puller::layer::DEFAULT_FETCH_AHEAD >> 10,
+            whole_at_open_mib: sluice_puller::fs::FsOptions::default().whole_at_open_max >> 20,
         }
     }
 }
