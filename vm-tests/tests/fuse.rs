@@ -188,15 +188,16 @@ fn registry_gone_gives_eio_within_the_deadline_then_recovers() {
     );
 }
 
-/// A TCP proxy that flips the first byte of every HTTP response body.
-fn corrupting_proxy(upstream: SocketAddr) -> SocketAddr {
+/// A TCP proxy in front of `upstream`: requests go through verbatim, and
+/// `respond(server, client)` passes each connection's responses on.
+fn proxy(upstream: SocketAddr, respond: fn(TcpStream, TcpStream)) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         for client in listener.incoming() {
-            let Ok(mut client) = client else { continue };
+            let Ok(client) = client else { continue };
             std::thread::spawn(move || {
-                let Ok(mut server) = TcpStream::connect(upstream) else {
+                let Ok(server) = TcpStream::connect(upstream) else {
                     return;
                 };
                 let mut to_server = client.try_clone().unwrap();
@@ -204,77 +205,71 @@ fn corrupting_proxy(upstream: SocketAddr) -> SocketAddr {
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut to_server, &mut from_client);
                 });
-                // Responses: headers verbatim, first body byte flipped.
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 65536];
-                loop {
-                    let n = match server.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                l.strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse().unwrap_or(0))
-                            })
-                            .unwrap_or(0);
-                        if buf.len() < end + 4 + len {
-                            break;
-                        }
-                        let mut response: Vec<u8> = buf.drain(..end + 4 + len).collect();
-                        if len > 0 && head.starts_with("http/1.1 206") {
-                            response[end + 4] ^= 0xff;
-                        }
-                        if client.write_all(&response).is_err() {
-                            return;
-                        }
-                    }
-                }
+                respond(server, client);
             });
         }
     });
     addr
 }
 
-/// A TCP proxy that passes `cut` bytes of each connection's responses on,
-/// then closes it: a registry that dies in the middle of a body.
-fn breaking_proxy(upstream: SocketAddr, cut: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(mut client) = client else { continue };
-            std::thread::spawn(move || {
-                let Ok(mut server) = TcpStream::connect(upstream) else {
-                    return;
-                };
-                let mut to_server = client.try_clone().unwrap();
-                let mut from_client = server.try_clone().unwrap();
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut to_server, &mut from_client);
-                });
-                let mut left = cut;
-                let mut buf = [0u8; 65536];
-                while left > 0 {
-                    let n = match server.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n.min(left),
-                    };
-                    if client.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    left -= n;
+/// A TCP proxy that flips the first byte of every HTTP response body.
+fn corrupting_proxy(upstream: SocketAddr) -> SocketAddr {
+    proxy(upstream, |mut server, mut client| {
+        // Responses: headers verbatim, first body byte flipped.
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 65536];
+        loop {
+            let n = match server.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if buf.len() < end + 4 + len {
+                    break;
                 }
-                let _ = client.shutdown(std::net::Shutdown::Both);
-                let _ = server.shutdown(std::net::Shutdown::Both);
-            });
+                let mut response: Vec<u8> = buf.drain(..end + 4 + len).collect();
+                if len > 0 && head.starts_with("http/1.1 206") {
+                    response[end + 4] ^= 0xff;
+                }
+                if client.write_all(&response).is_err() {
+                    return;
+                }
+            }
         }
-    });
-    addr
+    })
+}
+
+/// Bytes of each connection's responses [`breaking_proxy`] passes on.
+const BREAK_AFTER: usize = 1 << 20;
+
+/// A TCP proxy that passes [`BREAK_AFTER`] bytes of each connection's
+/// responses on, then closes it: a registry that dies in the middle of a body.
+fn breaking_proxy(upstream: SocketAddr) -> SocketAddr {
+    proxy(upstream, |mut server, mut client| {
+        let mut left = BREAK_AFTER;
+        let mut buf = [0u8; 65536];
+        while left > 0 {
+            let n = match server.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n.min(left),
+            };
+            if client.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            left -= n;
+        }
+        let _ = client.shutdown(std::net::Shutdown::Both);
+        let _ = server.shutdown(std::net::Shutdown::Both);
+    })
 }
 
 /// A body that breaks off mid-range: the chunks that arrived before the break
@@ -288,8 +283,7 @@ fn a_range_that_breaks_off_is_resumed_where_it_stopped() {
     let (m, client) = mount_fresh(&rt, &f, 1, &cache_dir, &FsOptions::default());
     // One mirror that breaks every response off after 1 MiB, then the
     // registry itself.
-    const CUT: usize = 1 << 20;
-    let proxy = breaking_proxy(f.registry.addr, CUT);
+    let proxy = breaking_proxy(f.registry.addr);
     client
         .configure_host(
             &f.image.host,
@@ -306,7 +300,7 @@ fn a_range_that_breaks_off_is_resumed_where_it_stopped() {
     let last = chunks.last().unwrap();
     let range = last.blob_offset + last.blob_len - first.blob_offset;
     assert!(
-        range > 2 * CUT as u64 && range < 4 << 20,
+        range > 2 * BREAK_AFTER as u64 && range < 4 << 20,
         "the file should come in one range, longer than the cut: {range}"
     );
     rt.block_on(m.layer.ensure(chunks)).unwrap();

@@ -248,6 +248,21 @@ impl RangeStream {
     }
 }
 
+/// `Range: bytes=start-(end-1)` for a non-empty range.
+fn range_header(r: &Range<u64>) -> http::HeaderValue {
+    http::HeaderValue::from_str(&format!("bytes={}-{}", r.start, r.end - 1))
+        .expect("a range header is ASCII")
+}
+
+/// An unsuccessful response, with the start of its body as the message.
+fn status_error(url: &str, status: StatusCode, body: &[u8]) -> FetchError {
+    FetchError::Status {
+        url: url.to_owned(),
+        status,
+        message: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+    }
+}
+
 fn is_loopback(host: &str) -> bool {
     let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
     let name = name.trim_start_matches('[').trim_end_matches(']');
@@ -478,11 +493,7 @@ impl RegistryClient {
         let expected = range.end - range.start;
         let request = async {
             let mut headers = http::HeaderMap::new();
-            let value = format!("bytes={}-{}", range.start, range.end - 1);
-            headers.insert(
-                header::RANGE,
-                http::HeaderValue::from_str(&value).expect("a range header is ASCII"),
-            );
+            headers.insert(header::RANGE, range_header(&range));
             let (status, headers, body) = self
                 .exchange_streaming(image, http::Method::GET, url, headers, Bytes::new())
                 .await?;
@@ -492,11 +503,7 @@ impl RegistryClient {
                     .await
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
-                return Err(FetchError::Status {
-                    url: url.to_owned(),
-                    status,
-                    message: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
-                });
+                return Err(status_error(url, status, &body));
             }
             let announced = headers
                 .get(header::CONTENT_LENGTH)
@@ -557,21 +564,13 @@ impl RegistryClient {
             headers.insert(header::ACCEPT, a);
         }
         if let Some(r) = &range {
-            let value = format!("bytes={}-{}", r.start, r.end - 1);
-            headers.insert(
-                header::RANGE,
-                http::HeaderValue::from_str(&value).expect("a range header is ASCII"),
-            );
+            headers.insert(header::RANGE, range_header(r));
         }
         let (status, headers, body) = self
             .exchange(image, http::Method::GET, url, headers, Bytes::new())
             .await?;
         if !status.is_success() {
-            return Err(FetchError::Status {
-                url: url.to_owned(),
-                status,
-                message: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
-            });
+            return Err(status_error(url, status, &body));
         }
         if let Some(r) = &range {
             let expected = r.end - r.start;
