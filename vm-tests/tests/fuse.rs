@@ -188,6 +188,19 @@ fn registry_gone_gives_eio_within_the_deadline_then_recovers() {
     );
 }
 
+/// Has `client` try `mirrors` in order before the fixture's registry.
+fn mirrors_first(client: &RegistryClient, f: &Fixture, mirrors: Vec<String>) {
+    client
+        .configure_host(
+            &f.image.host,
+            HostConfig {
+                mirrors,
+                ..HostConfig::default()
+            },
+        )
+        .unwrap();
+}
+
 /// A TCP proxy in front of `upstream`: requests go through verbatim, and
 /// `respond(server, client)` passes each connection's responses on.
 fn proxy(upstream: SocketAddr, respond: fn(TcpStream, TcpStream)) -> SocketAddr {
@@ -284,15 +297,7 @@ fn a_range_that_breaks_off_is_resumed_where_it_stopped() {
     // One mirror that breaks every response off after 1 MiB, then the
     // registry itself.
     let proxy = breaking_proxy(f.registry.addr);
-    client
-        .configure_host(
-            &f.image.host,
-            HostConfig {
-                mirrors: vec![proxy.to_string()],
-                ..HostConfig::default()
-            },
-        )
-        .unwrap();
+    mirrors_first(&client, &f, vec![proxy.to_string()]);
     let index = m.layer.index();
     let blob = index.lookup("app/data/blob.bin").unwrap();
     let chunks = index.file_chunks_of(blob);
@@ -353,15 +358,7 @@ fn corrupt_bytes_are_never_served_nor_cached() {
     let cache_dir = f.dir.path().join("cache-mirror");
     // The TOC comes from the registry itself; the mirror is added afterwards.
     let (m, client) = mount_fresh(&rt, &f, 1, &cache_dir, &no_passthrough);
-    client
-        .configure_host(
-            &f.image.host,
-            HostConfig {
-                mirrors: vec![proxy.to_string()],
-                ..HostConfig::default()
-            },
-        )
-        .unwrap();
+    mirrors_first(&client, &f, vec![proxy.to_string()]);
     assert_eq!(
         std::fs::read(m.path.join("app/data/blob.bin")).unwrap(),
         original
@@ -374,15 +371,7 @@ fn corrupt_bytes_are_never_served_nor_cached() {
     let (m, client) = mount_fresh(&rt, &f, 1, &cache_dir, &no_passthrough);
     // Three corrupt mirrors for three verification attempts: every attempt
     // gets answered, with bad bytes.
-    client
-        .configure_host(
-            &f.image.host,
-            HostConfig {
-                mirrors: vec![proxy.to_string(); 3],
-                ..HostConfig::default()
-            },
-        )
-        .unwrap();
+    mirrors_first(&client, &f, vec![proxy.to_string(); 3]);
     let err = std::fs::read(m.path.join("app/data/blob.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(5), "expected EIO, got {err}");
     assert_cache_is_clean(&cache_dir);
