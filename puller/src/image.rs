@@ -131,7 +131,7 @@ async fn find_twins(
         "referrers/{manifest}?artifactType={}",
         LAZY_TWIN_ARTIFACT_TYPE.replace('+', "%2B")
     );
-    if let Ok(f) = client.get(image, &path, Some(oci::OCI_INDEX), None).await {
+    if let Ok(f) = client.get(image, &path, Some(oci::OCI_INDEX)).await {
         if let Ok(index) = Manifest::parse(&f.bytes) {
             for r in index.manifests.iter().flatten() {
                 if r.artifact_type.as_deref() != Some(LAZY_TWIN_ARTIFACT_TYPE) {
@@ -160,7 +160,7 @@ async fn find_twins(
             continue;
         }
         if let Ok(f) = client
-            .get(image, &format!("_sluice/twins/{}", l.digest), None, None)
+            .get(image, &format!("_sluice/twins/{}", l.digest), None)
             .await
         {
             if let Ok(d) = serde_json::from_slice::<Descriptor>(&f.bytes) {

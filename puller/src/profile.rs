@@ -181,7 +181,7 @@ pub async fn fetch_newest(
         "referrers/{manifest}?artifactType={}",
         PROFILE_ARTIFACT_TYPE.replace('+', "%2B")
     );
-    let list = client.get(image, &path, Some(oci::OCI_INDEX), None).await?;
+    let list = client.get(image, &path, Some(oci::OCI_INDEX)).await?;
     let index = Manifest::parse(&list.bytes).map_err(|e| ProfileError::Invalid(e.to_string()))?;
     let newest = index
         .manifests

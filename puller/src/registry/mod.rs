@@ -239,6 +239,15 @@ impl RangeStream {
         None
     }
 
+    /// The whole range, in one buffer.
+    pub async fn collect(mut self) -> Result<Bytes, FetchError> {
+        let mut all = bytes::BytesMut::with_capacity(self.expected as usize);
+        while let Some(piece) = self.next().await {
+            all.extend_from_slice(&piece?);
+        }
+        Ok(all.freeze())
+    }
+
     fn length_error(&self) -> FetchError {
         FetchError::Length {
             url: self.url.clone(),
@@ -412,31 +421,16 @@ impl RegistryClient {
         Ok(out)
     }
 
-    /// GETs `path` (below `/v2/`) of the image's repository, with an optional
-    /// byte range, trying mirrors in order and retrying each with backoff.
+    /// GETs `path` (below `/v2/`) of the image's repository, trying mirrors
+    /// in order and retrying each with backoff.
     pub async fn get(
         &self,
         image: &ImageRef,
         path: &str,
         accept: Option<&str>,
-        range: Option<Range<u64>>,
     ) -> Result<Fetched, FetchError> {
-        self.get_from(image, path, accept, range, 0).await
-    }
-
-    /// Like [`get`](Self::get), starting with the `first`-th endpoint (wrapping
-    /// around): a caller whose bytes failed verification asks the next source.
-    pub async fn get_from(
-        &self,
-        image: &ImageRef,
-        path: &str,
-        accept: Option<&str>,
-        range: Option<Range<u64>>,
-        first: usize,
-    ) -> Result<Fetched, FetchError> {
-        self.retrying(image, path, first, |url| {
-            let range = range.clone();
-            async move { self.attempt(image, &url, accept, range).await }
+        self.retrying(image, path, 0, |url| async move {
+            self.attempt(image, &url, accept).await
         })
         .await
     }
@@ -540,10 +534,9 @@ impl RegistryClient {
         image: &ImageRef,
         url: &str,
         accept: Option<&str>,
-        range: Option<Range<u64>>,
     ) -> Result<Fetched, FetchError> {
         let timeout = self.retry.attempt_timeout;
-        match tokio::time::timeout(timeout, self.attempt_inner(image, url, accept, range)).await {
+        match tokio::time::timeout(timeout, self.attempt_inner(image, url, accept)).await {
             Ok(r) => r,
             Err(_) => Err(FetchError::Timeout {
                 url: url.to_owned(),
@@ -557,30 +550,16 @@ impl RegistryClient {
         image: &ImageRef,
         url: &str,
         accept: Option<&str>,
-        range: Option<Range<u64>>,
     ) -> Result<Fetched, FetchError> {
         let mut headers = http::HeaderMap::new();
         if let Some(a) = accept.and_then(|a| http::HeaderValue::from_str(a).ok()) {
             headers.insert(header::ACCEPT, a);
-        }
-        if let Some(r) = &range {
-            headers.insert(header::RANGE, range_header(r));
         }
         let (status, headers, body) = self
             .exchange(image, http::Method::GET, url, headers, Bytes::new())
             .await?;
         if !status.is_success() {
             return Err(status_error(url, status, &body));
-        }
-        if let Some(r) = &range {
-            let expected = r.end - r.start;
-            if status != StatusCode::PARTIAL_CONTENT || body.len() as u64 != expected {
-                return Err(FetchError::Length {
-                    url: url.to_owned(),
-                    expected,
-                    got: body.len() as u64,
-                });
-            }
         }
         Ok(Fetched {
             bytes: body,
@@ -810,16 +789,29 @@ impl RegistryClient {
         range: Range<u64>,
         attempt: usize,
     ) -> Result<Bytes, FetchError> {
-        Ok(self
-            .get_from(
-                image,
-                &format!("blobs/{digest}"),
-                None,
-                Some(range),
-                attempt,
-            )
-            .await?
-            .bytes)
+        // The range path checks status and length; the whole body must come
+        // within one attempt's deadline, as any other GET.
+        let timeout = self.retry.attempt_timeout;
+        self.retrying(image, &format!("blobs/{digest}"), attempt, |url| {
+            let range = range.clone();
+            async move {
+                let whole = async {
+                    self.attempt_range_stream(image, &url, range)
+                        .await?
+                        .collect()
+                        .await
+                };
+                tokio::time::timeout(timeout, whole)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(FetchError::Timeout {
+                            url: url.clone(),
+                            timeout,
+                        })
+                    })
+            }
+        })
+        .await
     }
 
     /// A byte range of a blob, read piece by piece as it arrives (so that a
@@ -842,9 +834,7 @@ impl RegistryClient {
 
     /// A whole (small) blob, verified against its digest.
     pub async fn blob(&self, image: &ImageRef, digest: &Digest) -> Result<Bytes, FetchError> {
-        let f = self
-            .get(image, &format!("blobs/{digest}"), None, None)
-            .await?;
+        let f = self.get(image, &format!("blobs/{digest}"), None).await?;
         verify(&f.bytes, digest, image)?;
         Ok(f.bytes)
     }
@@ -858,7 +848,6 @@ impl RegistryClient {
                 image,
                 &format!("manifests/{}", image.reference),
                 Some(&accept),
-                None,
             )
             .await?;
         let digest = match image.reference.parse::<Digest>() {
