@@ -26,7 +26,7 @@ use sluice_format::layout::{build_image, Compression, ImageSpec};
 use sluice_testkit::process::SluiceRegistry;
 use sluice_testkit::proxy::{Link, ThrottlingProxy};
 
-use super::{drop_caches, output_dir, rss_kib};
+use super::{drop_caches, median, output_dir, rss_kib};
 use crate::setup::{build_release, step};
 
 #[derive(clap::Args)]
@@ -191,16 +191,12 @@ fn measure_median(
     let runs = (0..WARM_REPETITIONS)
         .map(|_| measure(system, big, small_root, small))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let median = |f: fn(&Measure) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let of = |f: fn(&Measure) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
     Ok(Measure {
         system: system.to_owned(),
-        big_mb_per_s: median(|m| m.big_mb_per_s),
-        small_files_per_s: median(|m| m.small_files_per_s),
-        small_mb_per_s: median(|m| m.small_mb_per_s),
+        big_mb_per_s: of(|m| m.big_mb_per_s),
+        small_files_per_s: of(|m| m.small_files_per_s),
+        small_mb_per_s: of(|m| m.small_mb_per_s),
     })
 }
 

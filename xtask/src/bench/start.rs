@@ -29,7 +29,7 @@ use sluice_format::layout::{build_image, Compression, ImageSpec};
 use sluice_testkit::process::{Containerd, SluiceRegistry, SluiceSnapshotter};
 use sluice_testkit::proxy::{Link, ThrottlingProxy};
 
-use super::{drop_caches, output_dir};
+use super::{drop_caches, median, output_dir};
 use crate::fixtures;
 use crate::setup::{build_release, step};
 
@@ -625,16 +625,6 @@ impl Bench {
             f.name, dropped
         );
         Ok(())
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
