@@ -2,7 +2,9 @@
 //! aya-build, on the stable toolchain (`RUSTC_BOOTSTRAP=1` for
 //! `-Z build-std=core`, which needs the `rust-src` component) and bpf-linker.
 //!
-//! `AYA_BUILD_SKIP=1` builds without them: the loader then finds an empty
+//! Without the `ebpf` feature (xtask's build, which must work before `cargo
+//! xtask setup` has installed bpf-linker), or with `AYA_BUILD_SKIP=1`, the
+//! programs are not built: the loader then finds an empty
 //! object, says so at run time, and the daemon records accesses from FUSE.
 
 use std::path::{Path, PathBuf};
@@ -23,6 +25,10 @@ fn main() {
     let skip =
         std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     println!("cargo::rerun-if-env-changed=AYA_BUILD_SKIP");
+    if std::env::var_os("CARGO_FEATURE_EBPF").is_none() {
+        std::fs::write(out.join(OBJECT), b"").expect("writing the empty eBPF object");
+        return;
+    }
     if skip {
         std::fs::write(out.join(OBJECT), b"").expect("writing the empty eBPF object");
         println!("cargo::warning=AYA_BUILD_SKIP is set: building without eBPF programs");
