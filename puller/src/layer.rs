@@ -810,14 +810,29 @@ impl RemoteLayer {
         self.read_ahead_chunks(node, offset, end);
         for attempt in 0..2 {
             self.ensure(chunks).await?;
-            let mut maps = Vec::with_capacity(chunks.len());
-            for c in chunks {
-                match self.cache.get(&c.digest) {
-                    Some(m) => maps.push(m),
-                    None => break,
-                }
-            }
-            if maps.len() < chunks.len() {
+            let mapped = match chunks {
+                [c] => self.cache.mapped(&c.digest).map(|m| (c, m)),
+                _ => None,
+            };
+            let served = if let Some((c, m)) = mapped {
+                // Within one chunk that is mapped already: a slice of the
+                // mapping, no copy here.
+                let from = (offset - c.file_offset) as usize;
+                let to = (end - c.file_offset) as usize;
+                Some(ReadData::Mapped(m, from..to))
+            } else {
+                let mut out = Vec::with_capacity((end - offset) as usize);
+                chunks
+                    .iter()
+                    .all(|c| {
+                        let from = offset.max(c.file_offset) - c.file_offset;
+                        let to = end.min(c.file_offset + c.size) - c.file_offset;
+                        self.cache
+                            .read_into(&c.digest, from as usize..to as usize, &mut out)
+                    })
+                    .then_some(ReadData::Owned(out))
+            };
+            let Some(data) = served else {
                 // Evicted (or found torn) between fetch and read: once more.
                 if attempt == 0 {
                     continue;
@@ -828,23 +843,11 @@ impl RemoteLayer {
                     file: self.index.node(node).path.clone(),
                     reason: "chunk vanished from the cache twice; is the cache too small?".into(),
                 });
-            }
+            };
             self.stats
                 .served_bytes
                 .fetch_add(end - offset, Ordering::Relaxed);
-            if chunks.len() == 1 {
-                let c = &chunks[0];
-                let from = (offset - c.file_offset) as usize;
-                let to = (end - c.file_offset) as usize;
-                return Ok(ReadData::Mapped(maps.pop().expect("one map"), from..to));
-            }
-            let mut out = Vec::with_capacity((end - offset) as usize);
-            for (c, m) in chunks.iter().zip(&maps) {
-                let from = offset.max(c.file_offset) - c.file_offset;
-                let to = end.min(c.file_offset + c.size) - c.file_offset;
-                out.extend_from_slice(&m[from as usize..to as usize]);
-            }
-            return Ok(ReadData::Owned(out));
+            return Ok(data);
         }
         unreachable!("the loop returns")
     }
