@@ -780,3 +780,77 @@ fn a_stream_through_big_files_goes_on_past_files_already_local() {
         assert!(read(i) == *part, "part {i}");
     }
 }
+
+/// A file that starts as an ELF object is one the loader maps: its first
+/// read (the header) does not start a sequential readahead through it, as
+/// it does for other files (measured on numpy-pandas: megabytes of
+/// libraries fetched that startup never touched).
+#[test]
+fn a_library_read_at_its_start_is_not_read_ahead_but_a_data_file_is() {
+    use sluice_format::layout::Layout;
+
+    const FILE_BYTES: usize = 6 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("lib")).unwrap();
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    let mut library = sluice_testkit::images::pseudo_random(FILE_BYTES, 91);
+    library[..4].copy_from_slice(b"\x7fELF");
+    let data = sluice_testkit::images::pseudo_random(FILE_BYTES, 93);
+    std::fs::write(root.join("lib/libbig.so"), &library).unwrap();
+    std::fs::write(root.join("data/big.bin"), &data).unwrap();
+    let layout_dir = dir.path().join("layout");
+    let layout = Layout::create(&layout_dir).unwrap();
+    let (layer, diff) = layout.put_layer(&root, Compression::Gzip).unwrap();
+    layout.put_image(&[layer], &[diff], &[], &[], "v1").unwrap();
+    let f = common::publish(
+        dir,
+        &layout_dir,
+        "fuse/elf",
+        &ChunkingOptions::default(),
+        vec![root],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (m, _) = mount_fresh(
+        &rt,
+        &f,
+        0,
+        &f.dir.path().join("cache"),
+        &FsOptions::default(),
+    );
+    // Share of the file's chunks past its first half that are cached.
+    let second_half_local = |path: &str| {
+        let node = m.layer.index().lookup(path).expect("in the index");
+        let chunks = m.layer.index().file_chunks_of(node);
+        let half: Vec<_> = chunks
+            .iter()
+            .filter(|c| c.file_offset >= FILE_BYTES as u64 / 2)
+            .collect();
+        let local = half.iter().filter(|c| m.layer.has_chunk(&c.digest)).count();
+        local as f64 / half.len() as f64
+    };
+    let header = |path: &str, want: &[u8]| {
+        let mut buf = [0u8; 64];
+        let f = std::fs::File::open(m.path.join(path)).unwrap();
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..], &want[..64]);
+    };
+
+    header("lib/libbig.so", &library);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        second_half_local("lib/libbig.so"),
+        0.0,
+        "a library's header read fetched it ahead"
+    );
+
+    header("data/big.bin", &data);
+    let until = Instant::now() + Duration::from_secs(20);
+    while second_half_local("data/big.bin") < 1.0 {
+        assert!(
+            Instant::now() < until,
+            "a data file read at its start was not read ahead"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

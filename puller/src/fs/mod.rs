@@ -100,6 +100,8 @@ struct Stream {
     last_end: u64,
     /// Up to where readahead has been requested.
     ahead_until: u64,
+    /// An ELF object (mapped by the loader): no readahead.
+    mapped: bool,
 }
 
 /// Backing files handed to the kernel, one per inode while open.
@@ -279,7 +281,7 @@ impl LayerFs {
         let window = {
             let mut streams = self.streams.lock().expect("streams");
             let st = streams.entry(node).or_default();
-            let sequential = offset == st.last_end || offset == 0;
+            let sequential = !st.mapped && (offset == st.last_end || offset == 0);
             st.last_end = end;
             if !sequential || end + READAHEAD / 2 < st.ahead_until {
                 None
@@ -716,13 +718,32 @@ impl Filesystem for LayerFs {
         let Some(i) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        self.read_ahead(i, offset, size);
+        if offset != 0 {
+            self.read_ahead(i, offset, size);
+        }
         self.fetch_neighbours(i, offset, u64::from(size));
         if let Some(o) = &self.options.observer {
             o.read(&self.layer, i, offset, u64::from(size), req.pid());
         }
         match self.layer.read_blocking(&self.runtime, i, offset, size) {
             Ok(data) => {
+                if offset == 0 {
+                    // A file that starts as an ELF object is, at startup,
+                    // a library or program the loader maps: its reads are
+                    // page faults here and there, not a sequential reader
+                    // (measured on numpy-pandas: readahead from offset 0
+                    // fetched megabytes of libraries never touched).
+                    if data.as_slice().starts_with(b"\x7fELF") {
+                        self.streams
+                            .lock()
+                            .expect("streams")
+                            .entry(i)
+                            .or_default()
+                            .mapped = true;
+                    } else {
+                        self.read_ahead(i, offset, size);
+                    }
+                }
                 reply.data(data.as_slice());
                 if let ReadData::Mapped(m, _) = data {
                     if m.len() as u64 >= STREAM_MIN {
