@@ -153,10 +153,48 @@ fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
 }
 
 fn tracefs_root() -> Option<std::path::PathBuf> {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .iter()
-        .map(std::path::PathBuf::from)
-        .find(|p| p.join("events").is_dir())
+    let mounted = || {
+        ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.join("events").is_dir())
+    };
+    mounted().or_else(|| {
+        // Not mounted: a machine without systemd's sys-kernel-tracing.mount
+        // (seen on a fresh Debian VM), or a container given the host's /sys
+        // but not tracefs. Mount it where the kernel provides the directory,
+        // as perf and bpftrace do; without it the exec tracepoint cannot be
+        // attached and no recording knows which processes to follow.
+        let dir = std::path::Path::new("/sys/kernel/tracing");
+        if dir.is_dir() {
+            match mount_tracefs(dir) {
+                Ok(()) => tracing::info!(path = %dir.display(), "mounted tracefs"),
+                Err(e) => tracing::warn!(path = %dir.display(), "tracefs is not mounted and mounting it failed: {e}"),
+            }
+        }
+        mounted()
+    })
+}
+
+/// `mount -t tracefs nodev DIR`.
+fn mount_tracefs(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: NUL-terminated strings that outlive the call; no data pointer.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The kernel's tick rate, from its build configuration where the machine
