@@ -690,26 +690,15 @@ fn extended_attributes_through_the_mount() {
     );
 }
 
-/// A program reading big files one after the other in layer order (a
-/// checksum over a data set) gets the files after them fetched ahead; when a
-/// file was made local that way, its open is passed through to the kernel
-/// and its reads never reach the daemon, so the open must carry the stream
-/// on, or every few files the reader would stall on a cold one.
-#[test]
-fn a_stream_through_big_files_goes_on_past_files_already_local() {
+/// Publishes a one-layer image of directory `root` (under `dir`) as `repo`
+/// and mounts that layer with the default options and an empty cache.
+fn publish_one_layer_and_mount(
+    dir: tempfile::TempDir,
+    root: PathBuf,
+    repo: &str,
+) -> (Fixture, tokio::runtime::Runtime, Mounted) {
     use sluice_format::layout::Layout;
 
-    const PARTS: usize = 8;
-    const PART_BYTES: usize = 2 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    std::fs::create_dir_all(root.join("data")).unwrap();
-    let parts: Vec<Vec<u8>> = (0..PARTS)
-        .map(|i| sluice_testkit::images::pseudo_random(PART_BYTES, 71 + 2 * i as u64))
-        .collect();
-    for (i, p) in parts.iter().enumerate() {
-        std::fs::write(root.join(format!("data/part-{i}.bin")), p).unwrap();
-    }
     let layout_dir = dir.path().join("layout");
     let layout = Layout::create(&layout_dir).unwrap();
     let (layer, diff) = layout.put_layer(&root, Compression::Gzip).unwrap();
@@ -717,7 +706,7 @@ fn a_stream_through_big_files_goes_on_past_files_already_local() {
     let f = common::publish(
         dir,
         &layout_dir,
-        "fuse/stream",
+        repo,
         &ChunkingOptions::default(),
         vec![root],
     );
@@ -729,6 +718,28 @@ fn a_stream_through_big_files_goes_on_past_files_already_local() {
         &f.dir.path().join("cache"),
         &FsOptions::default(),
     );
+    (f, rt, m)
+}
+
+/// A program reading big files one after the other in layer order (a
+/// checksum over a data set) gets the files after them fetched ahead; when a
+/// file was made local that way, its open is passed through to the kernel
+/// and its reads never reach the daemon, so the open must carry the stream
+/// on, or every few files the reader would stall on a cold one.
+#[test]
+fn a_stream_through_big_files_goes_on_past_files_already_local() {
+    const PARTS: usize = 8;
+    const PART_BYTES: usize = 2 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    let parts: Vec<Vec<u8>> = (0..PARTS)
+        .map(|i| sluice_testkit::images::pseudo_random(PART_BYTES, 71 + 2 * i as u64))
+        .collect();
+    for (i, p) in parts.iter().enumerate() {
+        std::fs::write(root.join(format!("data/part-{i}.bin")), p).unwrap();
+    }
+    let (_f, _rt, m) = publish_one_layer_and_mount(dir, root, "fuse/stream");
     let node = |i: usize| {
         m.layer
             .index()
@@ -787,8 +798,6 @@ fn a_stream_through_big_files_goes_on_past_files_already_local() {
 /// libraries fetched that startup never touched).
 #[test]
 fn a_library_read_at_its_start_is_not_read_ahead_but_a_data_file_is() {
-    use sluice_format::layout::Layout;
-
     const FILE_BYTES: usize = 6 << 20;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -799,25 +808,7 @@ fn a_library_read_at_its_start_is_not_read_ahead_but_a_data_file_is() {
     let data = sluice_testkit::images::pseudo_random(FILE_BYTES, 93);
     std::fs::write(root.join("lib/libbig.so"), &library).unwrap();
     std::fs::write(root.join("data/big.bin"), &data).unwrap();
-    let layout_dir = dir.path().join("layout");
-    let layout = Layout::create(&layout_dir).unwrap();
-    let (layer, diff) = layout.put_layer(&root, Compression::Gzip).unwrap();
-    layout.put_image(&[layer], &[diff], &[], &[], "v1").unwrap();
-    let f = common::publish(
-        dir,
-        &layout_dir,
-        "fuse/elf",
-        &ChunkingOptions::default(),
-        vec![root],
-    );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (m, _) = mount_fresh(
-        &rt,
-        &f,
-        0,
-        &f.dir.path().join("cache"),
-        &FsOptions::default(),
-    );
+    let (_f, _rt, m) = publish_one_layer_and_mount(dir, root, "fuse/elf");
     // Share of the file's chunks past its first half that are cached.
     let second_half_local = |path: &str| {
         let node = m.layer.index().lookup(path).expect("in the index");

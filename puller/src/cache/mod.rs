@@ -589,12 +589,8 @@ mod tests {
         drop(held);
 
         // A torn chunk on disk is detected on first use after a restart.
+        let path = cache.path(&d_b);
         drop(cache);
-        let path = dir
-            .path()
-            .join("chunks")
-            .join(&d_b.hex()[..2])
-            .join(d_b.hex());
         fs::write(&path, vec![0u8; 1000]).unwrap();
         let cache = ChunkCache::open(dir.path(), 1 << 20).unwrap();
         assert!(cache.contains(&d_b));
@@ -631,12 +627,8 @@ mod tests {
 
         // After a restart, chunks are verified before their first byte is
         // served: a torn one is dropped, an intact one read.
+        let path_b = cache.path(&db);
         drop(cache);
-        let path_b = dir
-            .path()
-            .join("chunks")
-            .join(&db.hex()[..2])
-            .join(db.hex());
         fs::write(&path_b, vec![0u8; 1000]).unwrap();
         let cache = ChunkCache::open(dir.path(), 1 << 20).unwrap();
         let mut out = Vec::new();
