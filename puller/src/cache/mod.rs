@@ -87,6 +87,15 @@ struct State {
     verified: HashSet<Digest>,
 }
 
+impl State {
+    /// Drops the entry of a chunk found missing or torn on disk.
+    fn forget(&mut self, d: &Digest) {
+        if let Some(e) = self.entries.remove(d) {
+            self.total -= e.size;
+        }
+    }
+}
+
 /// Counters for metrics.
 #[derive(Debug, Default)]
 pub struct CacheStats {
@@ -309,9 +318,7 @@ impl ChunkCache {
         });
         let mut st = self.state.lock().expect("cache state");
         let Some(map) = map else {
-            if let Some(e) = st.entries.remove(d) {
-                st.total -= e.size;
-            }
+            st.forget(d);
             return None;
         };
         if !st.verified.contains(d) {
@@ -319,9 +326,7 @@ impl ChunkCache {
             if Digest::of(d.algorithm(), &map) != *d {
                 self.stats.torn.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(chunk = %d, "cached chunk is corrupt (torn write?); dropping it");
-                if let Some(e) = st.entries.remove(d) {
-                    st.total -= e.size;
-                }
+                st.forget(d);
                 let _ = fs::remove_file(&path);
                 return None;
             }
@@ -351,11 +356,11 @@ impl ChunkCache {
 
     /// Appends bytes `range` of a cached chunk to `out`; false if the chunk
     /// is not cached (or was found torn). A chunk not mapped already is read
-    /// with `pread` instead of being mapped, because mapping and unmapping one small file per chunk
-    /// (the unmap flushes every CPU's TLB) cost more than the copy the
-    /// assembly makes anyway (measured with perf on `bench read`'s chunk by
-    /// chunk row: mmap, munmap and the page faults were a third of the
-    /// daemon's time).
+    /// with `pread` instead of being mapped, because mapping and unmapping
+    /// one small file per chunk (the unmap flushes every CPU's TLB) cost more
+    /// than the copy the assembly makes anyway (measured with perf on `bench
+    /// read`'s chunk by chunk row: mmap, munmap and the page faults were a
+    /// third of the daemon's time).
     pub fn read_into(&self, d: &Digest, range: Range<usize>, out: &mut Vec<u8>) -> bool {
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);
         let mapped = {
@@ -377,10 +382,7 @@ impl ChunkCache {
                         true
                     }
                     false => {
-                        let mut st = self.state.lock().expect("cache state");
-                        if let Some(e) = st.entries.remove(d) {
-                            st.total -= e.size;
-                        }
+                        self.state.lock().expect("cache state").forget(d);
                         false
                     }
                 };

@@ -519,7 +519,17 @@ impl RegistryClient {
                 done: false,
             })
         };
-        tokio::time::timeout(timeout, request)
+        self.within_attempt(url, request).await
+    }
+
+    /// `work` for `url`, given one attempt's deadline.
+    async fn within_attempt<T>(
+        &self,
+        url: &str,
+        work: impl std::future::Future<Output = Result<T, FetchError>>,
+    ) -> Result<T, FetchError> {
+        let timeout = self.retry.attempt_timeout;
+        tokio::time::timeout(timeout, work)
             .await
             .unwrap_or_else(|_| {
                 Err(FetchError::Timeout {
@@ -535,14 +545,8 @@ impl RegistryClient {
         url: &str,
         accept: Option<&str>,
     ) -> Result<Fetched, FetchError> {
-        let timeout = self.retry.attempt_timeout;
-        match tokio::time::timeout(timeout, self.attempt_inner(image, url, accept)).await {
-            Ok(r) => r,
-            Err(_) => Err(FetchError::Timeout {
-                url: url.to_owned(),
-                timeout,
-            }),
-        }
+        self.within_attempt(url, self.attempt_inner(image, url, accept))
+            .await
     }
 
     async fn attempt_inner(
@@ -691,10 +695,8 @@ impl RegistryClient {
                 })?,
             );
         }
-        let timeout = self.retry.attempt_timeout;
-        tokio::time::timeout(timeout, self.exchange(image, method, &url, headers, body))
+        self.within_attempt(&url, self.exchange(image, method, &url, headers, body))
             .await
-            .map_err(|_| FetchError::Timeout { url, timeout })?
     }
 
     /// Uploads a blob (POST, then PUT with the digest), unless the
@@ -791,7 +793,6 @@ impl RegistryClient {
     ) -> Result<Bytes, FetchError> {
         // The range path checks status and length; the whole body must come
         // within one attempt's deadline, as any other GET.
-        let timeout = self.retry.attempt_timeout;
         self.retrying(image, &format!("blobs/{digest}"), attempt, |url| {
             let range = range.clone();
             async move {
@@ -801,14 +802,7 @@ impl RegistryClient {
                         .collect()
                         .await
                 };
-                tokio::time::timeout(timeout, whole)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(FetchError::Timeout {
-                            url: url.clone(),
-                            timeout,
-                        })
-                    })
+                self.within_attempt(&url, whole).await
             }
         })
         .await

@@ -56,8 +56,6 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// Writes dirty pages back and drops the page cache (needs root), so that a
-/// measurement starts cold.
 /// The median of `v` (sorted in place; the mean of the middle two for an
 /// even count). `v` must not be empty.
 pub fn median(v: &mut [f64]) -> f64 {
@@ -70,6 +68,8 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// Writes dirty pages back and drops the page cache (needs root), so that a
+/// measurement starts cold.
 pub fn drop_caches() -> anyhow::Result<()> {
     let _ = std::process::Command::new("sync").status();
     std::fs::write("/proc/sys/vm/drop_caches", "3")
