@@ -618,6 +618,14 @@ impl RemoteLayer {
             if let Some(h) = &self.opts.fetch_latency {
                 h.observe(started.elapsed().as_secs_f64());
             }
+            tracing::debug!(
+                layer = %self.digest,
+                start,
+                bytes = end - start,
+                chunks = group.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "fetched range"
+            );
             if !failed.is_empty() {
                 last_error = failed[0].1.clone();
                 tracing::warn!(
@@ -696,7 +704,9 @@ impl RemoteLayer {
         if let Some(f) = self.cache.open_file(digest) {
             return Ok(Some(f));
         }
+        let started = std::time::Instant::now();
         self.block_within_deadline(runtime, node, self.ensure(chunks))?;
+        self.log_wait(node, 0, *size, started);
         let mut maps = Vec::with_capacity(chunks.len());
         for c in chunks {
             match self.cache.get(&c.digest) {
@@ -772,12 +782,29 @@ impl RemoteLayer {
         offset: u64,
         size: u32,
     ) -> Result<ReadData, LayerError> {
+        let started = std::time::Instant::now();
         let r = self.block_within_deadline(runtime, node, self.read(node, offset, size));
+        self.log_wait(node, offset, u64::from(size), started);
         if let Err(e) = &r {
             self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, "read failed");
         }
         r
+    }
+
+    /// Logs a read (or open) of `node` that waited for the link, for tuning
+    /// what is fetched ahead (`RUST_LOG=sluice_puller::layer=debug`).
+    fn log_wait(&self, node: usize, offset: u64, len: u64, started: std::time::Instant) {
+        let waited = started.elapsed();
+        if waited >= Duration::from_millis(2) {
+            tracing::debug!(
+                file = %self.index.node(node).path,
+                offset,
+                len,
+                ms = waited.as_millis() as u64,
+                "read waited"
+            );
+        }
     }
 
     /// Reads `size` bytes at `offset` of a file.

@@ -911,7 +911,25 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     println!("wrote {} and {}", json.display(), chart.display());
     drop(bench);
     registry.service.stop();
+    keep_logs(&work, &out.join("start-logs"))?;
     let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// Keeps the daemons' logs of the run (`node-N.sluice.log`, ...; node N is
+/// the Nth node started) for a look at what was fetched and waited for
+/// (`RUST_LOG=info,sluice_puller::layer=debug` logs every range and every
+/// read that waited).
+fn keep_logs(work: &Path, logs: &Path) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(logs);
+    std::fs::create_dir_all(logs)?;
+    for e in std::fs::read_dir(work)? {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "log") {
+            std::fs::rename(&path, logs.join(path.file_name().expect("a file")))?;
+        }
+    }
+    println!("daemon logs in {}", logs.display());
     Ok(())
 }
 
