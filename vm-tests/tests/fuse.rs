@@ -845,3 +845,132 @@ fn a_library_read_at_its_start_is_not_read_ahead_but_a_data_file_is() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Whether every chunk of `path` in the mounted layer is cached.
+fn all_local(m: &Mounted, path: &str) -> bool {
+    let index = m.layer.index();
+    let node = index.lookup(path).expect("in the index");
+    index
+        .file_chunks_of(node)
+        .iter()
+        .all(|c| m.layer.has_chunk(&c.digest))
+}
+
+/// Waits up to 20 s for `done`; fails with `what` after that.
+fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < until, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A mapped library whose pages fault in here and there (its code runs)
+/// is fetched whole at its second fault that waits; its header read and one
+/// fault alone (the loader's relocations) do not fetch it.
+#[test]
+fn a_library_that_faults_twice_is_fetched_whole() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("lib")).unwrap();
+    let mut library = sluice_testkit::images::pseudo_random(6 * MIB, 95);
+    library[..4].copy_from_slice(b"\x7fELF");
+    std::fs::write(root.join("lib/libcode.so"), &library).unwrap();
+    let (_f, _rt, m) = publish_one_layer_and_mount(dir, root, "fuse/faults");
+    let index = m.layer.index();
+    let node = index.lookup("lib/libcode.so").unwrap();
+    // Share of the last MiB's chunks that are cached.
+    let tail_local = || {
+        let tail: Vec<_> = index
+            .file_chunks_of(node)
+            .iter()
+            .filter(|c| c.file_offset >= 5 * MIB as u64)
+            .collect();
+        tail.iter().filter(|c| m.layer.has_chunk(&c.digest)).count() as f64 / tail.len() as f64
+    };
+    let f = std::fs::File::open(m.path.join("lib/libcode.so")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for (at, settle) in [(0, true), (MIB, true), (3 * MIB, false)] {
+        f.read_exact_at(&mut buf, at as u64).unwrap();
+        assert_eq!(buf, library[at..at + 4096]);
+        if settle {
+            std::thread::sleep(Duration::from_secs(1));
+            assert_eq!(
+                tail_local(),
+                0.0,
+                "a library was fetched whole after a read at {at}"
+            );
+        }
+    }
+    wait_for("a library that faulted twice was not fetched whole", || {
+        tail_local() == 1.0
+    });
+    let mut all = Vec::new();
+    std::fs::File::open(m.path.join("lib/libcode.so"))
+        .unwrap()
+        .read_to_end(&mut all)
+        .unwrap();
+    assert!(all == library, "the library read back differs");
+}
+
+/// The second file of a directory that has to be fetched brings the rest of
+/// the directory (Python importing one module after another from one
+/// `__pycache__`); a directory too big for that (shared libraries) is left
+/// to its readers.
+#[test]
+fn a_directory_whose_second_file_is_fetched_comes_whole_unless_big() {
+    const FILE_BYTES: usize = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut files = Vec::new();
+    // 40 files (2.5 MiB) in pkg, 96 (6 MiB) in big: incompressible, so the
+    // 512 KiB fetched after each file reach about eight files.
+    for (sub, n) in [("pkg", 40), ("big", 96)] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+        for i in 0..n {
+            let path = format!("{sub}/m{i:03}.pyc");
+            let data = sluice_testkit::images::pseudo_random(FILE_BYTES, 200 + files.len() as u64);
+            std::fs::write(root.join(&path), &data).unwrap();
+            files.push((path, data));
+        }
+    }
+    let (_f, _rt, m) = publish_one_layer_and_mount(dir, root, "fuse/directory");
+    let read = |path: &str| {
+        let want = &files.iter().find(|(p, _)| p == path).unwrap().1;
+        assert!(
+            std::fs::read(m.path.join(path)).unwrap() == *want,
+            "{path} differs"
+        );
+    };
+    let local = |sub: &str, range: std::ops::Range<usize>| {
+        range
+            .filter(|i| all_local(&m, &format!("{sub}/m{i:03}.pyc")))
+            .count()
+    };
+
+    for sub in ["pkg", "big"] {
+        read(&format!("{sub}/m000.pyc"));
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            local(sub, 20..30),
+            0,
+            "{sub}: one file fetched its directory"
+        );
+    }
+    read("pkg/m039.pyc");
+    wait_for(
+        "a small directory's second fetched file did not bring the rest",
+        || local("pkg", 0..40) == 40,
+    );
+    read("big/m095.pyc");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        local("big", 30..60),
+        0,
+        "a directory bigger than the limit was fetched whole"
+    );
+    for (path, _) in &files {
+        read(path);
+    }
+}

@@ -93,6 +93,15 @@ const STREAM_MIN: u64 = 1 << 20;
 /// Largest read the kernel sends us (and its readahead window).
 const MAX_READAHEAD: u32 = 1 << 20;
 
+/// A directory whose second file had to be fetched has the rest of its files
+/// fetched, when they are at most this many compressed bytes in all (see
+/// [`LayerFs::fetch_neighbours`]).
+const DIRECTORY_FETCH_MAX: u64 = 4 << 20;
+
+/// At most this many missing compressed bytes of a mapped object are fetched
+/// at once (see [`LayerFs::fetch_mapped_object`]).
+const MAPPED_FETCH_MAX: u64 = 8 << 20;
+
 /// Per-inode sequential-read tracking.
 #[derive(Default, Clone, Copy)]
 struct Stream {
@@ -102,6 +111,8 @@ struct Stream {
     ahead_until: u64,
     /// An ELF object (mapped by the loader): no readahead.
     mapped: bool,
+    /// Reads of a mapped object past its start that had to wait.
+    faults: u32,
 }
 
 /// Backing files handed to the kernel, one per inode while open.
@@ -181,6 +192,8 @@ pub struct LayerFs {
     last_streamed: Mutex<Option<usize>>,
     /// Content nodes being made whole in the background.
     making_whole: Arc<Mutex<HashSet<usize>>>,
+    /// Files per directory whose first read had to wait for the link.
+    directory_misses: Mutex<HashMap<usize, u32>>,
 }
 
 fn ino_of(root: usize, node: usize) -> INodeNo {
@@ -270,6 +283,7 @@ impl LayerFs {
             streams: Mutex::new(HashMap::new()),
             last_streamed: Mutex::new(None),
             making_whole: Arc::new(Mutex::new(HashSet::new())),
+            directory_misses: Mutex::new(HashMap::new()),
         }
     }
 
@@ -370,9 +384,98 @@ impl LayerFs {
     /// `node`: fetches the chunks after them in the layer (neighbouring
     /// files, in tar order) in a request of its own, so that the reader's
     /// fetch stays small and the neighbours arrive meanwhile.
+    ///
+    /// The second file of a directory to start with a fetch has the rest of
+    /// that directory fetched (see [`Self::fetch_directory`]).
     fn fetch_neighbours(&self, node: usize, offset: u64, len: u64) {
         let chunks = self.layer.index().chunks_for_range(node, offset, len);
-        self.fetch_in_background(self.layer.fetch_ahead_of(chunks));
+        let ahead = self.layer.fetch_ahead_of(chunks);
+        if offset == 0 && chunks.iter().any(|c| !self.layer.has_chunk(&c.digest)) {
+            let dir = self.parents[node];
+            let misses = {
+                let mut m = self.directory_misses.lock().expect("directory misses");
+                let n = m.entry(dir).or_default();
+                *n += 1;
+                *n
+            };
+            if misses == 2 {
+                self.fetch_directory(dir);
+            }
+        }
+        self.fetch_in_background(ahead);
+    }
+
+    /// An ELF object whose pages fault in here and there (the loader mapped
+    /// it; the program runs its code): at its second such read that has to
+    /// wait, the rest of it is fetched, if at most [`MAPPED_FETCH_MAX`]
+    /// compressed bytes are missing. Its faults come one after the other,
+    /// each a round trip; the first one alone (a library's relocations) does
+    /// not say that its code runs.
+    fn fetch_mapped_object(&self, node: usize, offset: u64, size: u32) {
+        let index = self.layer.index();
+        let chunks = index.chunks_for_range(node, offset, u64::from(size));
+        if chunks.iter().all(|c| self.layer.has_chunk(&c.digest)) {
+            return;
+        }
+        let faults = {
+            let mut streams = self.streams.lock().expect("streams");
+            let st = streams.entry(node).or_default();
+            if !st.mapped {
+                return;
+            }
+            st.faults += 1;
+            st.faults
+        };
+        if faults != 2 {
+            return;
+        }
+        let missing: Vec<_> = index
+            .file_chunks_of(node)
+            .iter()
+            .filter(|c| !c.zeros && !self.layer.has_chunk(&c.digest))
+            .cloned()
+            .collect();
+        let bytes = missing.iter().map(|c| c.blob_len).sum::<u64>();
+        if bytes > MAPPED_FETCH_MAX {
+            return;
+        }
+        self.layer
+            .stats
+            .fetched_ahead_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        self.fetch_in_background(missing);
+    }
+
+    /// Fetches the files of directory `dir` (not its subdirectories) that
+    /// are neither cached nor in flight, if the directory holds at most
+    /// [`DIRECTORY_FETCH_MAX`] compressed bytes. A program that needed two
+    /// files of a directory one after the other tends to go on with more of
+    /// them (Python imports a package's modules from one `__pycache__`, a
+    /// tool reads its data files), and on a slow link each one is a round
+    /// trip; the fetch-ahead after each file (in tar order) does not reach
+    /// modules that sort far apart. A big directory (shared libraries) is
+    /// left alone: its files are wanted a few at a time.
+    fn fetch_directory(&self, dir: usize) {
+        let Some(d) = self.dirs.get(&dir) else { return };
+        let index = self.layer.index();
+        let mut total = 0;
+        let mut chunks = Vec::new();
+        for &n in &d.entries {
+            for c in index.file_chunks_of(n as usize) {
+                total += c.blob_len;
+                if total > DIRECTORY_FETCH_MAX {
+                    return;
+                }
+                if !c.zeros && !self.layer.has_chunk(&c.digest) {
+                    chunks.push(c.clone());
+                }
+            }
+        }
+        self.layer.stats.fetched_ahead_bytes.fetch_add(
+            chunks.iter().map(|c| c.blob_len).sum::<u64>(),
+            Ordering::Relaxed,
+        );
+        self.fetch_in_background(chunks);
     }
 
     /// Whether opens are answered with passthrough files.
@@ -720,6 +823,7 @@ impl Filesystem for LayerFs {
         };
         if offset != 0 {
             self.read_ahead(i, offset, size);
+            self.fetch_mapped_object(i, offset, size);
         }
         self.fetch_neighbours(i, offset, u64::from(size));
         if let Some(o) = &self.options.observer {
