@@ -9,7 +9,10 @@
 //! without passthrough (Linux < 6.9) has it: the cache holds chunks only and
 //! every read is assembled from them.
 //! The page cache is dropped before every measurement; native and the warm
-//! rows are the median of three. Also: the resident memory of a `sluice
+//! rows are the median of three. Each warm measurement is paired with a native
+//! one taken just before it, and its ratios to native are the median of the
+//! pairs' ratios: the virtual disk's speed drifts over a run, and ratios
+//! against a native figure taken minutes earlier swung by ±40%. Also: the resident memory of a `sluice
 //! mount` daemon with 10 layers mounted and idle.
 
 use std::io::{BufRead, BufReader, Read};
@@ -54,6 +57,9 @@ struct Measure {
     big_mb_per_s: f64,
     small_files_per_s: f64,
     small_mb_per_s: f64,
+    /// Median over pairs of (this / native measured just before it).
+    big_vs_native: Option<f64>,
+    small_files_vs_native: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -64,6 +70,8 @@ struct Report {
     warm_passthrough_vs_native_big: f64,
     warm_chunks_vs_native_big: f64,
     warm_no_passthrough_vs_native_big: f64,
+    warm_passthrough_vs_native_small: f64,
+    warm_no_passthrough_vs_native_small: f64,
     cold_big_vs_link: f64,
     daemon_rss_10_layers_kib: u64,
 }
@@ -169,6 +177,8 @@ fn measure(
         big_mb_per_s: big_rate,
         small_files_per_s: small.len() as f64 / secs,
         small_mb_per_s: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
+        big_vs_native: None,
+        small_files_vs_native: None,
     };
     println!(
         "    {:<28} big {:>8.1} MB/s   small {:>8.0} files/s ({:.1} MB/s)",
@@ -181,22 +191,44 @@ fn measure(
 /// virtual disk's throughput swings by ±50% from one second to the next.
 const WARM_REPETITIONS: usize = 3;
 
-/// [`measure`] `WARM_REPETITIONS` times; the median of each figure.
+/// Where the native copies of the files are.
+struct Native<'a> {
+    big: &'a Path,
+    small_root: &'a Path,
+}
+
+/// [`measure`] `WARM_REPETITIONS` times; the median of each figure. With
+/// `native`, each run follows a native run, and the ratios are the median of
+/// the pairs' ratios.
 fn measure_median(
     system: &str,
     big: &Path,
     small_root: &Path,
     small: &[PathBuf],
+    native: Option<&Native>,
 ) -> anyhow::Result<Measure> {
-    let runs = (0..WARM_REPETITIONS)
-        .map(|_| measure(system, big, small_root, small))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut runs = Vec::new();
+    let mut big_ratios = Vec::new();
+    let mut small_ratios = Vec::new();
+    for _ in 0..WARM_REPETITIONS {
+        let before = native
+            .map(|n| measure("  (native, paired)", n.big, n.small_root, small))
+            .transpose()?;
+        let m = measure(system, big, small_root, small)?;
+        if let Some(b) = before {
+            big_ratios.push(m.big_mb_per_s / b.big_mb_per_s);
+            small_ratios.push(m.small_files_per_s / b.small_files_per_s);
+        }
+        runs.push(m);
+    }
     let of = |f: fn(&Measure) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
     Ok(Measure {
         system: system.to_owned(),
         big_mb_per_s: of(|m| m.big_mb_per_s),
         small_files_per_s: of(|m| m.small_files_per_s),
         small_mb_per_s: of(|m| m.small_mb_per_s),
+        big_vs_native: native.map(|_| median(&mut big_ratios)),
+        small_files_vs_native: native.map(|_| median(&mut small_ratios)),
     })
 }
 
@@ -331,11 +363,17 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         return Ok(());
     }
     step(&format!("reading: native, then sluice cold ({} MB/s + {} ms link), warm with and without passthrough, warm chunk by chunk", opts.link_mbps, opts.link_ms));
+    let native_big = big.join("blob.bin");
+    let native = Native {
+        big: &native_big,
+        small_root: &small,
+    };
     let mut rows = vec![measure_median(
         "native ext4",
-        &big.join("blob.bin"),
+        &native_big,
         &small,
         &small_files,
+        None,
     )?];
     {
         // The open before the passthrough row waits for the big file's
@@ -360,6 +398,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             &big_in(&mnt),
             &small_in(&mnt),
             &small_files,
+            Some(&native),
         )?);
     }
     {
@@ -369,6 +408,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             &big_in(&mnt),
             &small_in(&mnt),
             &small_files,
+            Some(&native),
         )?);
     }
     {
@@ -388,35 +428,47 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             &big_in(&mnt),
             &small_in(&mnt),
             &small_files,
+            Some(&native),
         )?);
     }
 
     let rss = idle_rss(&sluice, &image, &work, &cache)?;
 
-    let native = rows[0].big_mb_per_s;
+    let native_row = rows[0].clone();
+    let big_ratio = |r: &Measure| {
+        r.big_vs_native
+            .unwrap_or(r.big_mb_per_s / native_row.big_mb_per_s)
+    };
+    let small_ratio = |r: &Measure| {
+        r.small_files_vs_native
+            .unwrap_or(r.small_files_per_s / native_row.small_files_per_s)
+    };
     let report = Report {
         link_mb_per_s: opts.link_mbps as f64,
         link_latency_ms: opts.link_ms,
-        warm_passthrough_vs_native_big: rows[2].big_mb_per_s / native,
-        warm_no_passthrough_vs_native_big: rows[3].big_mb_per_s / native,
-        warm_chunks_vs_native_big: rows[4].big_mb_per_s / native,
+        warm_passthrough_vs_native_big: big_ratio(&rows[2]),
+        warm_no_passthrough_vs_native_big: big_ratio(&rows[3]),
+        warm_chunks_vs_native_big: big_ratio(&rows[4]),
+        warm_passthrough_vs_native_small: small_ratio(&rows[2]),
+        warm_no_passthrough_vs_native_small: small_ratio(&rows[3]),
         cold_big_vs_link: rows[1].big_mb_per_s / opts.link_mbps as f64,
         daemon_rss_10_layers_kib: rss,
-        rows,
+        rows: rows.clone(),
     };
     println!();
     println!("| system | 1 GiB sequential MB/s | × native | 20k small files/s | × native |");
     println!("|---|---:|---:|---:|---:|");
-    for r in &report.rows {
+    for r in &rows {
         println!(
             "| {} | {:.0} | {:.2} | {:.0} | {:.2} |",
             r.system,
             r.big_mb_per_s,
-            r.big_mb_per_s / native,
+            big_ratio(r),
             r.small_files_per_s,
-            r.small_files_per_s / report.rows[0].small_files_per_s
+            small_ratio(r)
         );
     }
+    println!("(× native of the warm rows: median over runs each paired with a native run just before it)");
     println!(
         "cold sequential: {:.2}× the {} MB/s link; daemon RSS with 10 idle layers: {:.1} MiB",
         report.cold_big_vs_link,
