@@ -438,11 +438,7 @@ fn local_files_are_passed_through_to_the_kernel() {
     assert_eq!(std::fs::read(&big).unwrap(), original);
     assert_eq!(served() - before, original.len() as u64);
     if passthrough {
-        let until = Instant::now() + Duration::from_secs(20);
-        while !m.layer.is_whole(node) {
-            assert!(Instant::now() < until, "the whole file was never made");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for("the whole file was never made", || m.layer.is_whole(node));
     } else {
         assert!(!m.layer.is_whole(node), "a copy made for nothing");
     }
@@ -836,14 +832,9 @@ fn a_library_read_at_its_start_is_not_read_ahead_but_a_data_file_is() {
     );
 
     header("data/big.bin", &data);
-    let until = Instant::now() + Duration::from_secs(20);
-    while second_half_local("data/big.bin") < 1.0 {
-        assert!(
-            Instant::now() < until,
-            "a data file read at its start was not read ahead"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("a data file read at its start was not read ahead", || {
+        second_half_local("data/big.bin") == 1.0
+    });
 }
 
 /// Whether every chunk of `path` in the mounted layer is cached.
