@@ -792,8 +792,9 @@ impl RemoteLayer {
         r
     }
 
-    /// Logs a read (or open) of `node` that waited for the link, for tuning
-    /// what is fetched ahead (`RUST_LOG=sluice_puller::layer=debug`).
+    /// Logs a read (or open) of `node` that waited 2 ms or more (for the
+    /// link, or a slow disk), for tuning what is fetched ahead
+    /// (`RUST_LOG=sluice_puller::layer=debug`).
     fn log_wait(&self, node: usize, offset: u64, len: u64, started: std::time::Instant) {
         let waited = started.elapsed();
         if waited >= Duration::from_millis(2) {

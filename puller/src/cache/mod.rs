@@ -463,7 +463,8 @@ impl ChunkCache {
         let _ = fs::remove_file(self.path(d));
     }
 
-    /// Reads `range` of a verified chunk's file into the end of `out`.
+    /// Reads `range` of a chunk's file into the end of `out` (unchecked: the
+    /// caller knows the chunk verified, or checks the bytes).
     fn pread_into(&self, d: &Digest, range: Range<usize>, out: &mut Vec<u8>) -> bool {
         use std::os::unix::fs::FileExt;
         // A file opened ahead is the same immutable chunk (eviction only
