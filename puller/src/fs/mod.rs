@@ -313,10 +313,7 @@ impl LayerFs {
             .filter(|c| !self.layer.has_chunk(&c.digest))
             .cloned()
             .collect();
-        self.layer.stats.fetched_ahead_bytes.fetch_add(
-            chunks.iter().map(|c| c.blob_len).sum::<u64>(),
-            Ordering::Relaxed,
-        );
+        self.count_fetched_ahead(&chunks);
         let file_end = index
             .file_chunks_of(node)
             .last()
@@ -387,10 +384,16 @@ impl LayerFs {
     ///
     /// The second file of a directory to start with a fetch has the rest of
     /// that directory fetched (see [`Self::fetch_directory`]).
+    ///
+    /// A read past the start of a mapped object that waits counts as one of
+    /// its faults (see [`Self::fetch_mapped_object`]).
     fn fetch_neighbours(&self, node: usize, offset: u64, len: u64) {
         let chunks = self.layer.index().chunks_for_range(node, offset, len);
-        let ahead = self.layer.fetch_ahead_of(chunks);
-        if offset == 0 && chunks.iter().any(|c| !self.layer.has_chunk(&c.digest)) {
+        // Checked once here: every read of a local file passes by.
+        if chunks.iter().all(|c| self.layer.has_chunk(&c.digest)) {
+            return;
+        }
+        if offset == 0 {
             let dir = self.parents[node];
             let misses = {
                 let mut m = self.directory_misses.lock().expect("directory misses");
@@ -401,8 +404,19 @@ impl LayerFs {
             if misses == 2 {
                 self.fetch_directory(dir);
             }
+        } else {
+            self.fetch_mapped_object(node);
         }
-        self.fetch_in_background(ahead);
+        self.fetch_in_background(self.layer.fetch_ahead_of(chunks));
+    }
+
+    /// Counts chunks about to be fetched ahead of readers (not profile
+    /// prefetch) in the layer's statistics.
+    fn count_fetched_ahead(&self, chunks: &[sluice_format::chunked::ChunkRef]) {
+        self.layer.stats.fetched_ahead_bytes.fetch_add(
+            chunks.iter().map(|c| c.blob_len).sum::<u64>(),
+            Ordering::Relaxed,
+        );
     }
 
     /// An ELF object whose pages fault in here and there (the loader mapped
@@ -411,12 +425,7 @@ impl LayerFs {
     /// compressed bytes are missing. Its faults come one after the other,
     /// each a round trip; the first one alone (a library's relocations) does
     /// not say that its code runs.
-    fn fetch_mapped_object(&self, node: usize, offset: u64, size: u32) {
-        let index = self.layer.index();
-        let chunks = index.chunks_for_range(node, offset, u64::from(size));
-        if chunks.iter().all(|c| self.layer.has_chunk(&c.digest)) {
-            return;
-        }
+    fn fetch_mapped_object(&self, node: usize) {
         let faults = {
             let mut streams = self.streams.lock().expect("streams");
             let st = streams.entry(node).or_default();
@@ -429,25 +438,24 @@ impl LayerFs {
         if faults != 2 {
             return;
         }
-        let missing: Vec<_> = index
+        let missing: Vec<_> = self
+            .layer
+            .index()
             .file_chunks_of(node)
             .iter()
             .filter(|c| !c.zeros && !self.layer.has_chunk(&c.digest))
             .cloned()
             .collect();
-        let bytes = missing.iter().map(|c| c.blob_len).sum::<u64>();
-        if bytes > MAPPED_FETCH_MAX {
+        if missing.iter().map(|c| c.blob_len).sum::<u64>() > MAPPED_FETCH_MAX {
             return;
         }
-        self.layer
-            .stats
-            .fetched_ahead_bytes
-            .fetch_add(bytes, Ordering::Relaxed);
+        self.count_fetched_ahead(&missing);
         self.fetch_in_background(missing);
     }
 
     /// Fetches the files of directory `dir` (not its subdirectories) that
-    /// are neither cached nor in flight, if the directory holds at most
+    /// are not cached (chunks in flight are waited for by the fetch, not
+    /// fetched twice), if the directory holds at most
     /// [`DIRECTORY_FETCH_MAX`] compressed bytes. A program that needed two
     /// files of a directory one after the other tends to go on with more of
     /// them (Python imports a package's modules from one `__pycache__`, a
@@ -471,10 +479,7 @@ impl LayerFs {
                 }
             }
         }
-        self.layer.stats.fetched_ahead_bytes.fetch_add(
-            chunks.iter().map(|c| c.blob_len).sum::<u64>(),
-            Ordering::Relaxed,
-        );
+        self.count_fetched_ahead(&chunks);
         self.fetch_in_background(chunks);
     }
 
@@ -823,7 +828,6 @@ impl Filesystem for LayerFs {
         };
         if offset != 0 {
             self.read_ahead(i, offset, size);
-            self.fetch_mapped_object(i, offset, size);
         }
         self.fetch_neighbours(i, offset, u64::from(size));
         if let Some(o) = &self.options.observer {
