@@ -56,37 +56,6 @@ pub fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
     out
 }
 
-/// `len` pseudo-random bytes (from `seed`) that start as a 64-bit
-/// little-endian x86-64 ELF shared object whose program headers (right after
-/// its header) are `segments`: `(p_type, p_flags, file offset, file size)`.
-pub fn elf_object(len: usize, seed: u64, segments: &[(u32, u32, u64, u64)]) -> Vec<u8> {
-    let mut h = vec![0u8; 64];
-    h[..4].copy_from_slice(b"\x7fELF");
-    h[4] = 2; // ELFCLASS64
-    h[5] = 1; // little-endian
-    h[6] = 1; // EV_CURRENT
-    h[16..18].copy_from_slice(&3u16.to_le_bytes()); // ET_DYN
-    h[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    h[20..24].copy_from_slice(&1u32.to_le_bytes());
-    h[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-    h[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
-    h[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
-    h[56..58].copy_from_slice(&(segments.len() as u16).to_le_bytes());
-    for &(kind, flags, offset, size) in segments {
-        let mut p = [0u8; 56];
-        p[..4].copy_from_slice(&kind.to_le_bytes());
-        p[4..8].copy_from_slice(&flags.to_le_bytes());
-        p[8..16].copy_from_slice(&offset.to_le_bytes()); // p_offset
-        p[16..24].copy_from_slice(&offset.to_le_bytes()); // p_vaddr
-        p[32..40].copy_from_slice(&size.to_le_bytes()); // p_filesz
-        p[40..48].copy_from_slice(&size.to_le_bytes()); // p_memsz
-        h.extend_from_slice(&p);
-    }
-    let mut out = pseudo_random(len.max(h.len()), seed);
-    out[..h.len()].copy_from_slice(&h);
-    out
-}
-
 /// Writes a busybox base layer into `dir/base` and an application layer into
 /// `dir/app`; returns both directories.
 pub fn busybox_rootfs(dir: &Path) -> (PathBuf, PathBuf) {

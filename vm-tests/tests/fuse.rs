@@ -905,56 +905,6 @@ fn a_library_that_faults_twice_is_fetched_whole() {
     assert!(all == library, "the library read back differs");
 }
 
-/// Reading an ELF object's header (the loader opening a library) brings its
-/// writable segment, where the loader's relocations fault next, and not the
-/// code between.
-#[test]
-fn a_library_header_read_brings_its_writable_segment() {
-    const MIB: u64 = 1 << 20;
-    const PT_LOAD: u32 = 1;
-    let (r, rx, rw) = (4, 5, 6);
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    std::fs::create_dir_all(root.join("lib")).unwrap();
-    let library = sluice_testkit::images::elf_object(
-        6 * MIB as usize,
-        96,
-        &[
-            (PT_LOAD, r, 0, 256 << 10),
-            (PT_LOAD, rx, 256 << 10, 4 * MIB),
-            (PT_LOAD, rw, 5 * MIB, 128 << 10),
-        ],
-    );
-    std::fs::write(root.join("lib/libdata.so"), &library).unwrap();
-    let (_f, _rt, m) = publish_one_layer_and_mount(dir, root, "fuse/loader");
-    let index = m.layer.index();
-    let node = index.lookup("lib/libdata.so").unwrap();
-    let local = |from: u64, to: u64| {
-        let chunks = index.chunks_for_range(node, from, to - from);
-        chunks
-            .iter()
-            .filter(|c| m.layer.has_chunk(&c.digest))
-            .count() as f64
-            / chunks.len() as f64
-    };
-    let f = std::fs::File::open(m.path.join("lib/libdata.so")).unwrap();
-    let mut header = vec![0u8; 4096];
-    f.read_exact_at(&mut header, 0).unwrap();
-    assert_eq!(header, library[..4096]);
-    wait_for("the writable segment was not fetched", || {
-        local(5 * MIB, 5 * MIB + (128 << 10)) == 1.0
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        local(2 * MIB, 4 * MIB),
-        0.0,
-        "code was fetched with the header"
-    );
-    let mut data = vec![0u8; 128 << 10];
-    f.read_exact_at(&mut data, 5 * MIB).unwrap();
-    assert!(data[..] == library[5 * MIB as usize..][..128 << 10]);
-}
-
 /// The second file of a directory that has to be fetched brings the rest of
 /// the directory (Python importing one module after another from one
 /// `__pycache__`); a directory too big for that (shared libraries) is left

@@ -17,8 +17,6 @@
 //!   never reach this daemon again. Detected at mount; without it, reads are
 //!   served from the chunk cache's memory maps.
 
-mod elf;
-
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -103,11 +101,6 @@ const DIRECTORY_FETCH_MAX: u64 = 4 << 20;
 /// At most this many missing compressed bytes of a mapped object are fetched
 /// at once (see [`LayerFs::fetch_mapped_object`]).
 const MAPPED_FETCH_MAX: u64 = 8 << 20;
-
-/// At most this many missing compressed bytes of a mapped object's writable
-/// segments are fetched when its header is read (see
-/// [`LayerFs::fetch_loader_writes`]).
-const LOADER_WRITES_FETCH_MAX: u64 = 2 << 20;
 
 /// Per-inode sequential-read tracking.
 #[derive(Default, Clone, Copy)]
@@ -454,31 +447,6 @@ impl LayerFs {
             .cloned()
             .collect();
         if missing.iter().map(|c| c.blob_len).sum::<u64>() > MAPPED_FETCH_MAX {
-            return;
-        }
-        self.count_fetched_ahead(&missing);
-        self.fetch_in_background(missing);
-    }
-
-    /// An ELF object whose header (`header`, its first bytes) was just read:
-    /// the loader is about to map it and write its relocations, so the
-    /// missing chunks of its writable segments (see [`elf::loader_writes`])
-    /// are fetched now, up to [`LOADER_WRITES_FETCH_MAX`] compressed bytes,
-    /// instead of at the faults that come one after the other.
-    fn fetch_loader_writes(&self, node: usize, header: &[u8]) {
-        let index = self.layer.index();
-        let mut missing: Vec<sluice_format::chunked::ChunkRef> = Vec::new();
-        for range in elf::loader_writes(header) {
-            for c in index.chunks_for_range(node, range.start, range.end - range.start) {
-                let seen = missing
-                    .last()
-                    .is_some_and(|m| m.file_offset >= c.file_offset);
-                if !seen && !c.zeros && !self.layer.has_chunk(&c.digest) {
-                    missing.push(c.clone());
-                }
-            }
-        }
-        if missing.iter().map(|c| c.blob_len).sum::<u64>() > LOADER_WRITES_FETCH_MAX {
             return;
         }
         self.count_fetched_ahead(&missing);
@@ -880,7 +848,6 @@ impl Filesystem for LayerFs {
                             .entry(i)
                             .or_default()
                             .mapped = true;
-                        self.fetch_loader_writes(i, data.as_slice());
                     } else {
                         self.read_ahead(i, offset, size);
                     }
