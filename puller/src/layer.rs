@@ -333,6 +333,26 @@ impl RemoteLayer {
         self.cache.contains(d)
     }
 
+    /// The chunks of `chunks` that hold data and are neither cached nor
+    /// being fetched: what work ahead of readers has left to fetch (and to
+    /// count as fetched ahead).
+    pub fn not_yet_fetched<'c>(
+        &self,
+        chunks: impl IntoIterator<Item = &'c ChunkRef>,
+    ) -> Vec<ChunkRef> {
+        let inflight = self.inflight.lock().expect("inflight");
+        chunks
+            .into_iter()
+            .filter(|c| {
+                !c.zeros
+                    && c.blob_len > 0
+                    && !self.cache.contains(&c.digest)
+                    && !inflight.contains_key(&c.digest)
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Has the kernel read the cached chunks ahead of a reader of a file
     /// served chunk by chunk into the page cache, in the background (see
     /// [`ChunkCache::read_ahead`]; chunks not cached are fetched by the

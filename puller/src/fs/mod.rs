@@ -307,12 +307,9 @@ impl LayerFs {
         };
         let Some((from, len)) = window else { return };
         let index = self.layer.index();
-        let mut chunks: Vec<_> = index
-            .chunks_for_range(node, from, len)
-            .iter()
-            .filter(|c| !self.layer.has_chunk(&c.digest))
-            .cloned()
-            .collect();
+        let mut chunks = self
+            .layer
+            .not_yet_fetched(index.chunks_for_range(node, from, len));
         self.count_fetched_ahead(&chunks);
         let file_end = index
             .file_chunks_of(node)
@@ -438,14 +435,9 @@ impl LayerFs {
         if faults != 2 {
             return;
         }
-        let missing: Vec<_> = self
+        let missing = self
             .layer
-            .index()
-            .file_chunks_of(node)
-            .iter()
-            .filter(|c| !c.zeros && !self.layer.has_chunk(&c.digest))
-            .cloned()
-            .collect();
+            .not_yet_fetched(self.layer.index().file_chunks_of(node));
         if missing.iter().map(|c| c.blob_len).sum::<u64>() > MAPPED_FETCH_MAX {
             return;
         }
@@ -454,8 +446,7 @@ impl LayerFs {
     }
 
     /// Fetches the files of directory `dir` (not its subdirectories) that
-    /// are not cached (chunks in flight are waited for by the fetch, not
-    /// fetched twice), if the directory holds at most
+    /// are neither cached nor being fetched, if the directory holds at most
     /// [`DIRECTORY_FETCH_MAX`] compressed bytes. A program that needed two
     /// files of a directory one after the other tends to go on with more of
     /// them (Python imports a package's modules from one `__pycache__`, a
@@ -466,19 +457,12 @@ impl LayerFs {
     fn fetch_directory(&self, dir: usize) {
         let Some(d) = self.dirs.get(&dir) else { return };
         let index = self.layer.index();
-        let mut total = 0;
-        let mut chunks = Vec::new();
-        for &n in &d.entries {
-            for c in index.file_chunks_of(n as usize) {
-                total += c.blob_len;
-                if total > DIRECTORY_FETCH_MAX {
-                    return;
-                }
-                if !c.zeros && !self.layer.has_chunk(&c.digest) {
-                    chunks.push(c.clone());
-                }
-            }
+        let files = d.entries.iter().map(|&n| index.file_chunks_of(n as usize));
+        let total: u64 = files.clone().flatten().map(|c| c.blob_len).sum();
+        if total > DIRECTORY_FETCH_MAX {
+            return;
         }
+        let chunks = self.layer.not_yet_fetched(files.flatten());
         self.count_fetched_ahead(&chunks);
         self.fetch_in_background(chunks);
     }
