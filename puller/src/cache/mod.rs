@@ -72,11 +72,37 @@ const JOURNAL_MIN: u64 = 1 << 20;
 /// the default limit of 1024 descriptors.
 const OPENED_AHEAD_MAX: usize = 256;
 
-/// Files opened ahead of readers, oldest first.
+/// Files opened ahead of readers, oldest first (`order` holds exactly the
+/// keys of `files`).
 #[derive(Default)]
 struct OpenedAhead {
     files: HashMap<Digest, File>,
     order: VecDeque<Digest>,
+}
+
+impl OpenedAhead {
+    /// Keeps `f`, chunk `d`'s file, dropping the oldest beyond
+    /// [`OPENED_AHEAD_MAX`].
+    fn keep(&mut self, d: &Digest, f: File) {
+        if self.files.insert(d.clone(), f).is_none() {
+            self.order.push_back(d.clone());
+        }
+        while self.order.len() > OPENED_AHEAD_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.files.remove(&old);
+            }
+        }
+    }
+
+    /// Chunk `d`'s file, if kept; no longer kept then.
+    fn take(&mut self, d: &Digest) -> Option<File> {
+        let f = self.files.remove(d)?;
+        // At most OPENED_AHEAD_MAX entries; usually found near the front.
+        if let Some(at) = self.order.iter().position(|o| o == d) {
+            self.order.remove(at);
+        }
+        Some(f)
+    }
 }
 
 struct State {
@@ -307,15 +333,7 @@ impl ChunkCache {
             if let Ok(f) = File::open(self.path(d)) {
                 // SAFETY: a valid descriptor; advice only, no memory passed.
                 unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
-                let mut ahead = self.opened_ahead.lock().expect("opened ahead");
-                if ahead.files.insert(d.clone(), f).is_none() {
-                    ahead.order.push_back(d.clone());
-                }
-                while ahead.order.len() > OPENED_AHEAD_MAX {
-                    if let Some(old) = ahead.order.pop_front() {
-                        ahead.files.remove(&old);
-                    }
-                }
+                self.opened_ahead.lock().expect("opened ahead").keep(d, f);
             }
         }
     }
@@ -469,10 +487,7 @@ impl ChunkCache {
         use std::os::unix::fs::FileExt;
         // A file opened ahead is the same immutable chunk (eviction only
         // unlinks), so it is as good as opening it now.
-        let ahead = {
-            let mut ahead = self.opened_ahead.lock().expect("opened ahead");
-            ahead.files.remove(d)
-        };
+        let ahead = self.opened_ahead.lock().expect("opened ahead").take(d);
         let Some(f) = ahead.or_else(|| File::open(self.path(d)).ok()) else {
             return false;
         };
@@ -624,6 +639,28 @@ mod tests {
             out.copy_from_slice(data);
             Ok(())
         }
+    }
+
+    #[test]
+    fn files_opened_ahead_stay_bounded_and_in_order() {
+        let null = || File::open("/dev/null").unwrap();
+        let digest = |i: usize| Digest::sha256(&i.to_le_bytes());
+        let mut ahead = OpenedAhead::default();
+        for i in 0..OPENED_AHEAD_MAX + 10 {
+            ahead.keep(&digest(i), null());
+        }
+        assert_eq!(ahead.files.len(), OPENED_AHEAD_MAX);
+        assert!(ahead.take(&digest(0)).is_none(), "the oldest were dropped");
+        assert!(ahead.take(&digest(20)).is_some());
+        assert!(ahead.take(&digest(20)).is_none(), "taken once");
+        // Kept twice: one entry. Taken, then kept again: now the newest.
+        ahead.keep(&digest(30), null());
+        assert!(ahead.take(&digest(30)).is_some());
+        assert!(ahead.take(&digest(30)).is_none());
+        ahead.keep(&digest(30), null());
+        assert_eq!(ahead.order.back(), Some(&digest(30)));
+        assert_eq!(ahead.order.len(), ahead.files.len());
+        assert!(ahead.order.iter().all(|d| ahead.files.contains_key(d)));
     }
 
     #[test]
