@@ -206,6 +206,35 @@ fn raw_and_classic_tracepoint_programs_record_the_same() {
     assert!(classic.iter().all(|t| !t.ends_with(')')), "{classic:?}");
 }
 
+/// A machine where tracefs is not mounted (no systemd unit mounts it, as on
+/// a fresh Debian VM): the tracer mounts it, and its classic tracepoints,
+/// which need it, record. Only in a `cargo xtask vm-test` guest: on a host,
+/// unmounting tracefs under everything else that traces is not a test's to do.
+#[test]
+fn a_tracer_mounts_tracefs_where_it_is_missing() {
+    if std::env::var_os("SLUICE_VM_GUEST").is_none() {
+        eprintln!("SKIP: unmounts tracefs; runs only in `cargo xtask vm-test` guests");
+        return;
+    }
+    let tracefs_mounted = || {
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split_whitespace().nth(2) == Some("tracefs"))
+    };
+    let status = Command::new("umount")
+        .arg("/sys/kernel/tracing")
+        .status()
+        .unwrap();
+    assert!(
+        status.success() && !tracefs_mounted(),
+        "tracefs still mounted"
+    );
+    let classic = check_ebpf_recording(Hooks::Classic);
+    assert!(tracefs_mounted(), "the tracer did not mount tracefs");
+    assert!(classic.iter().all(|t| !t.ends_with(')')), "{classic:?}");
+}
+
 #[test]
 fn fuse_side_recording_without_ebpf() {
     if !sluice_testkit::is_root() {
