@@ -513,8 +513,7 @@ impl RemoteLayer {
             debug_assert!(false, "chunks come from the index");
             return Vec::new();
         };
-        let inflight = self.inflight.lock().expect("inflight");
-        let mut out = Vec::new();
+        let mut run = Vec::new();
         for c in all.iter().skip(at + 1) {
             if c.zeros || c.blob_len == 0 {
                 continue;
@@ -526,16 +525,20 @@ impl RemoteLayer {
                 break;
             }
             end = c.blob_offset + c.blob_len;
-            if self.cache.contains(&c.digest) || inflight.contains_key(&c.digest) {
-                continue;
-            }
-            out.push(c.clone());
+            run.push(c);
         }
+        let out = self.not_yet_fetched(run);
+        self.count_fetched_ahead(&out);
+        out
+    }
+
+    /// Counts chunks about to be fetched ahead of readers (not profile
+    /// prefetch) in the layer's statistics.
+    pub fn count_fetched_ahead(&self, chunks: &[ChunkRef]) {
         self.stats.fetched_ahead_bytes.fetch_add(
-            out.iter().map(|c| c.blob_len).sum::<u64>(),
+            chunks.iter().map(|c| c.blob_len).sum::<u64>(),
             Ordering::Relaxed,
         );
-        out
     }
 
     /// Fetches chunks (already claimed by us, with the senders that tell

@@ -310,7 +310,7 @@ impl LayerFs {
         let mut chunks = self
             .layer
             .not_yet_fetched(index.chunks_for_range(node, from, len));
-        self.count_fetched_ahead(&chunks);
+        self.layer.count_fetched_ahead(&chunks);
         let file_end = index
             .file_chunks_of(node)
             .last()
@@ -407,15 +407,6 @@ impl LayerFs {
         self.fetch_in_background(self.layer.fetch_ahead_of(chunks));
     }
 
-    /// Counts chunks about to be fetched ahead of readers (not profile
-    /// prefetch) in the layer's statistics.
-    fn count_fetched_ahead(&self, chunks: &[sluice_format::chunked::ChunkRef]) {
-        self.layer.stats.fetched_ahead_bytes.fetch_add(
-            chunks.iter().map(|c| c.blob_len).sum::<u64>(),
-            Ordering::Relaxed,
-        );
-    }
-
     /// An ELF object whose pages fault in here and there (the loader mapped
     /// it; the program runs its code): at its second such read that has to
     /// wait, the rest of it is fetched, if at most [`MAPPED_FETCH_MAX`]
@@ -441,7 +432,7 @@ impl LayerFs {
         if missing.iter().map(|c| c.blob_len).sum::<u64>() > MAPPED_FETCH_MAX {
             return;
         }
-        self.count_fetched_ahead(&missing);
+        self.layer.count_fetched_ahead(&missing);
         self.fetch_in_background(missing);
     }
 
@@ -463,7 +454,7 @@ impl LayerFs {
             return;
         }
         let chunks = self.layer.not_yet_fetched(files.flatten());
-        self.count_fetched_ahead(&chunks);
+        self.layer.count_fetched_ahead(&chunks);
         self.fetch_in_background(chunks);
     }
 
