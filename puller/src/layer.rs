@@ -102,6 +102,9 @@ pub struct LayerStats {
     pub failed_reads: AtomicU64,
     /// Opens answered with a kernel passthrough file.
     pub passthrough_opens: AtomicU64,
+    /// Opens answered "the kernel opens files itself" (without passthrough:
+    /// the first one; the kernel sends no more).
+    pub skipped_opens: AtomicU64,
     /// Compressed bytes fetched by prefetch.
     pub prefetched_bytes: AtomicU64,
     /// Compressed bytes fetched ahead of a read (neighbouring chunks, and

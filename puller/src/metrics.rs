@@ -94,6 +94,12 @@ impl Collector for LayerCollector {
         )?;
         counter(
             &mut encoder,
+            "layer_skipped_opens",
+            "Opens answered ENOSYS so that the kernel opens files itself (no passthrough: one per mount)",
+            &rows(&|l| l.stats.skipped_opens.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
             "layer_prefetched_bytes",
             "Compressed bytes fetched by prefetch (profiles, background fill)",
             &rows(&|l| l.stats.prefetched_bytes.load(Ordering::Relaxed)),

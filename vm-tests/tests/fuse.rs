@@ -457,6 +457,57 @@ fn local_files_are_passed_through_to_the_kernel() {
         assert_eq!(opens(), 0);
         assert_eq!(served_again, original.len() as u64);
     }
+    // Where there is no passthrough, the kernel was told to open files
+    // itself at the first open; with it, every open is the daemon's.
+    assert_eq!(
+        m.layer.stats.skipped_opens.load(Ordering::Relaxed),
+        u64::from(!passthrough)
+    );
+}
+
+/// Without passthrough an open has nothing to hand the kernel: the first one
+/// is answered ENOSYS and the kernel opens files itself for the rest of the
+/// mount, so reading a file costs a lookup and its reads, not an OPEN and a
+/// RELEASE as well. Every file still reads back right, cold and warm, and a
+/// write open is still refused (by the read-only mount now).
+#[test]
+fn without_passthrough_the_kernel_opens_files_itself() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (m, _) = mount_fresh(
+        &rt,
+        &f,
+        1,
+        &f.dir.path().join("cache"),
+        &FsOptions {
+            passthrough: false,
+            ..FsOptions::default()
+        },
+    );
+    let mut paths = Vec::new();
+    walk(&f.roots[1], Path::new(""), &mut paths);
+    paths.retain(|p| f.roots[1].join(p).symlink_metadata().unwrap().is_file());
+    assert!(paths.len() > 3, "{paths:?}");
+    let skipped = || m.layer.stats.skipped_opens.load(Ordering::Relaxed);
+    for pass in ["cold", "warm"] {
+        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        for rel in &paths {
+            assert_eq!(
+                std::fs::read(m.path.join(rel)).unwrap(),
+                std::fs::read(f.roots[1].join(rel)).unwrap(),
+                "{pass}: {}",
+                rel.display()
+            );
+        }
+        assert_eq!(skipped(), 1, "{pass}: opens the daemon was asked about");
+    }
+    assert!(m.layer.stats.served_bytes.load(Ordering::Relaxed) > 0);
+    assert_eq!(m.layer.stats.passthrough_opens.load(Ordering::Relaxed), 0);
+    let write = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path.join(&paths[0]))
+        .unwrap_err();
+    assert_eq!(write.raw_os_error(), Some(libc::EROFS), "{write}");
 }
 
 /// The kernel refuses (EIO) a passthrough open of an inode that still has an

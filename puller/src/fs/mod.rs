@@ -17,7 +17,7 @@
 //!   never reach this daemon again. Detected at mount; without it, reads are
 //!   served from the chunk cache's memory maps.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -90,6 +90,9 @@ const READAHEAD: u64 = 8 << 20;
 /// Files at least this big read to their end carry readahead on into the
 /// next files of the layer.
 const STREAM_MIN: u64 = 1 << 20;
+/// Whole-file mappings kept between reads through the daemon (see
+/// [`Backing::held_maps`]).
+const HELD_MAPS_MAX: usize = 8;
 /// Largest read the kernel sends us (and its readahead window).
 const MAX_READAHEAD: u32 = 1 << 20;
 
@@ -129,10 +132,14 @@ struct Backing {
     /// Daemon-served opens: handle → content node, and counts per node.
     cached_by_handle: HashMap<u64, u64>,
     cached_opens: HashMap<u64, u32>,
-    /// Whole-file mappings read by daemon-served opens, held until release:
+    /// Whole-file mappings being read through the daemon, by content node:
     /// mapping a large file again for every read (and tearing it down after)
-    /// cost more than copying the data.
+    /// cost more than copying the data. Dropped when a read reaches the
+    /// file's end or its last daemon-served open is released, and at most
+    /// [`HELD_MAPS_MAX`] of them, oldest dropped first (without opens, the
+    /// kernel never says when a reader is done).
     held_maps: HashMap<u64, Arc<memmap2::Mmap>>,
+    held_order: VecDeque<u64>,
 }
 
 impl Backing {
@@ -143,6 +150,27 @@ impl Backing {
 
     fn has_cached_opens(&self, content: u64) -> bool {
         self.cached_opens.get(&content).is_some_and(|n| *n > 0)
+    }
+
+    /// Keeps `map` (of content node `content`) mapped for the next reads;
+    /// gives back the mapping this drops, to be unmapped outside the lock.
+    fn hold_map(&mut self, content: u64, map: Arc<memmap2::Mmap>) -> Option<Arc<memmap2::Mmap>> {
+        if self.held_maps.contains_key(&content) {
+            return None;
+        }
+        self.held_maps.insert(content, map);
+        self.held_order.push_back(content);
+        if self.held_order.len() <= HELD_MAPS_MAX {
+            return None;
+        }
+        let oldest = self.held_order.pop_front()?;
+        self.held_maps.remove(&oldest)
+    }
+
+    fn unhold_map(&mut self, content: u64) -> Option<Arc<memmap2::Mmap>> {
+        let map = self.held_maps.remove(&content)?;
+        self.held_order.retain(|&c| c != content);
+        Some(map)
     }
 }
 
@@ -181,6 +209,8 @@ pub struct LayerFs {
     /// The kernel opens directories itself when `opendir` answers ENOSYS
     /// (Linux ≥ 5.1 says so at init); older ones would fail the open.
     kernel_opens_dirs: bool,
+    /// The same for files and `open` (Linux ≥ 3.14).
+    kernel_skips_opens: bool,
     total_bytes: u64,
     options: FsOptions,
     /// Passthrough negotiated with the kernel and still working.
@@ -275,6 +305,7 @@ impl LayerFs {
             whiteouts,
             has_xattrs,
             kernel_opens_dirs: false,
+            kernel_skips_opens: false,
             total_bytes,
             options,
             passthrough: AtomicBool::new(false),
@@ -695,6 +726,14 @@ impl Filesystem for LayerFs {
         self.kernel_opens_dirs = config
             .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
             .is_ok();
+        // Without passthrough an open has nothing to hand the kernel, yet
+        // costs two round trips per file (OPEN and RELEASE): with `open`
+        // answering ENOSYS the kernel opens files itself for the rest of the
+        // mount (and keeps their page cache, as FOPEN_KEEP_CACHE would).
+        // Measured on 20,000 small files read warm: 0.38× → 0.47× native.
+        self.kernel_skips_opens = config
+            .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
+            .is_ok();
         if !self.options.passthrough {
             return Ok(());
         }
@@ -748,6 +787,15 @@ impl Filesystem for LayerFs {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
+        if self.kernel_skips_opens && !self.passthrough_active() {
+            // Nothing to hand the kernel: it opens files itself from now on
+            // (see `init`).
+            self.layer
+                .stats
+                .skipped_opens
+                .fetch_add(1, Ordering::Relaxed);
+            return reply.error(Errno::ENOSYS);
+        }
         match self.layer.index().node(self.layer.index().resolve(i)).kind {
             NodeKind::File { size, .. } => {
                 if let Some(reply) = self.open_passthrough(i, size, req.pid(), reply) {
@@ -771,13 +819,14 @@ impl Filesystem for LayerFs {
     ) {
         let fh = u64::from(fh);
         let mut backing = self.backing.lock().expect("backing");
-        let held = backing.held_maps.remove(&fh);
+        let mut held = None;
         if backing.by_handle.remove(&fh).is_none() {
             if let Some(content) = backing.cached_by_handle.remove(&fh) {
                 if let Some(n) = backing.cached_opens.get_mut(&content) {
                     *n -= 1;
                     if *n == 0 {
                         backing.cached_opens.remove(&content);
+                        held = backing.unhold_map(content);
                     }
                 }
             }
@@ -791,7 +840,7 @@ impl Filesystem for LayerFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -828,12 +877,17 @@ impl Filesystem for LayerFs {
                     }
                 }
                 reply.data(data.as_slice());
-                if let ReadData::Mapped(m, _) = data {
+                if let ReadData::Mapped(m, range) = data {
                     if m.len() as u64 >= STREAM_MIN {
+                        let content = self.layer.index().resolve(i) as u64;
                         let mut backing = self.backing.lock().expect("backing");
-                        if backing.cached_by_handle.contains_key(&u64::from(fh)) {
-                            backing.held_maps.entry(u64::from(fh)).or_insert(m);
-                        }
+                        let dropped = if range.end == m.len() {
+                            backing.unhold_map(content)
+                        } else {
+                            backing.hold_map(content, m)
+                        };
+                        drop(backing);
+                        drop(dropped); // unmapped outside the lock
                     }
                 }
             }
@@ -995,4 +1049,41 @@ pub fn mount(
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
     fuser::spawn_mount(fs, mountpoint, &config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(len: usize) -> Arc<memmap2::Mmap> {
+        Arc::new(
+            memmap2::MmapOptions::new()
+                .len(len)
+                .map_anon()
+                .unwrap()
+                .make_read_only()
+                .unwrap(),
+        )
+    }
+
+    /// Held mappings stay bounded (without opens nothing else releases
+    /// them), the oldest goes first, and one let go early leaves the order.
+    #[test]
+    fn held_maps_stay_bounded_oldest_dropped_first() {
+        let mut b = Backing::default();
+        for content in 0..HELD_MAPS_MAX as u64 {
+            assert!(b.hold_map(content, map(4096)).is_none());
+        }
+        // Held already: nothing changes.
+        assert!(b.hold_map(3, map(4096)).is_none());
+        assert!(b.unhold_map(0).is_some());
+        assert!(b.unhold_map(0).is_none());
+        assert!(b.hold_map(100, map(4096)).is_none());
+        // Over the bound: the oldest still held (1) is dropped, not 0 again.
+        assert!(b.hold_map(101, map(4096)).is_some());
+        assert!(!b.held_maps.contains_key(&1));
+        assert_eq!(b.held_maps.len(), HELD_MAPS_MAX);
+        assert_eq!(b.held_order.len(), HELD_MAPS_MAX);
+        assert!(b.held_order.iter().all(|c| b.held_maps.contains_key(c)));
+    }
 }

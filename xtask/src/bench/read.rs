@@ -49,6 +49,10 @@ pub struct Options {
     /// Only measure the daemon's memory with 10 idle layers (quick check).
     #[arg(long)]
     memory_only: bool,
+    /// Leave target/bench/read-work (registry root, caches) in place, to
+    /// profile a mount of the same image afterwards.
+    #[arg(long)]
+    keep_work: bool,
 }
 
 #[derive(Serialize, Clone)]
@@ -480,6 +484,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     println!("wrote {}", json.display());
     drop(proxy);
     reg.service.stop();
-    let _ = std::fs::remove_dir_all(&work);
+    if !opts.keep_work {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     Ok(())
 }
