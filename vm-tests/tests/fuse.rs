@@ -94,20 +94,19 @@ fn every_file_through_the_mount_equals_the_original() {
     }
 }
 
+/// Every read served by the daemon (as on a kernel without passthrough).
+fn no_passthrough() -> FsOptions {
+    FsOptions {
+        passthrough: false,
+        ..FsOptions::default()
+    }
+}
+
 #[test]
 fn random_and_concurrent_reads() {
     let f = fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (m, _) = mount_fresh(
-        &rt,
-        &f,
-        1,
-        &f.dir.path().join("cache"),
-        &FsOptions {
-            passthrough: false,
-            ..FsOptions::default()
-        },
-    );
+    let (m, _) = mount_fresh(&rt, &f, 1, &f.dir.path().join("cache"), &no_passthrough());
     let original = Arc::new(std::fs::read(f.roots[1].join("app/data/blob.bin")).unwrap());
     let path = m.path.join("app/data/blob.bin");
     let mut threads = Vec::new();
@@ -155,18 +154,7 @@ fn registry_gone_gives_eio_within_the_deadline_then_recovers() {
         read_deadline: Duration::from_secs(5),
         ..LayerOptions::default()
     };
-    let m = mount_layer(
-        &rt,
-        &f,
-        1,
-        client,
-        cache,
-        opts,
-        &FsOptions {
-            passthrough: false,
-            ..FsOptions::default()
-        },
-    );
+    let m = mount_layer(&rt, &f, 1, client, cache, opts, &no_passthrough());
     let addr = f.registry.addr;
     f.registry.stop();
     let started = Instant::now();
@@ -351,10 +339,7 @@ fn corrupt_bytes_are_never_served_nor_cached() {
 
     // 1. A corrupt mirror in front of a healthy registry: the bad bytes are
     //    rejected, the refetch goes to the registry, the read succeeds.
-    let no_passthrough = FsOptions {
-        passthrough: false,
-        ..FsOptions::default()
-    };
+    let no_passthrough = no_passthrough();
     let cache_dir = f.dir.path().join("cache-mirror");
     // The TOC comes from the registry itself; the mirror is added afterwards.
     let (m, client) = mount_fresh(&rt, &f, 1, &cache_dir, &no_passthrough);
@@ -474,16 +459,7 @@ fn local_files_are_passed_through_to_the_kernel() {
 fn without_passthrough_the_kernel_opens_files_itself() {
     let f = fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (m, _) = mount_fresh(
-        &rt,
-        &f,
-        1,
-        &f.dir.path().join("cache"),
-        &FsOptions {
-            passthrough: false,
-            ..FsOptions::default()
-        },
-    );
+    let (m, _) = mount_fresh(&rt, &f, 1, &f.dir.path().join("cache"), &no_passthrough());
     let mut paths = Vec::new();
     walk(&f.roots[1], Path::new(""), &mut paths);
     paths.retain(|p| f.roots[1].join(p).symlink_metadata().unwrap().is_file());
