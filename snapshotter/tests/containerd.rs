@@ -6,7 +6,9 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{lazy_mounts_under, needs_root, node, private_busybox, sha256_file, walk_files, Node};
+use common::{
+    lazy_mounts_under, needs_root, node, node_with, private_busybox, sha256_file, walk_files, Node,
+};
 
 use sluice_format::layout::Compression;
 use sluice_testkit::images::busybox_image;
@@ -203,6 +205,18 @@ async fn plain_images_fall_back_to_a_full_pull() {
 /// zstd:chunked before the push: lazy as pushed, no twin needed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python3_starts_having_fetched_a_small_share() {
+    python3_starts_lazily(true).await;
+}
+
+/// The same start as a node without FUSE passthrough (Linux < 6.9) makes it:
+/// the daemon serves every read, and the kernel opens files itself (the
+/// daemon is asked once per mount, then never again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python3_starts_lazily_without_passthrough() {
+    python3_starts_lazily(false).await;
+}
+
+async fn python3_starts_lazily(passthrough: bool) {
     if !needs_root() {
         return;
     }
@@ -210,7 +224,12 @@ async fn python3_starts_having_fetched_a_small_share() {
     let (reg, reference, rootfs, converted) = common::python3_registry(dir.path());
     let image_bytes: u64 = common::converted_layer_bytes(&converted);
 
-    let node = node(&dir.path().join("node"));
+    let config = dir.path().join("snapshotter.toml");
+    std::fs::write(&config, format!("[lazy]\npassthrough = {passthrough}\n")).unwrap();
+    let node = node_with(
+        &dir.path().join("node"),
+        &["--config", config.to_str().unwrap()],
+    );
     let served_before = reg.metric("sluice_registry_blob_bytes_served_total").await;
     let out = node.pull(&reference);
     assert!(out.contains("1 layer (1 lazy, 0 full"), "{out}");
@@ -225,7 +244,13 @@ async fn python3_starts_having_fetched_a_small_share() {
     let script = format!(
         "import hashlib, json\nprint('ready')\nfor p in {files:?}:\n    print(hashlib.sha256(open(p, 'rb').read()).hexdigest(), p)\n"
     );
-    let out = node.run(&reference, "py1", &["python3", "-c", &script]);
+    // runc's state is per host: ids must differ between tests running at once.
+    let id = if passthrough {
+        "py1"
+    } else {
+        "py1-no-passthrough"
+    };
+    let out = node.run(&reference, id, &["python3", "-c", &script]);
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("ready"), "{out}");
     for (line, path) in lines.zip(files) {
@@ -239,6 +264,21 @@ async fn python3_starts_having_fetched_a_small_share() {
         share * 100.0
     );
     assert!(share < 0.25, "fetched {:.1}% of the image", share * 100.0);
+
+    let opens = node
+        .snapshotter
+        .metric("sluice_puller_layer_passthrough_opens_total")
+        .await;
+    let skipped = node
+        .snapshotter
+        .metric("sluice_puller_layer_skipped_opens_total")
+        .await;
+    if passthrough && sluice_testkit::kernel::has_fuse_passthrough() {
+        assert!(opens > 0.0 && skipped == 0.0, "{opens} {skipped}");
+    } else {
+        // One lazy layer, one mount: its first open told the kernel.
+        assert!(opens == 0.0 && skipped == 1.0, "{opens} {skipped}");
+    }
 }
 
 /// Any OCI registry works, not only ours: the CNCF distribution registry over

@@ -808,6 +808,20 @@ impl Filesystem for LayerFs {
         }
     }
 
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing is ever written here; ENOSYS makes the kernel stop sending
+        // FLUSH at every close for the rest of the mount (fuser's default
+        // answers the same, with a warning in the log of every mount).
+        reply.error(Errno::ENOSYS);
+    }
+
     fn release(
         &self,
         _req: &Request,
