@@ -58,6 +58,29 @@ pub struct Options {
     /// The daemon's `[lazy] fetch_ahead_kib` (default: the daemon's default).
     #[arg(long)]
     fetch_ahead_kib: Option<u64>,
+    /// The daemon's `[lazy] passthrough = false`: what a node on a kernel
+    /// without FUSE passthrough (Linux < 6.9) gets.
+    #[arg(long)]
+    no_passthrough: bool,
+}
+
+impl Options {
+    /// The daemons' `[lazy]` section: the settings given on the command line
+    /// (empty: the daemon's defaults).
+    fn lazy_section(&self) -> String {
+        let mut lines = String::new();
+        if let Some(k) = self.fetch_ahead_kib {
+            lines += &format!("fetch_ahead_kib = {k}\n");
+        }
+        if self.no_passthrough {
+            lines += "passthrough = false\n";
+        }
+        if lines.is_empty() {
+            lines
+        } else {
+            format!("[lazy]\n{lines}")
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -323,6 +346,8 @@ struct Report {
     link_mbit_per_s: u64,
     link_latency_ms: u64,
     repetitions: usize,
+    /// The daemons' `[lazy]` settings given on the command line.
+    lazy_config: String,
     cpu_busy_before: f64,
     images: BTreeMap<String, serde_json::Value>,
     summaries: Vec<Summary>,
@@ -360,15 +385,12 @@ struct Bench {
     work: PathBuf,
     proxy: ThrottlingProxy,
     node_seq: usize,
-    fetch_ahead_kib: Option<u64>,
+    /// See [`Options::lazy_section`].
+    lazy_section: String,
 }
 
 /// Daemon configurations: profiles off, prefetch from a profile, recording.
-fn snapshotter_config(
-    work: &Path,
-    mode: &str,
-    fetch_ahead_kib: Option<u64>,
-) -> anyhow::Result<PathBuf> {
+fn snapshotter_config(work: &Path, mode: &str, lazy_section: &str) -> anyhow::Result<PathBuf> {
     let path = work.join(format!("snapshotter-{mode}.toml"));
     let profiles = match mode {
         "off" => "record = false\nprefetch = false\n",
@@ -376,10 +398,7 @@ fn snapshotter_config(
         "record" => "record = true\npublish = true\nprefetch = false\nwindow_secs = 15\n",
         _ => unreachable!("known modes"),
     };
-    let lazy = fetch_ahead_kib
-        .map(|k| format!("[lazy]\nfetch_ahead_kib = {k}\n"))
-        .unwrap_or_default();
-    std::fs::write(&path, format!("{lazy}[profiles]\n{profiles}"))?;
+    std::fs::write(&path, format!("{lazy_section}[profiles]\n{profiles}"))?;
     Ok(path)
 }
 
@@ -433,7 +452,7 @@ impl Bench {
         let dir = self.work.join(format!("node-{}", self.node_seq));
         let snapshotter = match profiles {
             Some(mode) => {
-                let config = snapshotter_config(&self.work, mode, self.fetch_ahead_kib)?;
+                let config = snapshotter_config(&self.work, mode, &self.lazy_section)?;
                 let hosts = dir.join("no-hosts");
                 Some(SluiceSnapshotter::start_with_args(
                     &self.bin.join("sluice-snapshotter"),
@@ -731,7 +750,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         work: work.clone(),
         proxy,
         node_seq: 0,
-        fetch_ahead_kib: opts.fetch_ahead_kib,
+        lazy_section: opts.lazy_section(),
     };
     if systems.contains(&System::SluiceProfile) {
         step("recording prefetch profiles (one untimed start per image on a recording node)");
@@ -861,8 +880,14 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     // The table.
     println!();
     println!(
-        "time from pull to ready, {} Mbit/s + {} ms link, median of {} (min–max)",
-        opts.link_mbit, opts.link_ms, opts.repetitions
+        "time from pull to ready, {} Mbit/s + {} ms link, median of {} (min–max){}",
+        opts.link_mbit,
+        opts.link_ms,
+        opts.repetitions,
+        match opts.lazy_section().replace("[lazy]\n", "").trim() {
+            "" => String::new(),
+            set => format!(", sluice with {}", set.replace('\n', ", ")),
+        }
     );
     println!(
         "{:<14} {:<15} {:>8} {:>15} {:>10} {:>8} {:>8}",
@@ -900,6 +925,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         link_mbit_per_s: opts.link_mbit,
         link_latency_ms: opts.link_ms,
         repetitions: opts.repetitions,
+        lazy_config: opts.lazy_section(),
         cpu_busy_before,
         images: image_info,
         summaries,
