@@ -340,15 +340,14 @@ impl ChunkCache {
 
     /// The mapped chunk, if cached and intact.
     pub fn get(&self, d: &Digest) -> Option<Arc<Mmap>> {
-        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = self.mapped(d) {
+            return Some(m);
+        }
         {
+            // A use, whether or not the mapping below works out.
+            let tick = self.clock.fetch_add(1, Ordering::Relaxed);
             let mut st = self.state.lock().expect("cache state");
-            let entry = st.entries.get_mut(d)?;
-            entry.last_use = tick;
-            if let Some(m) = entry.map.upgrade() {
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                return Some(m);
-            }
+            st.entries.get_mut(d)?.last_use = tick;
         }
         let path = self.path(d);
         let map = File::open(&path).ok().and_then(|f| {
