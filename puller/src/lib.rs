@@ -16,6 +16,7 @@ pub mod fs;
 pub mod image;
 pub mod layer;
 pub mod metrics;
+mod oldest_first;
 pub mod prefetch;
 pub mod profile;
 pub mod pull;

@@ -39,6 +39,8 @@ use std::sync::{Arc, Mutex, Weak};
 use memmap2::{Mmap, MmapMut};
 use sluice_format::Digest;
 
+use crate::oldest_first::OldestFirst;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("chunk cache {path}: {source}")]
@@ -72,38 +74,8 @@ const JOURNAL_MIN: u64 = 1 << 20;
 /// the default limit of 1024 descriptors.
 const OPENED_AHEAD_MAX: usize = 256;
 
-/// Files opened ahead of readers, oldest first (`order` holds exactly the
-/// keys of `files`).
-#[derive(Default)]
-struct OpenedAhead {
-    files: HashMap<Digest, File>,
-    order: VecDeque<Digest>,
-}
-
-impl OpenedAhead {
-    /// Keeps `f`, chunk `d`'s file, dropping the oldest beyond
-    /// [`OPENED_AHEAD_MAX`].
-    fn keep(&mut self, d: &Digest, f: File) {
-        if self.files.insert(d.clone(), f).is_none() {
-            self.order.push_back(d.clone());
-        }
-        while self.order.len() > OPENED_AHEAD_MAX {
-            if let Some(old) = self.order.pop_front() {
-                self.files.remove(&old);
-            }
-        }
-    }
-
-    /// Chunk `d`'s file, if kept; no longer kept then.
-    fn take(&mut self, d: &Digest) -> Option<File> {
-        let f = self.files.remove(d)?;
-        // At most OPENED_AHEAD_MAX entries; usually found near the front.
-        if let Some(at) = self.order.iter().position(|o| o == d) {
-            self.order.remove(at);
-        }
-        Some(f)
-    }
-}
+/// Files opened ahead of readers, oldest dropped first.
+type OpenedAhead = OldestFirst<Digest, File, OPENED_AHEAD_MAX>;
 
 struct State {
     entries: HashMap<Digest, Entry>,
@@ -333,7 +305,12 @@ impl ChunkCache {
             if let Ok(f) = File::open(self.path(d)) {
                 // SAFETY: a valid descriptor; advice only, no memory passed.
                 unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
-                self.opened_ahead.lock().expect("opened ahead").keep(d, f);
+                let dropped = self
+                    .opened_ahead
+                    .lock()
+                    .expect("opened ahead")
+                    .keep(d.clone(), f);
+                drop(dropped); // closed outside the lock
             }
         }
     }
@@ -646,20 +623,19 @@ mod tests {
         let digest = |i: usize| Digest::sha256(&i.to_le_bytes());
         let mut ahead = OpenedAhead::default();
         for i in 0..OPENED_AHEAD_MAX + 10 {
-            ahead.keep(&digest(i), null());
+            ahead.keep(digest(i), null());
         }
-        assert_eq!(ahead.files.len(), OPENED_AHEAD_MAX);
+        assert_eq!(ahead.len(), OPENED_AHEAD_MAX);
         assert!(ahead.take(&digest(0)).is_none(), "the oldest were dropped");
         assert!(ahead.take(&digest(20)).is_some());
         assert!(ahead.take(&digest(20)).is_none(), "taken once");
         // Kept twice: one entry. Taken, then kept again: now the newest.
-        ahead.keep(&digest(30), null());
+        ahead.keep(digest(30), null());
         assert!(ahead.take(&digest(30)).is_some());
         assert!(ahead.take(&digest(30)).is_none());
-        ahead.keep(&digest(30), null());
-        assert_eq!(ahead.order.back(), Some(&digest(30)));
-        assert_eq!(ahead.order.len(), ahead.files.len());
-        assert!(ahead.order.iter().all(|d| ahead.files.contains_key(d)));
+        ahead.keep(digest(30), null());
+        assert_eq!(ahead.newest(), Some(&digest(30)));
+        // (That the order holds exactly the kept keys: oldest_first's test.)
     }
 
     #[test]

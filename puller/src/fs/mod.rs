@@ -18,7 +18,7 @@
 //!   served from the chunk cache, and files are opened by the kernel without
 //!   asking (an `OPEN` and a `RELEASE` less per file).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -36,6 +36,7 @@ use fuser::{
 use sluice_format::chunked::NodeKind;
 
 use crate::layer::{ReadData, RemoteLayer};
+use crate::oldest_first::OldestFirst;
 
 /// How long the kernel may cache entries and attributes: the layer never changes.
 const TTL: Duration = Duration::from_secs(3600);
@@ -139,8 +140,7 @@ struct Backing {
     /// file's end or its last daemon-served open is released, and at most
     /// [`HELD_MAPS_MAX`] of them, oldest dropped first (without opens, the
     /// kernel never says when a reader is done).
-    held_maps: HashMap<u64, Arc<memmap2::Mmap>>,
-    held_order: VecDeque<u64>,
+    held_maps: OldestFirst<u64, Arc<memmap2::Mmap>, HELD_MAPS_MAX>,
 }
 
 impl Backing {
@@ -151,27 +151,6 @@ impl Backing {
 
     fn has_cached_opens(&self, content: u64) -> bool {
         self.cached_opens.get(&content).is_some_and(|n| *n > 0)
-    }
-
-    /// Keeps `map` (of content node `content`) mapped for the next reads;
-    /// gives back the mapping this drops, to be unmapped outside the lock.
-    fn hold_map(&mut self, content: u64, map: Arc<memmap2::Mmap>) -> Option<Arc<memmap2::Mmap>> {
-        if self.held_maps.contains_key(&content) {
-            return None;
-        }
-        self.held_maps.insert(content, map);
-        self.held_order.push_back(content);
-        if self.held_order.len() <= HELD_MAPS_MAX {
-            return None;
-        }
-        let oldest = self.held_order.pop_front()?;
-        self.held_maps.remove(&oldest)
-    }
-
-    fn unhold_map(&mut self, content: u64) -> Option<Arc<memmap2::Mmap>> {
-        let map = self.held_maps.remove(&content)?;
-        self.held_order.retain(|&c| c != content);
-        Some(map)
     }
 }
 
@@ -842,7 +821,7 @@ impl Filesystem for LayerFs {
                     *n -= 1;
                     if *n == 0 {
                         backing.cached_opens.remove(&content);
-                        held = backing.unhold_map(content);
+                        held = backing.held_maps.take(&content);
                     }
                 }
             }
@@ -898,9 +877,9 @@ impl Filesystem for LayerFs {
                         let content = self.layer.index().resolve(i) as u64;
                         let mut backing = self.backing.lock().expect("backing");
                         let dropped = if range.end == m.len() {
-                            backing.unhold_map(content)
+                            backing.held_maps.take(&content)
                         } else {
-                            backing.hold_map(content, m)
+                            backing.held_maps.keep(content, m)
                         };
                         drop(backing);
                         drop(dropped); // unmapped outside the lock
@@ -1088,18 +1067,17 @@ mod tests {
     fn held_maps_stay_bounded_oldest_dropped_first() {
         let mut b = Backing::default();
         for content in 0..HELD_MAPS_MAX as u64 {
-            assert!(b.hold_map(content, map(4096)).is_none());
+            assert!(b.held_maps.keep(content, map(4096)).is_none());
         }
-        // Held already: nothing changes.
-        assert!(b.hold_map(3, map(4096)).is_none());
-        assert!(b.unhold_map(0).is_some());
-        assert!(b.unhold_map(0).is_none());
-        assert!(b.hold_map(100, map(4096)).is_none());
+        // Held already: nothing drops.
+        assert!(b.held_maps.keep(3, map(4096)).is_none());
+        assert!(b.held_maps.take(&0).is_some());
+        assert!(b.held_maps.take(&0).is_none());
+        assert!(b.held_maps.keep(100, map(4096)).is_none());
         // Over the bound: the oldest still held (1) is dropped, not 0 again.
-        assert!(b.hold_map(101, map(4096)).is_some());
-        assert!(!b.held_maps.contains_key(&1));
+        assert!(b.held_maps.keep(101, map(4096)).is_some());
+        assert!(!b.held_maps.contains(&1));
         assert_eq!(b.held_maps.len(), HELD_MAPS_MAX);
-        assert_eq!(b.held_order.len(), HELD_MAPS_MAX);
-        assert!(b.held_order.iter().all(|c| b.held_maps.contains_key(c)));
+        // (That the order holds exactly the held keys: oldest_first's test.)
     }
 }
