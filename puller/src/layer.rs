@@ -296,6 +296,11 @@ impl RemoteLayer {
 
     /// Every cache key this layer uses: its chunks, whole files (made for
     /// passthrough) and its TOC.
+    /// The chunk cache this layer reads from.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
     pub fn cache_keys(&self) -> impl Iterator<Item = &Digest> {
         let files = self.index.nodes().iter().filter_map(|n| match &n.kind {
             sluice_format::chunked::NodeKind::File {
@@ -711,6 +716,8 @@ impl RemoteLayer {
     /// Makes a whole file local and returns it as one cached entry (keyed by
     /// the file's digest: for a one-chunk file that is the chunk itself), for
     /// FUSE passthrough. Fetches what is missing, within the read deadline.
+    /// `None` for a file too small to be stored as a file of its own
+    /// ([`ChunkCache::stores_as_file`]): it is local then, served by the daemon.
     pub fn materialize_blocking(
         &self,
         runtime: &tokio::runtime::Handle,
@@ -733,6 +740,10 @@ impl RemoteLayer {
         let started = std::time::Instant::now();
         self.block_within_deadline(runtime, node, self.ensure(chunks))?;
         self.log_wait(node, 0, *size, started);
+        if !ChunkCache::stores_as_file(*size) {
+            // Local now, and small: kept in a pack, served by the daemon.
+            return Ok(None);
+        }
         let mut maps = Vec::with_capacity(chunks.len());
         for c in chunks {
             match self.cache.get(&c.digest) {

@@ -143,11 +143,12 @@ async fn busybox_runs_lazily_survives_kill9_and_cleans_up() {
     let cache = node.snapshotter.root.join("cache");
     let files = |sub: &str| -> usize { walk_files(&cache.join(sub)) };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while files("chunks") + files("tocs") > 0 {
+    while files("chunks") + files("packs") + files("tocs") > 0 {
         assert!(
             std::time::Instant::now() < deadline,
-            "cache not cleaned: {} chunks, {} TOCs",
+            "cache not cleaned: {} chunk files, {} pack files, {} TOCs",
             files("chunks"),
+            files("packs"),
             files("tocs")
         );
         std::thread::sleep(std::time::Duration::from_millis(100));

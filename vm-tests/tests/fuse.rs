@@ -310,23 +310,13 @@ fn a_range_that_breaks_off_is_resumed_where_it_stopped() {
         std::fs::read(m.path.join("app/data/blob.bin")).unwrap(),
         std::fs::read(f.roots[1].join("app/data/blob.bin")).unwrap()
     );
-    assert_cache_is_clean(&cache_dir);
+    assert_cache_is_clean(&m.layer);
 }
 
-/// Every chunk file in the cache hashes to its name.
-fn assert_cache_is_clean(dir: &Path) {
-    for prefix in std::fs::read_dir(dir.join("chunks")).unwrap() {
-        for f in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
-            let f = f.unwrap();
-            let hex = f.file_name().to_string_lossy().into_owned();
-            let data = std::fs::read(f.path()).unwrap();
-            assert_eq!(
-                sluice_format::Digest::sha256(&data).hex(),
-                hex,
-                "corrupt chunk cached"
-            );
-        }
-    }
+/// Every entry in the layer's cache (files and packs) hashes to its digest.
+fn assert_cache_is_clean(layer: &RemoteLayer) {
+    let (_, corrupt) = layer.cache().check();
+    assert!(corrupt.is_empty(), "corrupt chunks cached: {corrupt:?}");
 }
 
 #[test]
@@ -348,7 +338,7 @@ fn corrupt_bytes_are_never_served_nor_cached() {
         std::fs::read(m.path.join("app/data/blob.bin")).unwrap(),
         original
     );
-    assert_cache_is_clean(&cache_dir);
+    assert_cache_is_clean(&m.layer);
     drop(m);
 
     // 2. The only source is corrupt: EIO, and nothing corrupt in the cache.
@@ -359,7 +349,7 @@ fn corrupt_bytes_are_never_served_nor_cached() {
     mirrors_first(&client, &f, vec![proxy.to_string(); 3]);
     let err = std::fs::read(m.path.join("app/data/blob.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(5), "expected EIO, got {err}");
-    assert_cache_is_clean(&cache_dir);
+    assert_cache_is_clean(&m.layer);
     assert!(m.layer.stats.failed_reads.load(Ordering::Relaxed) > 0);
 
     // 3. A TOC with bad bytes never mounts.
@@ -403,16 +393,25 @@ fn local_files_are_passed_through_to_the_kernel() {
         eprintln!("kernel {:?} has no FUSE passthrough (6.9+): checking that the daemon serves every read instead", sluice_testkit::kernel::version());
     }
     let opens = || m.layer.stats.passthrough_opens.load(Ordering::Relaxed);
-    // A small file is fetched whole at open and passed through at once.
-    assert_eq!(
-        std::fs::read(m.path.join("app/start.sh")).unwrap(),
-        std::fs::read(f.roots[1].join("app/start.sh")).unwrap()
-    );
-    assert_eq!(opens(), u64::from(passthrough), "passthrough use");
+    // A small file is fetched whole at open and served by the daemon from
+    // the cache's packs: it has no file of its own to hand the kernel.
+    let start = m.layer.index().lookup("app/start.sh").unwrap();
+    assert!(!m.layer.is_local(start));
+    let served = || m.layer.stats.served_bytes.load(Ordering::Relaxed);
+    for pass in ["cold", "warm"] {
+        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        let before = served();
+        assert_eq!(
+            std::fs::read(m.path.join("app/start.sh")).unwrap(),
+            std::fs::read(f.roots[1].join("app/start.sh")).unwrap()
+        );
+        assert!(m.layer.is_local(start), "{pass}");
+        assert!(served() > before, "{pass}: not served by the daemon");
+        assert_eq!(opens(), 0, "{pass}: passthrough of a small file");
+    }
     // A large one is served lazily by the daemon until it is complete...
     assert_eq!(std::fs::read(&big).unwrap(), original);
-    assert_eq!(opens(), u64::from(passthrough));
-    let served = || m.layer.stats.served_bytes.load(Ordering::Relaxed);
+    assert_eq!(opens(), 0);
     // ...and the first open once it is local: the daemon serves it from the
     // chunks while the whole file is assembled in the background (the open
     // does not wait for that copy)...
@@ -427,7 +426,7 @@ fn local_files_are_passed_through_to_the_kernel() {
     } else {
         assert!(!m.layer.is_whole(node), "a copy made for nothing");
     }
-    assert_eq!(opens(), u64::from(passthrough));
+    assert_eq!(opens(), 0);
     // ...then new opens go to the kernel: with the page cache dropped, reading
     // it again does not reach the daemon at all (without passthrough, the
     // daemon serves it again, from the cache).
@@ -436,7 +435,7 @@ fn local_files_are_passed_through_to_the_kernel() {
     assert_eq!(std::fs::read(&big).unwrap(), original);
     let served_again = served() - served_before;
     if passthrough {
-        assert_eq!(opens(), 2);
+        assert_eq!(opens(), 1);
         assert_eq!(served_again, 0, "reads reached the daemon");
     } else {
         assert_eq!(opens(), 0);

@@ -20,8 +20,8 @@ use sluice_puller::{ChunkCache, LayerOptions, RegistryClient, RemoteLayer};
 const WINDOW: Duration = Duration::from_secs(6);
 
 /// Mounts the app layer of the busybox fixture with a tracer, runs
-/// `sh -c 'move into a new cgroup; exec cat FILES'`, and returns the
-/// recording of that cgroup, and the tracepoints used.
+/// `sh -c 'move into a new cgroup; exec sh -c "sleep 1; exec cat FILES"'`,
+/// and returns the recording of that cgroup, and the tracepoints used.
 fn record(ebpf: Option<Hooks>, files: &[&str]) -> (Source, Recording, u64, Vec<String>) {
     let f = common::fixture();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -90,11 +90,14 @@ fn record(ebpf: Option<Hooks>, files: &[&str]) -> (Source, Recording, u64, Vec<S
         .map(|p| mnt.join(p).display().to_string())
         .collect();
     // Its own mount namespace, as every container has: the recorder only
-    // follows freshly executed programs outside the host's namespace.
+    // follows freshly executed programs outside the host's namespace. The
+    // reader is exec'd by a process that lived long enough to be seen in
+    // that namespace (as runc's init execs a container's entrypoint): `cat`
+    // itself may be gone before the recorder could look at it.
     let status = Command::new("unshare")
         .args(["--mount", "sh", "-c"])
         .arg(format!(
-            "{enter}exec /bin/busybox cat {} > /dev/null",
+            "{enter}exec /bin/busybox sh -c 'sleep 1; exec /bin/busybox cat {} > /dev/null'",
             paths.join(" ")
         ))
         .status()

@@ -3,43 +3,57 @@
 //! and stored once).
 //!
 //! ```text
-//! CACHE/chunks/<hex[..2]>/<hex>   one verified chunk, immutable
+//! CACHE/packs/<id>, <id>.log      entries under 1 MiB, appended one after
+//!                                 the other (see `pack`)
+//! CACHE/chunks/<hex[..2]>/<hex>   an entry of 1 MiB or more (a whole file
+//!                                 made for FUSE passthrough), immutable
 //! CACHE/tocs/<hex>                a layer's TOC as fetched (compressed), by
 //!                                 its digest: lets a restarted daemon mount
 //!                                 layers again without the registry
-//! CACHE/tmp/                      chunks being written
+//! CACHE/tmp/                      large entries being written
 //! ```
 //!
-//! Writing is zero-copy: a chunk file is created at its final size, mapped,
-//! and zstd decompresses straight into the mapping; the bytes are hashed there
-//! and only a chunk whose digest matches is renamed into place. A crash leaves
-//! at most a file in `tmp/` (removed at startup). Because a power loss can tear
-//! a renamed file, every chunk is verified again the first time this process
-//! maps it; a torn chunk is deleted and fetched again, never served.
+//! Small entries (chunks, small files) go to packs: reading one after the
+//! page cache was dropped costs no open and no inode read, and neighbours on
+//! disk come in with the same readahead. Large ones are files of their own,
+//! because passthrough hands the kernel a file that must hold exactly the
+//! layer file's bytes. (Caches written before packs keep their small chunk
+//! files; they are read the same way as large ones.)
+//!
+//! Writing is zero-copy: the entry's room is mapped, and zstd decompresses
+//! straight into the mapping; the bytes are hashed there and only an entry
+//! whose digest matches becomes visible (a pack entry by its log line, a
+//! file by its rename out of `tmp/`). A crash leaves at most a file in `tmp/`
+//! (removed at startup) or a pack slot nobody logged. Because a power loss
+//! can tear what was written, every entry is verified again the first time
+//! this process reads it; a torn entry is dropped and fetched again, never
+//! served. Entries of 1 MiB or more are fsynced before they become visible
+//! and recorded in `verified.log`, so a restart does not re-hash them.
 //!
 //! The cache is bounded: when it grows past its limit, the least recently used
-//! chunks that nothing has mapped are removed.
+//! entries that nothing has mapped are removed.
 //!
 //! Mappings are not kept for ever: an entry remembers its mapping only while a
 //! reader holds it (plus a small set of recently used ones), so idle mounts
-//! cost no memory and the page cache stays free to drop cold data. Entries over
-//! 1 MiB (whole files made for passthrough) are fsynced before they become
-//! visible and recorded in `verified.log`, so a restart does not re-hash them;
-//! small ones are re-verified on first use instead.
+//! cost no memory and the page cache stays free to drop cold data.
+
+mod pack;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::io::Write;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use memmap2::{Mmap, MmapMut};
+use memmap2::{Mmap, MmapMut, MmapOptions};
 use sluice_format::Digest;
 
 use crate::oldest_first::OldestFirst;
+use pack::{Pack, Packs, Slot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -56,18 +70,25 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
     }
 }
 
+fn pack_err((path, source): pack::PackError) -> CacheError {
+    CacheError::Io { path, source }
+}
+
 struct Entry {
     size: u64,
     last_use: u64,
     map: Weak<Mmap>,
+    /// In a pack; `None`: a file of its own.
+    slot: Option<Slot>,
 }
 
 /// Recently used mappings kept open, so that a reader moving through a file
 /// does not map and unmap the same chunk over and over.
 const RECENT_MAPS: usize = 64;
-/// Entries at least this large are fsynced and journaled instead of
-/// re-verified after a restart.
-const JOURNAL_MIN: u64 = 1 << 20;
+/// Entries at least this large are files of their own (fsynced, journaled
+/// instead of re-verified after a restart, and fit for passthrough); smaller
+/// ones go to packs.
+pub const FILE_MIN: u64 = 1 << 20;
 
 /// How many files read ahead stay open for their readers: 8 MiB of chunks
 /// of the smallest size (the reader is at most that far behind), well under
@@ -81,17 +102,75 @@ struct State {
     entries: HashMap<Digest, Entry>,
     recent: VecDeque<Arc<Mmap>>,
     total: u64,
-    /// Chunks verified since this process started.
+    /// Entries verified since this process started.
     verified: HashSet<Digest>,
+    packs: Packs,
+}
+
+/// What is left to do on disk for an entry that left the index; done after
+/// the state lock is released (a hole waits for readers of its pack, who
+/// take the state lock while they hold the pack's).
+#[must_use]
+enum Leftover {
+    Nothing,
+    File(PathBuf),
+    Hole(Arc<Pack>, u64, u64),
+}
+
+impl Leftover {
+    fn clean(self) {
+        match self {
+            Leftover::Nothing => {}
+            Leftover::File(path) => {
+                let _ = fs::remove_file(path);
+            }
+            Leftover::Hole(pack, offset, size) => pack.punch(offset, size),
+        }
+    }
+}
+
+/// Where an entry's bytes are, for reading them without the state lock.
+enum Place {
+    File(PathBuf),
+    Packed(Slot, Arc<Pack>),
 }
 
 impl State {
-    /// Drops the entry of a chunk found missing or torn on disk.
-    fn forget(&mut self, d: &Digest) {
-        if let Some(e) = self.entries.remove(d) {
-            self.total -= e.size;
+    /// Removes an entry from the index (and from its pack's log).
+    fn take(&mut self, d: &Digest, dir: &Path) -> Leftover {
+        let Some(e) = self.entries.remove(d) else {
+            return Leftover::Nothing;
+        };
+        self.total -= e.size;
+        self.verified.remove(d);
+        match e.slot {
+            None => Leftover::File(chunk_path(dir, d)),
+            Some(slot) => match self.packs.removed(d, slot) {
+                Some(pack) => Leftover::Hole(pack, slot.offset, e.size),
+                None => Leftover::Nothing,
+            },
         }
     }
+
+    /// Where an entry is, and its size.
+    fn place(&self, d: &Digest, dir: &Path) -> Option<(Place, u64)> {
+        let e = self.entries.get(d)?;
+        let place = match e.slot {
+            None => Place::File(chunk_path(dir, d)),
+            Some(slot) => Place::Packed(slot, self.packs.pack(slot.pack)?),
+        };
+        Some((place, e.size))
+    }
+
+    /// Whether `d` is still stored at `slot` (checked by a reader holding
+    /// the pack's punching lock: then no hole can open under it).
+    fn still_at(&self, d: &Digest, slot: Slot) -> bool {
+        self.entries.get(d).is_some_and(|e| e.slot == Some(slot))
+    }
+}
+
+fn chunk_path(dir: &Path, d: &Digest) -> PathBuf {
+    dir.join("chunks").join(&d.hex()[..2]).join(d.hex())
 }
 
 /// Counters for metrics.
@@ -151,16 +230,39 @@ impl ChunkCache {
                         size: meta.len(),
                         last_use: 0,
                         map: Weak::new(),
+                        slot: None,
                     },
                 );
             }
+        }
+        let (mut packs, packed) = Packs::open(dir.join("packs")).map_err(pack_err)?;
+        let mut twins = Vec::new();
+        for (digest, slot, size) in packed {
+            if entries.contains_key(&digest) {
+                // Also a file of its own (written by an older version).
+                twins.extend(packs.removed(&digest, slot).map(|p| (p, slot.offset, size)));
+                continue;
+            }
+            total += size;
+            entries.insert(
+                digest,
+                Entry {
+                    size,
+                    last_use: 0,
+                    map: Weak::new(),
+                    slot: Some(slot),
+                },
+            );
+        }
+        for (pack, offset, size) in twins {
+            pack.punch(offset, size);
         }
         // Large entries written completely (fsynced) by an earlier run.
         let mut verified = HashSet::new();
         if let Ok(log) = fs::read_to_string(dir.join("verified.log")) {
             for line in log.lines() {
                 if let Ok(d) = line.parse::<Digest>() {
-                    if entries.contains_key(&d) {
+                    if entries.get(&d).is_some_and(|e| e.slot.is_none()) {
                         verified.insert(d);
                     }
                 }
@@ -176,13 +278,20 @@ impl ChunkCache {
                 recent: VecDeque::new(),
                 total,
                 verified,
+                packs,
             }),
             stats: CacheStats::default(),
         })
     }
 
+    /// Whether an entry of this size is stored as a file of its own, which
+    /// [`ChunkCache::open_file`] can hand to the kernel for passthrough.
+    pub fn stores_as_file(size: u64) -> bool {
+        size >= FILE_MIN
+    }
+
     fn path(&self, d: &Digest) -> PathBuf {
-        self.dir.join("chunks").join(&d.hex()[..2]).join(d.hex())
+        chunk_path(&self.dir, d)
     }
 
     fn toc_path(&self, d: &Digest) -> PathBuf {
@@ -212,6 +321,7 @@ impl ChunkCache {
     /// holds (for a daemon whose images were removed). Returns bytes freed.
     pub fn retain(&self, keep: impl Fn(&Digest) -> bool) -> u64 {
         let mut freed = 0;
+        let mut leftovers = Vec::new();
         {
             *self.opened_ahead.lock().expect("opened ahead") = OpenedAhead::default();
             let mut st = self.state.lock().expect("cache state");
@@ -223,13 +333,11 @@ impl ChunkCache {
                 .map(|(d, e)| (d.clone(), e.size))
                 .collect();
             for (d, size) in drop {
-                st.entries.remove(&d);
-                st.verified.remove(&d);
-                st.total -= size;
+                leftovers.push(st.take(&d, &self.dir));
                 freed += size;
-                let _ = fs::remove_file(self.path(&d));
             }
         }
+        leftovers.into_iter().for_each(Leftover::clean);
         if let Ok(tocs) = fs::read_dir(self.dir.join("tocs")) {
             for t in tocs.flatten() {
                 let name = t.file_name().to_string_lossy().into_owned();
@@ -246,12 +354,17 @@ impl ChunkCache {
     }
 
     /// Opens a cached, verified entry as a file (for FUSE passthrough, which
-    /// hands the kernel a file descriptor instead of serving reads).
+    /// hands the kernel a file descriptor instead of serving reads). `None`
+    /// for an entry in a pack (see [`ChunkCache::stores_as_file`]).
     pub fn open_file(&self, d: &Digest) -> Option<File> {
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);
         let verified = {
             let mut st = self.state.lock().expect("cache state");
-            st.entries.get_mut(d)?.last_use = tick;
+            let e = st.entries.get_mut(d)?;
+            if e.slot.is_some() {
+                return None;
+            }
+            e.last_use = tick;
             st.verified.contains(d)
         };
         if !verified {
@@ -270,10 +383,41 @@ impl ChunkCache {
                 Some(f)
             }
             Err(_) => {
-                self.state.lock().expect("cache state").forget(d);
+                self.forget(d);
                 None
             }
         }
+    }
+
+    /// Drops the entry of a chunk found missing on disk.
+    fn forget(&self, d: &Digest) {
+        let leftover = self.state.lock().expect("cache state").take(d, &self.dir);
+        leftover.clean();
+    }
+
+    /// Reads every entry back and checks it against its digest, dropping
+    /// nothing: how many entries were read, and the digests of those that do
+    /// not match (or could not be read).
+    pub fn check(&self) -> (usize, Vec<Digest>) {
+        let digests: Vec<Digest> = {
+            let st = self.state.lock().expect("cache state");
+            st.entries.keys().cloned().collect()
+        };
+        let (mut read, mut corrupt) = (0, Vec::new());
+        for d in digests {
+            let Some((place, size)) = self.state.lock().expect("cache state").place(&d, &self.dir)
+            else {
+                continue;
+            };
+            let mut bytes = Vec::with_capacity(size as usize);
+            match self.pread_into(&d, &place, 0..size as usize, &mut bytes) {
+                None => continue, // removed meanwhile
+                Some(true) if Digest::of(d.algorithm(), &bytes) == d => {}
+                Some(_) => corrupt.push(d),
+            }
+            read += 1;
+        }
+        (read, corrupt)
     }
 
     /// Bytes stored.
@@ -290,27 +434,34 @@ impl ChunkCache {
             .contains_key(d)
     }
 
-    /// Asks the kernel to read these cached chunks' files into the page
-    /// cache in the background (`POSIX_FADV_WILLNEED`), ahead of a reader.
-    /// Each chunk is a file of its own, so the kernel's readahead never
-    /// crosses from one to the next: without this a sequential reader of
-    /// chunks on disk waits for one small read after another. Chunks not
-    /// cached are skipped. Blocking (opens files): call off the I/O path.
+    /// Asks the kernel to read these cached chunks into the page cache in
+    /// the background (`POSIX_FADV_WILLNEED`), ahead of a reader. The
+    /// kernel's readahead never crosses from one file to the next, nor
+    /// from one pack entry to the next when they were written apart: without
+    /// this a sequential reader of chunks on disk waits for one small read
+    /// after another. Chunks not cached are skipped. Blocking (opens chunk
+    /// files): call off the I/O path.
     pub fn read_ahead(&self, digests: &[Digest]) {
         use std::os::fd::AsRawFd;
         for d in digests {
-            if !self.contains(d) {
-                continue;
-            }
-            if let Ok(f) = File::open(self.path(d)) {
-                // SAFETY: a valid descriptor; advice only, no memory passed.
-                unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
-                let dropped = self
-                    .opened_ahead
-                    .lock()
-                    .expect("opened ahead")
-                    .keep(d.clone(), f);
-                drop(dropped); // closed outside the lock
+            let place = self.state.lock().expect("cache state").place(d, &self.dir);
+            match place {
+                None => {}
+                Some((Place::Packed(slot, pack), size)) => pack.will_need(slot.offset, size),
+                Some((Place::File(path), _)) => {
+                    if let Ok(f) = File::open(path) {
+                        // SAFETY: a valid descriptor; advice only, no memory passed.
+                        unsafe {
+                            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED)
+                        };
+                        let dropped = self
+                            .opened_ahead
+                            .lock()
+                            .expect("opened ahead")
+                            .keep(d.clone(), f);
+                        drop(dropped); // closed outside the lock
+                    }
+                }
             }
         }
     }
@@ -320,28 +471,64 @@ impl ChunkCache {
         if let Some(m) = self.mapped(d) {
             return Some(m);
         }
-        {
+        let (place, size) = {
             // A use, whether or not the mapping below works out.
             let tick = self.clock.fetch_add(1, Ordering::Relaxed);
             let mut st = self.state.lock().expect("cache state");
             st.entries.get_mut(d)?.last_use = tick;
-        }
-        let path = self.path(d);
-        let map = File::open(&path).ok().and_then(|f| {
-            // SAFETY: chunk files are never modified after being renamed into
-            // place; eviction only unlinks them, which keeps mappings valid.
-            unsafe { Mmap::map(&f) }.ok()
-        });
-        let mut st = self.state.lock().expect("cache state");
+            st.place(d, &self.dir)?
+        };
+        let registered = match place {
+            Place::File(path) => {
+                let map = File::open(&path).ok().and_then(|f| {
+                    // SAFETY: chunk files are never modified after being
+                    // renamed into place; eviction only unlinks them, which
+                    // keeps mappings valid.
+                    unsafe { Mmap::map(&f) }.ok()
+                });
+                let mut st = self.state.lock().expect("cache state");
+                self.register_map(&mut st, d, map)
+            }
+            Place::Packed(slot, pack) => {
+                // Held until the mapping is registered: from then on the
+                // entry is never evicted (nor its hole punched) under it.
+                let _no_hole = pack.punching.read().expect("pack punching lock");
+                if !self.state.lock().expect("cache state").still_at(d, slot) {
+                    return None;
+                }
+                // SAFETY: a slot is written once, before it is logged, and
+                // is only punched once no reader holds it (above, and the
+                // entry's mapping count checked by eviction).
+                let map = unsafe {
+                    MmapOptions::new()
+                        .offset(slot.offset)
+                        .len(size as usize)
+                        .map(&pack.file)
+                }
+                .ok();
+                let mut st = self.state.lock().expect("cache state");
+                self.register_map(&mut st, d, map)
+            }
+        };
+        registered.map_err(Leftover::clean).ok()
+    }
+
+    /// Verifies a fresh mapping of `d` on its first use by this process and
+    /// makes it the entry's mapping. On failure the entry is dropped; the
+    /// caller cleans up once it has released its locks.
+    fn register_map(
+        &self,
+        st: &mut State,
+        d: &Digest,
+        map: Option<Mmap>,
+    ) -> Result<Arc<Mmap>, Leftover> {
         let Some(map) = map else {
-            st.forget(d);
-            return None;
+            return Err(st.take(d, &self.dir));
         };
         if !st.verified.contains(d) {
             // First use by this process: a torn write after a crash shows here.
             if Digest::of(d.algorithm(), &map) != *d {
-                self.drop_torn(&mut st, d);
-                return None;
+                return Err(self.drop_torn(st, d));
             }
             st.verified.insert(d.clone());
         }
@@ -350,9 +537,9 @@ impl ChunkCache {
         if let Some(e) = st.entries.get_mut(d) {
             e.map = Arc::downgrade(&map);
         }
-        Self::remember(&mut st, &map);
+        Self::remember(st, &map);
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
-        Some(map)
+        Ok(map)
     }
 
     /// The chunk's mapping if a reader (or the recent set) holds one, so it
@@ -370,7 +557,7 @@ impl ChunkCache {
     /// Appends bytes `range` of a cached chunk to `out`; false if the chunk
     /// is not cached (or was found torn). A chunk not mapped already is read
     /// with `pread` instead of being mapped, because mapping and unmapping
-    /// one small file per chunk (the unmap flushes every CPU's TLB) cost more
+    /// one small chunk at a time (the unmap flushes every CPU's TLB) cost more
     /// than the copy the assembly makes anyway (measured with perf on `bench
     /// read`'s chunk by chunk row: mmap, munmap and the page faults were a
     /// third of the daemon's time).
@@ -387,22 +574,27 @@ impl ChunkCache {
                 return false;
             }
             let mapped = entry.map.upgrade();
-            if mapped.is_none() && st.verified.contains(d) {
+            if mapped.is_none() && (st.verified.contains(d) || (size as u64) < FILE_MIN) {
+                let verified = st.verified.contains(d);
+                let Some((place, _)) = st.place(d, &self.dir) else {
+                    return false;
+                };
                 drop(st);
-                return match self.pread_into(d, range, out) {
-                    true => {
+                if !verified {
+                    return self.verify_and_read_into(d, &place, size, range, out);
+                }
+                return match self.pread_into(d, &place, range, out) {
+                    Some(true) => {
                         self.stats.hits.fetch_add(1, Ordering::Relaxed);
                         true
                     }
-                    false => {
-                        self.state.lock().expect("cache state").forget(d);
+                    Some(false) => {
+                        self.forget(d);
                         false
                     }
+                    // Removed meanwhile.
+                    None => false,
                 };
-            }
-            if mapped.is_none() && (size as u64) < JOURNAL_MIN {
-                drop(st);
-                return self.verify_and_read_into(d, size, range, out);
             }
             mapped
         };
@@ -428,18 +620,25 @@ impl ChunkCache {
     fn verify_and_read_into(
         &self,
         d: &Digest,
+        place: &Place,
         size: usize,
         range: Range<usize>,
         out: &mut Vec<u8>,
     ) -> bool {
         let mut whole = Vec::with_capacity(size);
-        if !self.pread_into(d, 0..size, &mut whole) {
-            self.state.lock().expect("cache state").forget(d);
-            return false;
+        match self.pread_into(d, place, 0..size, &mut whole) {
+            Some(true) => {}
+            Some(false) => {
+                self.forget(d);
+                return false;
+            }
+            None => return false,
         }
         let mut st = self.state.lock().expect("cache state");
         if Digest::of(d.algorithm(), &whole) != *d {
-            self.drop_torn(&mut st, d);
+            let leftover = self.drop_torn(&mut st, d);
+            drop(st);
+            leftover.clean();
             return false;
         }
         st.verified.insert(d.clone());
@@ -449,36 +648,55 @@ impl ChunkCache {
         true
     }
 
-    /// Drops a chunk whose bytes on disk do not match its digest.
-    fn drop_torn(&self, st: &mut State, d: &Digest) {
+    /// Drops a chunk whose bytes on disk do not match its digest; the
+    /// caller cleans up once it has released its locks.
+    fn drop_torn(&self, st: &mut State, d: &Digest) -> Leftover {
         self.stats.torn.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(chunk = %d, "cached chunk is corrupt (torn write?); dropping it");
-        st.forget(d);
-        let _ = fs::remove_file(self.path(d));
+        st.take(d, &self.dir)
     }
 
-    /// Reads `range` of a chunk's file into the end of `out` (unchecked: the
-    /// caller knows the chunk verified, or checks the bytes).
-    fn pread_into(&self, d: &Digest, range: Range<usize>, out: &mut Vec<u8>) -> bool {
-        use std::os::unix::fs::FileExt;
-        // A file opened ahead is the same immutable chunk (eviction only
-        // unlinks), so it is as good as opening it now.
-        let ahead = self.opened_ahead.lock().expect("opened ahead").take(d);
-        let Some(f) = ahead.or_else(|| File::open(self.path(d)).ok()) else {
-            return false;
-        };
+    /// Reads `range` of an entry into the end of `out` (unchecked: the
+    /// caller knows the chunk verified, or checks the bytes). `None` if a
+    /// pack entry was removed meanwhile, `Some(false)` if the read failed.
+    fn pread_into(
+        &self,
+        d: &Digest,
+        place: &Place,
+        range: Range<usize>,
+        out: &mut Vec<u8>,
+    ) -> Option<bool> {
         let at = out.len();
         out.resize(at + range.len(), 0);
-        if f.read_exact_at(&mut out[at..], range.start as u64).is_err() {
+        let read = match place {
+            Place::Packed(slot, pack) => {
+                let _no_hole = pack.punching.read().expect("pack punching lock");
+                if !self.state.lock().expect("cache state").still_at(d, *slot) {
+                    out.truncate(at);
+                    return None;
+                }
+                pack.file
+                    .read_exact_at(&mut out[at..], slot.offset + range.start as u64)
+            }
+            Place::File(path) => {
+                // A file opened ahead is the same immutable chunk (eviction
+                // only unlinks), so it is as good as opening it now.
+                let ahead = self.opened_ahead.lock().expect("opened ahead").take(d);
+                match ahead.map_or_else(|| File::open(path), Ok) {
+                    Ok(f) => f.read_exact_at(&mut out[at..], range.start as u64),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if read.is_err() {
             out.truncate(at);
-            return false;
         }
-        true
+        Some(read.is_ok())
     }
 
     fn remember(st: &mut State, map: &Arc<Mmap>) {
         // Large mappings (whole files) would pin a lot of page cache.
-        if map.len() as u64 >= JOURNAL_MIN {
+        if map.len() as u64 >= FILE_MIN {
             return;
         }
         st.recent.push_back(map.clone());
@@ -500,6 +718,115 @@ impl ChunkCache {
             return Ok(m);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let (map, slot) = if Self::stores_as_file(size) {
+            (self.insert_file(d, size, fill)?, None)
+        } else {
+            let (map, slot) = self.insert_packed(d, size, fill)?;
+            (map, Some(slot))
+        };
+        let map = Arc::new(map);
+        self.stats.inserted_bytes.fetch_add(size, Ordering::Relaxed);
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+        let leftover = {
+            let mut st = self.state.lock().expect("cache state");
+            let mut leftover = Leftover::Nothing;
+            if let Some(slot) = slot {
+                if let Some(held) = st.entries.get(d).and_then(|e| e.map.upgrade()) {
+                    // Stored meanwhile by another fill, and mapped: keep that
+                    // one (its slot cannot be punched under its readers).
+                    drop(map);
+                    st.packs.abandoned(slot, size);
+                    return Ok(held);
+                }
+                // Stored meanwhile but not mapped: replaced (removal logged
+                // before the new line, so a restart finds the new one).
+                leftover = st.take(d, &self.dir);
+                if let Err(e) = st.packs.stored(d, slot, size) {
+                    st.packs.abandoned(slot, size);
+                    drop(st);
+                    leftover.clean();
+                    return Err(pack_err(e));
+                }
+            }
+            st.verified.insert(d.clone());
+            Self::remember(&mut st, &map);
+            if let Some(old) = st.entries.insert(
+                d.clone(),
+                Entry {
+                    size,
+                    last_use: tick,
+                    map: Arc::downgrade(&map),
+                    slot,
+                },
+            ) {
+                st.total -= old.size;
+            }
+            st.total += size;
+            leftover
+        };
+        leftover.clean();
+        self.evict();
+        Ok(map)
+    }
+
+    /// Writes a small entry into a pack slot; the slot is logged by the
+    /// caller.
+    fn insert_packed(
+        &self,
+        d: &Digest,
+        size: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+    ) -> Result<(Mmap, Slot), CacheError> {
+        let (slot, pack) = self
+            .state
+            .lock()
+            .expect("cache state")
+            .packs
+            .reserve(size)
+            .map_err(pack_err)?;
+        let pack_path = self.dir.join("packs").join(slot.pack.to_string());
+        let result = (|| {
+            pack.extend(slot.offset, size).map_err(io_err(&pack_path))?;
+            // SAFETY: the slot is ours alone until it is logged.
+            let mut map = unsafe {
+                MmapOptions::new()
+                    .offset(slot.offset)
+                    .len(size as usize)
+                    .map_mut(&pack.file)
+            }
+            .map_err(io_err(&pack_path))?;
+            fill(&mut map).map_err(|reason| CacheError::Fill {
+                digest: d.clone(),
+                reason,
+            })?;
+            if Digest::of(d.algorithm(), &map) != *d {
+                return Err(CacheError::Fill {
+                    digest: d.clone(),
+                    reason: "content does not match the digest".into(),
+                });
+            }
+            map.make_read_only().map_err(io_err(&pack_path))
+        })();
+        match result {
+            Ok(map) => Ok((map, slot)),
+            Err(e) => {
+                self.state
+                    .lock()
+                    .expect("cache state")
+                    .packs
+                    .abandoned(slot, size);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes a large entry as a file of its own, fsynced and journaled.
+    fn insert_file(
+        &self,
+        d: &Digest,
+        size: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+    ) -> Result<Mmap, CacheError> {
         let tmp = self.dir.join("tmp").join(format!(
             "{}.{}",
             d.hex(),
@@ -512,7 +839,7 @@ impl ChunkCache {
             .open(&tmp)
             .map_err(io_err(&tmp))?;
         let result = (|| {
-            file.set_len(size).map_err(io_err(&tmp))?;
+            pack::allocate(&file, 0, size).map_err(io_err(&tmp))?;
             // SAFETY: the file is ours alone (created exclusively in tmp/).
             let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io_err(&tmp))?;
             fill(&mut map).map_err(|reason| CacheError::Fill {
@@ -525,84 +852,56 @@ impl ChunkCache {
                     reason: "content does not match the digest".into(),
                 });
             }
-            if size >= JOURNAL_MIN {
-                map.flush().map_err(io_err(&tmp))?;
-                file.sync_all().map_err(io_err(&tmp))?;
-            }
+            map.flush().map_err(io_err(&tmp))?;
+            file.sync_all().map_err(io_err(&tmp))?;
             let dest = self.path(d);
             let parent = dest.parent().expect("chunk paths have parents");
             fs::create_dir_all(parent).map_err(io_err(parent))?;
             fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
-            if size >= JOURNAL_MIN {
-                let log = self.dir.join("verified.log");
-                let mut f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .map_err(io_err(&log))?;
-                writeln!(f, "{d}")
-                    .and_then(|()| f.sync_data())
-                    .map_err(io_err(&log))?;
-            }
+            let log = self.dir.join("verified.log");
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .map_err(io_err(&log))?;
+            writeln!(f, "{d}")
+                .and_then(|()| f.sync_data())
+                .map_err(io_err(&log))?;
             map.make_read_only().map_err(io_err(&dest))
         })();
-        let map = match result {
-            Ok(m) => Arc::new(m),
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-        self.stats.inserted_bytes.fetch_add(size, Ordering::Relaxed);
-        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut st = self.state.lock().expect("cache state");
-            st.verified.insert(d.clone());
-            Self::remember(&mut st, &map);
-            if st
-                .entries
-                .insert(
-                    d.clone(),
-                    Entry {
-                        size,
-                        last_use: tick,
-                        map: Arc::downgrade(&map),
-                    },
-                )
-                .is_none()
-            {
-                st.total += size;
-            }
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
         }
-        self.evict();
-        Ok(map)
+        result
     }
 
     /// Removes least recently used chunks that no reader holds until the cache
     /// fits its limit again.
     pub fn evict(&self) {
-        let mut st = self.state.lock().expect("cache state");
-        if st.total <= self.max_bytes {
-            return;
-        }
-        // Recently used maps do not pin anything once the cache is over its limit.
-        st.recent.clear();
-        let mut candidates: Vec<(u64, Digest, u64)> = st
-            .entries
-            .iter()
-            .filter(|(_, e)| e.map.strong_count() == 0)
-            .map(|(d, e)| (e.last_use, d.clone(), e.size))
-            .collect();
-        candidates.sort_unstable();
-        for (_, d, size) in candidates {
+        let mut leftovers = Vec::new();
+        {
+            let mut st = self.state.lock().expect("cache state");
             if st.total <= self.max_bytes {
-                break;
+                return;
             }
-            st.entries.remove(&d);
-            st.total -= size;
-            self.stats.evicted_bytes.fetch_add(size, Ordering::Relaxed);
-            let _ = fs::remove_file(self.path(&d));
+            // Recently used maps do not pin anything once the cache is over its limit.
+            st.recent.clear();
+            let mut candidates: Vec<(u64, Digest, u64)> = st
+                .entries
+                .iter()
+                .filter(|(_, e)| e.map.strong_count() == 0)
+                .map(|(d, e)| (e.last_use, d.clone(), e.size))
+                .collect();
+            candidates.sort_unstable();
+            for (_, d, size) in candidates {
+                if st.total <= self.max_bytes {
+                    break;
+                }
+                leftovers.push(st.take(&d, &self.dir));
+                self.stats.evicted_bytes.fetch_add(size, Ordering::Relaxed);
+            }
         }
+        leftovers.into_iter().for_each(Leftover::clean);
     }
 }
 
@@ -615,6 +914,36 @@ mod tests {
             out.copy_from_slice(data);
             Ok(())
         }
+    }
+
+    /// Overwrites an entry's bytes on disk, as a torn write would leave them.
+    fn tear(cache: &ChunkCache, d: &Digest) {
+        let st = cache.state.lock().unwrap();
+        let e = &st.entries[d];
+        let (path, offset) = match e.slot {
+            Some(slot) => (
+                cache.dir.join("packs").join(slot.pack.to_string()),
+                slot.offset,
+            ),
+            None => (cache.path(d), 0),
+        };
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&vec![0u8; e.size as usize], offset).unwrap();
+    }
+
+    /// Disk blocks (of 512 bytes) a file holds.
+    fn blocks(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path).unwrap().blocks()
+    }
+
+    fn packs(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.join("packs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
     }
 
     #[test]
@@ -664,14 +993,18 @@ mod tests {
         drop(held);
 
         // A torn chunk on disk is detected on first use after a restart.
-        let path = cache.path(&d_b);
+        tear(&cache, &d_b);
         drop(cache);
-        fs::write(&path, vec![0u8; 1000]).unwrap();
         let cache = ChunkCache::open(dir.path(), 1 << 20).unwrap();
         assert!(cache.contains(&d_b));
         assert!(cache.get(&d_b).is_none());
-        assert!(!path.exists());
+        assert!(!cache.contains(&d_b));
         assert_eq!(cache.stats.torn.load(Ordering::Relaxed), 1);
+        // ...and stays dropped after the next restart.
+        drop(cache);
+        let cache = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+        assert!(!cache.contains(&d_b));
+        assert!(cache.get(&da).is_some() || cache.get(&d_c).is_some());
     }
 
     #[test]
@@ -702,14 +1035,13 @@ mod tests {
 
         // After a restart, chunks are verified before their first byte is
         // served: a torn one is dropped, an intact one read.
-        let path_b = cache.path(&db);
+        tear(&cache, &db);
         drop(cache);
-        fs::write(&path_b, vec![0u8; 1000]).unwrap();
         let cache = ChunkCache::open(dir.path(), 1 << 20).unwrap();
         let mut out = Vec::new();
         assert!(!cache.read_into(&db, 0..1000, &mut out));
         assert!(out.is_empty());
-        assert!(!path_b.exists() && !cache.contains(&db));
+        assert!(!cache.contains(&db));
         assert!(cache.read_into(&da, 0..1000, &mut out));
         assert_eq!(out, a);
         assert!(cache.mapped(&da).is_none(), "verified without mapping");
@@ -740,5 +1072,216 @@ mod tests {
         assert!(cache.toc(&t_drop).is_none());
         assert_eq!(cache.size(), 200);
         drop(held);
+    }
+
+    #[test]
+    fn small_entries_share_a_pack_and_removing_them_frees_its_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        let data = |i: u32| -> Vec<u8> { (0..20_000u32).map(|j| (i * 7 + j) as u8).collect() };
+        let digests: Vec<Digest> = (0..50u32)
+            .map(|i| {
+                let bytes = data(i);
+                let d = Digest::sha256(&bytes);
+                drop(
+                    cache
+                        .insert_with(&d, bytes.len() as u64, fill_with(&bytes))
+                        .unwrap(),
+                );
+                d
+            })
+            .collect();
+        assert_eq!(packs(dir.path()), ["0", "0.log"]);
+        assert_eq!(walk(&dir.path().join("chunks")), 0, "no file per entry");
+        let pack = dir.path().join("packs/0");
+        let full = blocks(&pack);
+        assert!(full >= 50 * 20_000 / 512, "{full} blocks");
+
+        // Half of them go: their blocks are freed, the others still read.
+        cache.retain(|d| digests[..25].contains(d));
+        assert!(
+            blocks(&pack) <= full / 2 + 16,
+            "{} of {full} blocks",
+            blocks(&pack)
+        );
+        let mut out = Vec::new();
+        assert!(cache.read_into(&digests[3], 0..20_000, &mut out));
+        assert_eq!(out, data(3));
+        assert!(!cache.contains(&digests[30]));
+
+        // A restart finds what the log says is there; a torn last line
+        // (a crash while appending) is ignored.
+        drop(cache);
+        let log = dir.path().join("packs/0.log");
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(format!("{} 99", digests[30]).as_bytes())
+            .unwrap();
+        let cache = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(cache.size(), 25 * 20_000);
+        assert!(!cache.contains(&digests[30]));
+        for (i, d) in digests[..25].iter().enumerate() {
+            let mut out = Vec::new();
+            assert!(cache.read_into(d, 0..20_000, &mut out), "entry {i}");
+            assert_eq!(out, data(i as u32));
+        }
+        // New entries go on in the same pack.
+        let more = data(99);
+        let dm = Digest::sha256(&more);
+        assert_eq!(
+            &cache.insert_with(&dm, 20_000, fill_with(&more)).unwrap()[..],
+            &more[..]
+        );
+        assert_eq!(packs(dir.path()), ["0", "0.log"]);
+
+        // A pack that nothing is left in is deleted.
+        cache.retain(|_| false);
+        assert!(packs(dir.path()).is_empty(), "{:?}", packs(dir.path()));
+        assert_eq!(cache.size(), 0);
+        let _ = cache.insert_with(&dm, 20_000, fill_with(&more)).unwrap();
+        assert_eq!(packs(dir.path()), ["1", "1.log"]);
+    }
+
+    #[test]
+    fn large_entries_are_files_fit_for_passthrough_small_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        let big = vec![5u8; FILE_MIN as usize];
+        let small = vec![6u8; FILE_MIN as usize - 1];
+        let (db, ds) = (Digest::sha256(&big), Digest::sha256(&small));
+        drop(cache.insert_with(&db, FILE_MIN, fill_with(&big)).unwrap());
+        drop(
+            cache
+                .insert_with(&ds, FILE_MIN - 1, fill_with(&small))
+                .unwrap(),
+        );
+        assert!(ChunkCache::stores_as_file(FILE_MIN) && !ChunkCache::stores_as_file(FILE_MIN - 1));
+        let mut f = cache.open_file(&db).expect("a file");
+        let mut read = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut read).unwrap();
+        assert_eq!(read, big);
+        assert!(cache.open_file(&ds).is_none(), "packed");
+        assert!(cache.path(&db).exists() && !cache.path(&ds).exists());
+        // The large one survives a restart without being hashed again.
+        drop(cache);
+        let cache = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        assert!(cache.state.lock().unwrap().verified.contains(&db));
+        assert_eq!(&cache.get(&ds).unwrap()[..], &small[..]);
+    }
+
+    /// Readers of packed entries while entries are evicted and removed
+    /// (holes punched) under them: every read that succeeds returns the
+    /// entry's bytes.
+    #[test]
+    fn eviction_never_punches_a_hole_under_a_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for about 40 of the 8 KiB entries.
+        let cache = Arc::new(ChunkCache::open(dir.path(), 40 * 8192).unwrap());
+        let data = |i: u32| -> Vec<u8> { vec![(i % 255 + 1) as u8; 8192] };
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let digests: Arc<Vec<Digest>> =
+            Arc::new((0..200).map(|i| Digest::sha256(&data(i))).collect());
+        let readers: Vec<_> = (0..3)
+            .map(|r| {
+                let (cache, stop, digests) = (cache.clone(), stop.clone(), digests.clone());
+                std::thread::spawn(move || {
+                    let mut served = 0;
+                    let mut i = r;
+                    while !stop.load(Ordering::Relaxed) {
+                        i = (i * 31 + 7) % 200;
+                        let mut out = Vec::new();
+                        if cache.read_into(&digests[i], 0..8192, &mut out) {
+                            assert_eq!(out, data(i as u32), "entry {i}");
+                            served += 1;
+                        }
+                    }
+                    served
+                })
+            })
+            .collect();
+        for round in 0..100u32 {
+            for i in 0..200u32 {
+                let bytes = data(i);
+                let _ = cache.insert_with(&digests[i as usize], 8192, fill_with(&bytes));
+            }
+            if round % 2 == 0 {
+                // Everything not mapped goes, wherever readers are.
+                cache.retain(|_| false);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let served: usize = readers.into_iter().map(|r| r.join().unwrap()).sum();
+        assert!(served > 0);
+        assert!(cache.size() <= 40 * 8192);
+    }
+
+    /// A full disk: inserts fail with ENOSPC (the room is allocated before
+    /// zstd writes into the mapping, which would otherwise kill the daemon
+    /// with SIGBUS), nothing half-written becomes visible, and what was
+    /// stored before still reads.
+    #[test]
+    fn a_full_disk_fails_inserts_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "sluice-cache-test"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("SKIP: mounting a small tmpfs needs root");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path());
+        let cache = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        let data = |i: u32| -> Vec<u8> { vec![i as u8 + 1; 200_000] };
+        let mut stored = Vec::new();
+        let err = (0..20u32)
+            .find_map(|i| {
+                let bytes = data(i);
+                let d = Digest::sha256(&bytes);
+                match cache.insert_with(&d, 200_000, fill_with(&bytes)) {
+                    Ok(_) => {
+                        stored.push((d, i));
+                        None
+                    }
+                    Err(e) => Some(e),
+                }
+            })
+            .expect("2 MiB cannot hold 4 MB");
+        assert!(err.to_string().contains("No space left on device"), "{err}");
+        assert!(stored.len() >= 5, "{}", stored.len());
+        let big = vec![9u8; FILE_MIN as usize];
+        let err = cache
+            .insert_with(&Digest::sha256(&big), FILE_MIN, fill_with(&big))
+            .unwrap_err();
+        assert!(err.to_string().contains("No space left on device"), "{err}");
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        drop(cache);
+        let cache = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        for (d, i) in &stored {
+            let mut out = Vec::new();
+            assert!(cache.read_into(d, 0..200_000, &mut out));
+            assert_eq!(out, data(*i));
+        }
+        assert_eq!(cache.size(), stored.len() as u64 * 200_000);
+    }
+
+    fn walk(dir: &Path) -> usize {
+        fs::read_dir(dir).map_or(0, |rd| {
+            rd.flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
     }
 }

@@ -505,6 +505,12 @@ impl LayerFs {
         {
             return Some(reply);
         }
+        if !crate::cache::ChunkCache::stores_as_file(size) && self.layer.is_local(i) {
+            // Small and local: its bytes lie in a pack of the cache, with no
+            // file of their own to hand the kernel; the daemon serves it
+            // (one READ, from the pack; see `cache`).
+            return Some(reply);
+        }
         if size > self.options.whole_at_open_max && !self.layer.is_whole(i) {
             // Local, but in chunks, and big: copying it into one file now
             // would hold this open (a model file of gigabytes: seconds). The

@@ -179,9 +179,15 @@ impl Recorder {
             // The kernel says whether the process is in another PID
             // namespace; a container sharing the host's PID namespace is
             // still told apart by its mount namespace while it runs.
+            // A process gone before its exec is looked at here (a short
+            // program, on a busy node) keeps what its previous exec said:
+            // runc's init process execs the container's entrypoint, which may
+            // exit within milliseconds.
             let contained = ev.flags & flags::OTHER_PID_NS != 0
-                || mount_namespace(&ev.tgid.to_string())
-                    .is_some_and(|ns| Some(&ns) != self.host_mnt_ns.as_ref());
+                || match mount_namespace(&ev.tgid.to_string()) {
+                    Some(ns) => Some(&ns) != self.host_mnt_ns.as_ref(),
+                    None => st.execs.get(&ev.tgid).is_some_and(|&(_, c)| c),
+                };
             st.execs.insert(ev.tgid, (ev.time_ns, contained));
             return;
         }
@@ -325,5 +331,50 @@ impl Recorder {
                 r.finish_due(monotonic_ns());
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec(tgid: u32, flags: u32, time_ns: u64) -> AccessEvent {
+        AccessEvent {
+            tgid,
+            kind: kind::EXEC,
+            flags,
+            time_ns,
+            ..AccessEvent::default()
+        }
+    }
+
+    /// A process whose exec is looked at after it exited cannot show its
+    /// mount namespace: it keeps what its previous exec said.
+    #[test]
+    fn a_process_gone_before_its_exec_is_seen_keeps_the_earlier_verdict() {
+        let (done, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = Recorder::new(Source::Ebpf, Duration::from_secs(5), 0, done);
+        let contained = |tgid| r.state.lock().unwrap().execs.get(&tgid).map(|e| e.1);
+        // No such process (pid_max is at most 2^22).
+        let (gone, other) = (u32::MAX - 1, u32::MAX - 2);
+        r.on_event(&exec(gone, flags::OTHER_PID_NS, 1));
+        assert_eq!(contained(gone), Some(true));
+        r.on_event(&exec(gone, 0, 2));
+        assert_eq!(contained(gone), Some(true), "the entrypoint's exec");
+        r.on_event(&exec(other, 0, 3));
+        assert_eq!(
+            contained(other),
+            Some(false),
+            "nothing known: not a container"
+        );
+        // A live process in the host's namespace: not a container.
+        let mut host = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        r.on_event(&exec(host.id(), 0, 4));
+        assert_eq!(contained(host.id()), Some(false));
+        let _ = host.kill();
+        let _ = host.wait();
     }
 }
