@@ -12,9 +12,10 @@
 //!   directories open without a request, and a layer without extended
 //!   attributes tells the kernel so once (overlayfs asks every entry).
 //! - Requests are served by several threads; reads block only their thread.
-//! - Passthrough (kernel ≥ 6.9): opening a file that is local (or small enough
-//!   to fetch whole at open) hands the kernel the cached file itself, so reads
-//!   never reach this daemon again. Detected at mount; without it, reads are
+//! - Passthrough (kernel ≥ 6.9): opening a file of 1 MiB or more that is
+//!   local hands the kernel the cached file itself, so reads never reach this
+//!   daemon again; smaller files are fetched whole at open and served from the
+//!   cache's packs (see `cache`). Detected at mount; without it, reads are
 //!   served from the chunk cache, and files are opened by the kernel without
 //!   asking (an `OPEN` and a `RELEASE` less per file).
 
