@@ -146,8 +146,13 @@ impl State {
         match e.slot {
             None => Leftover::File(chunk_path(dir, d)),
             Some(slot) => match self.packs.removed(d, slot) {
-                Some(pack) => Leftover::Hole(pack, slot.offset, e.size),
-                None => Leftover::Nothing,
+                // Eviction never takes a mapped entry; an entry dropped as
+                // unreadable might still be mapped by a reader: its blocks
+                // stay until the pack goes.
+                Some(pack) if e.map.strong_count() == 0 => {
+                    Leftover::Hole(pack, slot.offset, e.size)
+                }
+                _ => Leftover::Nothing,
             },
         }
     }
