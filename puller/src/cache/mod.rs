@@ -205,6 +205,25 @@ impl std::fmt::Debug for ChunkCache {
     }
 }
 
+/// Runs `fill` on an entry's room and checks the result against the digest.
+fn fill_verified(
+    d: &Digest,
+    room: &mut [u8],
+    fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+) -> Result<(), CacheError> {
+    fill(room).map_err(|reason| CacheError::Fill {
+        digest: d.clone(),
+        reason,
+    })?;
+    if Digest::of(d.algorithm(), room) != *d {
+        return Err(CacheError::Fill {
+            digest: d.clone(),
+            reason: "content does not match the digest".into(),
+        });
+    }
+    Ok(())
+}
+
 impl ChunkCache {
     /// Opens (or creates) a cache directory bounded to `max_bytes`.
     pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<Self, CacheError> {
@@ -800,16 +819,7 @@ impl ChunkCache {
                     .map_mut(&pack.file)
             }
             .map_err(io_err(&pack_path))?;
-            fill(&mut map).map_err(|reason| CacheError::Fill {
-                digest: d.clone(),
-                reason,
-            })?;
-            if Digest::of(d.algorithm(), &map) != *d {
-                return Err(CacheError::Fill {
-                    digest: d.clone(),
-                    reason: "content does not match the digest".into(),
-                });
-            }
+            fill_verified(d, &mut map, fill)?;
             map.make_read_only().map_err(io_err(&pack_path))
         })();
         match result {
@@ -847,16 +857,7 @@ impl ChunkCache {
             pack::allocate(&file, 0, size).map_err(io_err(&tmp))?;
             // SAFETY: the file is ours alone (created exclusively in tmp/).
             let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io_err(&tmp))?;
-            fill(&mut map).map_err(|reason| CacheError::Fill {
-                digest: d.clone(),
-                reason,
-            })?;
-            if Digest::of(d.algorithm(), &map) != *d {
-                return Err(CacheError::Fill {
-                    digest: d.clone(),
-                    reason: "content does not match the digest".into(),
-                });
-            }
+            fill_verified(d, &mut map, fill)?;
             map.flush().map_err(io_err(&tmp))?;
             file.sync_all().map_err(io_err(&tmp))?;
             let dest = self.path(d);

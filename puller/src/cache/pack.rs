@@ -64,6 +64,21 @@ struct PackState {
     pending: u64,
 }
 
+impl PackState {
+    fn new(file: File, log: File, end: u64, live: u64) -> Self {
+        PackState {
+            pack: Arc::new(Pack {
+                file,
+                punching: RwLock::new(()),
+            }),
+            log,
+            end,
+            live,
+            pending: 0,
+        }
+    }
+}
+
 /// The packs of a cache directory (kept under the cache's state lock).
 pub(super) struct Packs {
     dir: PathBuf,
@@ -146,19 +161,9 @@ impl Packs {
                 .open(&log_path)
                 .map_err(|e| io_at(&log_path, e))?;
             let end = len.next_multiple_of(ALIGN);
-            packs.packs.insert(
-                id,
-                PackState {
-                    pack: Arc::new(Pack {
-                        file,
-                        punching: RwLock::new(()),
-                    }),
-                    log,
-                    end,
-                    live: entries.len() as u64,
-                    pending: 0,
-                },
-            );
+            packs
+                .packs
+                .insert(id, PackState::new(file, log, end, entries.len() as u64));
             if end < PACK_BYTES {
                 packs.current = Some(id);
             }
@@ -205,19 +210,7 @@ impl Packs {
                     .open(&log_path)
                     .map_err(|e| io_at(&log_path, e))?;
                 self.next_id += 1;
-                self.packs.insert(
-                    id,
-                    PackState {
-                        pack: Arc::new(Pack {
-                            file,
-                            punching: RwLock::new(()),
-                        }),
-                        log,
-                        end: 0,
-                        live: 0,
-                        pending: 0,
-                    },
-                );
+                self.packs.insert(id, PackState::new(file, log, 0, 0));
                 if let Some(old) = self.current.replace(id) {
                     self.delete_if_empty(old);
                 }
