@@ -20,7 +20,7 @@
 //! whose entries are all gone is deleted. Nothing is fsynced: after a crash a
 //! logged entry may hold zeros or a torn write, which the cache's check of
 //! every entry on its first use after a start finds (see the parent module).
-//! A torn last log line is ignored.
+//! A last log line cut short (no newline) is ignored.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -59,8 +59,9 @@ struct PackState {
     log: File,
     /// Where the next entry goes.
     end: u64,
-    /// Entries stored, and space handed out to fills not finished yet.
+    /// Entries stored.
     live: u64,
+    /// Slots handed out to fills that are neither stored nor abandoned yet.
     pending: u64,
 }
 
@@ -128,7 +129,11 @@ impl Packs {
             let len = file.metadata().map_err(|e| io_at(&path, e))?.len();
             let mut entries: HashMap<Digest, (u64, u64)> = HashMap::new();
             let log = fs::read_to_string(&log_path).unwrap_or_default();
-            for line in log.lines() {
+            // A last line without its newline was cut short by a crash.
+            for line in log
+                .split_inclusive('\n')
+                .filter_map(|l| l.strip_suffix('\n'))
+            {
                 if let Some(d) = line.strip_prefix('-') {
                     if let Ok(d) = d.parse::<Digest>() {
                         entries.remove(&d);
