@@ -105,6 +105,10 @@ pub struct LayerStats {
     /// Opens answered "the kernel opens files itself" (without passthrough:
     /// the first one; the kernel sends no more).
     pub skipped_opens: AtomicU64,
+    /// Opens of small local files whose bytes were put into the kernel's
+    /// page cache before the open was answered (`FUSE_NOTIFY_STORE`): their
+    /// reads do not come to the daemon.
+    pub stored_opens: AtomicU64,
     /// Compressed bytes fetched by prefetch.
     pub prefetched_bytes: AtomicU64,
     /// Compressed bytes fetched ahead of a read (neighbouring chunks, and

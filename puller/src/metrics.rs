@@ -100,6 +100,12 @@ impl Collector for LayerCollector {
         )?;
         counter(
             &mut encoder,
+            "layer_stored_opens",
+            "Opens of small local files whose bytes were put into the page cache first (FUSE_NOTIFY_STORE)",
+            &rows(&|l| l.stats.stored_opens.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
             "layer_prefetched_bytes",
             "Compressed bytes fetched by prefetch (profiles, background fill)",
             &rows(&|l| l.stats.prefetched_bytes.load(Ordering::Relaxed)),

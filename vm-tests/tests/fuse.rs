@@ -394,20 +394,27 @@ fn local_files_are_passed_through_to_the_kernel() {
     }
     let opens = || m.layer.stats.passthrough_opens.load(Ordering::Relaxed);
     // A small file is fetched whole at open and served by the daemon from
-    // the cache's packs: it has no file of its own to hand the kernel.
+    // the cache's packs: it has no file of its own to hand the kernel. Where
+    // opens come to the daemon (passthrough kernels), its bytes are put into
+    // the page cache before the open is answered, and no READ follows.
     let start = m.layer.index().lookup("app/start.sh").unwrap();
+    let start_bytes = std::fs::read(f.roots[1].join("app/start.sh")).unwrap();
     assert!(!m.layer.is_local(start));
     let served = || m.layer.stats.served_bytes.load(Ordering::Relaxed);
-    for pass in ["cold", "warm"] {
+    let stored = || m.layer.stats.stored_opens.load(Ordering::Relaxed);
+    for (n, pass) in ["cold", "warm"].into_iter().enumerate() {
         std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
         let before = served();
         assert_eq!(
             std::fs::read(m.path.join("app/start.sh")).unwrap(),
-            std::fs::read(f.roots[1].join("app/start.sh")).unwrap()
+            start_bytes
         );
         assert!(m.layer.is_local(start), "{pass}");
-        assert!(served() > before, "{pass}: not served by the daemon");
+        // Each byte served once: by the store at open, or by READs.
+        assert_eq!(served() - before, start_bytes.len() as u64, "{pass}");
         assert_eq!(opens(), 0, "{pass}: passthrough of a small file");
+        let want = if passthrough { n as u64 + 1 } else { 0 };
+        assert_eq!(stored(), want, "{pass}: opens stored in the page cache");
     }
     // A large one is served lazily by the daemon until it is complete...
     assert_eq!(std::fs::read(&big).unwrap(), original);

@@ -107,6 +107,9 @@ const DIRECTORY_FETCH_MAX: u64 = 4 << 20;
 /// At most this many missing compressed bytes of a mapped object are fetched
 /// at once (see [`LayerFs::fetch_mapped_object`]).
 const MAPPED_FETCH_MAX: u64 = 8 << 20;
+/// Local files up to this size have their bytes pushed into the kernel's
+/// page cache at open, when they are not passed through.
+const STORE_AT_OPEN_MAX: u64 = 128 * 1024;
 
 /// Per-inode sequential-read tracking.
 #[derive(Default, Clone, Copy)]
@@ -205,6 +208,8 @@ pub struct LayerFs {
     making_whole: Arc<Mutex<HashSet<usize>>>,
     /// Files per directory whose first read had to wait for the link.
     directory_misses: Mutex<HashMap<usize, u32>>,
+    /// Pushes data into the kernel's page cache (set once mounted).
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 fn ino_of(root: usize, node: usize) -> INodeNo {
@@ -296,6 +301,7 @@ impl LayerFs {
             last_streamed: Mutex::new(None),
             making_whole: Arc::new(Mutex::new(HashSet::new())),
             directory_misses: Mutex::new(HashMap::new()),
+            notifier: Arc::default(),
         }
     }
 
@@ -509,7 +515,8 @@ impl LayerFs {
         if !crate::cache::ChunkCache::stores_as_file(size) && self.layer.is_local(i) {
             // Small and local: its bytes lie in a pack of the cache, with no
             // file of their own to hand the kernel; the daemon serves it
-            // (one READ, from the pack; see `cache`).
+            // (see `cache`), its bytes pushed into the page cache at once.
+            self.store_at_open(i, size, pid);
             return Some(reply);
         }
         if size > self.options.whole_at_open_max && !self.layer.is_whole(i) {
@@ -523,7 +530,13 @@ impl LayerFs {
         self.fetch_neighbours(i, 0, size);
         let file = match self.layer.materialize_blocking(&self.runtime, i) {
             Ok(Some(f)) => f,
-            Ok(None) => return Some(reply),
+            Ok(None) => {
+                // Small (fetched whole now) or not made whole after all.
+                if !crate::cache::ChunkCache::stores_as_file(size) {
+                    self.store_at_open(i, size, pid);
+                }
+                return Some(reply);
+            }
             Err(e) => {
                 tracing::error!(error = %e, "open failed");
                 reply.error(Errno::EIO);
@@ -560,6 +573,34 @@ impl LayerFs {
         self.stream_on_at_open(i, size);
         self.reply_passthrough(content, &id, reply);
         None
+    }
+
+    /// Puts a small local file's bytes into the kernel's page cache before
+    /// its open is answered (`FUSE_NOTIFY_STORE`), so that the reads after
+    /// the open find them there instead of each coming back as a `READ`.
+    /// Up to [`STORE_AT_OPEN_MAX`] bytes; the first open of a mount may come
+    /// before the notifier is there, and is served with `READ`s.
+    fn store_at_open(&self, i: usize, size: u64, pid: u32) {
+        if size == 0 || size > STORE_AT_OPEN_MAX {
+            return;
+        }
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        let Ok(data) = self.layer.read_blocking(&self.runtime, i, 0, size as u32) else {
+            return;
+        };
+        let ino = ino_of(self.root, self.layer.index().resolve(i));
+        if notifier.store(ino, 0, data.as_slice()).is_ok() {
+            self.layer
+                .stats
+                .stored_opens
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(o) = &self.options.observer {
+                // As a passthrough open: the reads never reach the daemon.
+                o.read(&self.layer, i, 0, size, pid);
+            }
+        }
     }
 
     /// Copies a local file's chunks into one whole-file cache entry, off the
@@ -1037,6 +1078,7 @@ pub fn mount(
 ) -> std::io::Result<fuser::BackgroundSession> {
     let threads = options.threads;
     let fs = LayerFs::new(layer.clone(), runtime, options);
+    let notifier = fs.notifier.clone();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::RO,
@@ -1050,7 +1092,9 @@ pub fn mount(
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
-    fuser::spawn_mount(fs, mountpoint, &config)
+    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    let _ = notifier.set(session.notifier());
+    Ok(session)
 }
 
 #[cfg(test)]
