@@ -639,6 +639,9 @@ impl LayerFs {
         let mut backing = self.backing.lock().expect("backing");
         backing.by_handle.insert(fh, id.clone());
         backing.by_ino.insert(content, Arc::downgrade(id));
+        // Not under the lock: the reply wakes the opener, and a thread that
+        // holds a lock across a syscall makes the others wait on a futex.
+        drop(backing);
         reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
     }
 
@@ -653,6 +656,7 @@ impl LayerFs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         backing.cached_by_handle.insert(fh, content);
         *backing.cached_opens.entry(content).or_default() += 1;
+        drop(backing); // as in reply_passthrough
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
