@@ -298,13 +298,13 @@ impl RemoteLayer {
         })
     }
 
-    /// Every cache key this layer uses: its chunks, whole files (made for
-    /// passthrough) and its TOC.
     /// The chunk cache this layer reads from.
     pub fn cache(&self) -> &Arc<ChunkCache> {
         &self.cache
     }
 
+    /// Every cache key this layer uses: its chunks, whole files (made for
+    /// passthrough) and its TOC.
     pub fn cache_keys(&self) -> impl Iterator<Item = &Digest> {
         let files = self.index.nodes().iter().filter_map(|n| match &n.kind {
             sluice_format::chunked::NodeKind::File {

@@ -19,10 +19,23 @@ use sluice_puller::{ChunkCache, LayerOptions, RegistryClient, RemoteLayer};
 /// 3 MiB file alone takes over a second.
 const WINDOW: Duration = Duration::from_secs(6);
 
-/// Mounts the app layer of the busybox fixture with a tracer, runs
+/// What else a recording run counted.
+struct Counts {
+    /// Ring-buffer events lost.
+    dropped_events: u64,
+    /// Opens the daemon answered with a backing file.
+    passthrough_opens: u64,
+}
+
+/// Mounts the app layer of the busybox fixture with a tracer, makes the
+/// files `local` complete in the cache, runs
 /// `sh -c 'move into a new cgroup; exec sh -c "sleep 1; exec cat FILES"'`,
 /// and returns the recording of that cgroup, and the tracepoints used.
-fn record(ebpf: Option<Hooks>, files: &[&str]) -> (Source, Recording, u64, Vec<String>) {
+fn record(
+    ebpf: Option<Hooks>,
+    files: &[&str],
+    local: &[&str],
+) -> (Source, Recording, Counts, Vec<String>) {
     let f = common::fixture();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -58,6 +71,11 @@ fn record(ebpf: Option<Hooks>, files: &[&str]) -> (Source, Recording, u64, Vec<S
     )
     .unwrap();
     tracer.layer_mounted(&mnt, layer.clone(), pinned);
+    for path in local {
+        let node = layer.index().lookup(path).unwrap();
+        rt.block_on(layer.ensure(layer.index().file_chunks_of(node)))
+            .unwrap();
+    }
 
     // The "container" gets its own cgroup where cgroup v2 is mounted (on
     // cgroup v1 hosts every task shares the root v2 cgroup, and recordings
@@ -114,13 +132,19 @@ fn record(ebpf: Option<Hooks>, files: &[&str]) -> (Source, Recording, u64, Vec<S
             }
         }
     });
-    let drops = tracer.dropped_events();
+    let counts = Counts {
+        dropped_events: tracer.dropped_events(),
+        passthrough_opens: layer
+            .stats
+            .passthrough_opens
+            .load(std::sync::atomic::Ordering::Relaxed),
+    };
     tracer.layer_unmounted(&layer);
     drop(session);
     if let Some(c) = &cgroup {
         let _ = std::fs::remove_dir(c);
     }
-    (tracer.source(), recording, drops, tracer.tracepoints())
+    (tracer.source(), recording, counts, tracer.tracepoints())
 }
 
 fn paths(r: &Recording) -> Vec<String> {
@@ -135,11 +159,16 @@ fn paths(r: &Recording) -> Vec<String> {
 
 /// Runs the recording with `hooks` and checks what the eBPF programs saw.
 fn check_ebpf_recording(hooks: Hooks) -> Vec<String> {
-    // start.sh is small: opened with passthrough, so its reads reach the
-    // kernel on the cache's backing file; blob.bin (3 MiB) is read through
-    // the FUSE daemon. Both must be seen, in order.
-    let (source, rec, drops, tracepoints) =
-        record(Some(hooks), &["app/start.sh", "app/data/blob.bin"]);
+    // start.sh is small: served by the daemon, its bytes put into the FUSE
+    // file's page cache at open (passthrough kernels) or read with READs;
+    // blob.bin (3 MiB) is local before the container starts, so where the
+    // kernel has passthrough its open hands over a backing file, and its
+    // reads are seen on the cache's file. Both must be seen, in order.
+    let (source, rec, counts, tracepoints) = record(
+        Some(hooks),
+        &["app/start.sh", "app/data/blob.bin"],
+        &["app/data/blob.bin"],
+    );
     if !sluice_testkit::kernel::has_filemap_tracepoints() {
         // The documented fallback: one line in the log, and the FUSE daemon's
         // view recorded instead (only reads that reach the daemon).
@@ -174,7 +203,13 @@ fn check_ebpf_recording(hooks: Hooks) -> Vec<String> {
         .map(|e| e.length)
         .sum();
     assert_eq!(blob, 3 << 20, "every chunk of the file read whole");
-    assert_eq!(drops, 0);
+    assert_eq!(counts.dropped_events, 0);
+    // Where the kernel has passthrough, blob.bin's reads were seen on the
+    // cache's backing file, not on the FUSE inode.
+    assert_eq!(
+        counts.passthrough_opens,
+        u64::from(sluice_testkit::kernel::has_fuse_passthrough())
+    );
     assert_eq!(rec.profile.nodes, 1);
     assert!(rec
         .profile
@@ -244,7 +279,7 @@ fn fuse_side_recording_without_ebpf() {
         eprintln!("SKIP: FUSE mounts need root");
         return;
     }
-    let (source, rec, _, _) = record(None, &["app/data/blob.bin", "app/start.sh"]);
+    let (source, rec, _, _) = record(None, &["app/data/blob.bin", "app/start.sh"], &[]);
     assert_eq!(source, Source::Fuse);
     assert_eq!(
         paths(&rec),
