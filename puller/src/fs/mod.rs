@@ -51,8 +51,9 @@ pub struct FsOptions {
     /// Use FUSE passthrough when the kernel has it.
     pub passthrough: bool,
     /// With passthrough on, files up to this size are fetched whole when
-    /// opened (then passed through if they are 1 MiB or more, else put into
-    /// the page cache); larger ones are fetched by the ranges that are read.
+    /// opened (then passed through if they are 1 MiB or more, else served
+    /// by the daemon from the cache's packs); larger ones are fetched by the
+    /// ranges that are read.
     pub open_fetch_max: u64,
     /// A local file up to this size that is not yet one whole-file cache
     /// entry is copied into one at open, which then waits (tens of
