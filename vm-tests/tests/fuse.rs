@@ -680,7 +680,7 @@ fn extended_attributes_through_the_mount() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cache = f.dir.path().join("cache");
 
-    let (top, _) = mount_fresh(&rt, &f, 1, &cache, &FsOptions::default());
+    let (top, top_client) = mount_fresh(&rt, &f, 1, &cache, &FsOptions::default());
     assert_eq!(
         getxattr(&top.path.join("app/tool"), "user.sluice").as_deref(),
         Ok(&b"layer value"[..])
@@ -698,7 +698,16 @@ fn extended_attributes_through_the_mount() {
         Err(libc::ENODATA)
     );
 
-    let (base, _) = mount_fresh(&rt, &f, 0, &cache, &FsOptions::default());
+    // The same cache, as one daemon's layers share it.
+    let base = mount_layer(
+        &rt,
+        &f,
+        0,
+        top_client,
+        top.layer.cache().clone(),
+        LayerOptions::default(),
+        &FsOptions::default(),
+    );
     // "Not supported" rather than "no such attribute": the kernel answers
     // without asking the daemon (which is the point: no round trip).
     for (path, name) in [

@@ -48,6 +48,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
 use sluice_format::Digest;
@@ -61,6 +62,8 @@ pub enum CacheError {
     Io { path: PathBuf, source: io::Error },
     #[error("filling chunk {digest}: {reason}")]
     Fill { digest: Digest, reason: String },
+    #[error("chunk cache {path} is in use by another process (or another cache in this one); each daemon needs a cache directory of its own")]
+    InUse { path: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
@@ -89,6 +92,21 @@ const RECENT_MAPS: usize = 64;
 /// instead of re-verified after a restart, and fit for passthrough); smaller
 /// ones go to packs.
 pub const FILE_MIN: u64 = 1 << 20;
+
+/// Takes a write lock on the whole file without waiting (`F_SETLK`); false
+/// with the error in `errno` if another process holds it.
+fn lock_whole_file(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: zeroed is a valid `flock` (all integers); then filled in.
+    let mut l: libc::flock = unsafe { std::mem::zeroed() };
+    l.l_type = libc::F_WRLCK as _;
+    l.l_whence = libc::SEEK_SET as _;
+    // SAFETY: a valid descriptor and a valid, initialized `flock`.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &l) == 0 }
+}
+
+/// How long opening a cache waits for another one to let go of it.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// How many files read ahead stay open for their readers: 8 MiB of chunks
 /// of the smallest size (the reader is at most that far behind), well under
@@ -197,6 +215,11 @@ pub struct ChunkCache {
     /// that follows (one open per chunk instead of two).
     opened_ahead: Mutex<OpenedAhead>,
     pub stats: CacheStats,
+    /// Holds a POSIX record lock for the cache's life: two daemons appending
+    /// to the same packs would write over each other's entries. The lock is
+    /// per process (a daemon restarted within one process, as the tests do,
+    /// takes it again); within a process, layers share one cache.
+    _lock: File,
 }
 
 impl std::fmt::Debug for ChunkCache {
@@ -225,9 +248,45 @@ fn fill_verified(
 }
 
 impl ChunkCache {
-    /// Opens (or creates) a cache directory bounded to `max_bytes`.
+    /// Opens (or creates) a cache directory bounded to `max_bytes`. Another
+    /// cache holding it (a daemon still shutting down while its successor
+    /// starts, as in a rolling update) is waited for up to [`LOCK_WAIT`];
+    /// then this fails with [`CacheError::InUse`].
     pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<Self, CacheError> {
-        let dir = dir.into();
+        Self::open_waiting(dir.into(), max_bytes, LOCK_WAIT)
+    }
+
+    fn open_waiting(dir: PathBuf, max_bytes: u64, wait: Duration) -> Result<Self, CacheError> {
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        let deadline = Instant::now() + wait;
+        let mut told = false;
+        loop {
+            if lock_whole_file(&lock) {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+                return Err(CacheError::Io {
+                    path: lock_path,
+                    source: e,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(CacheError::InUse { path: dir });
+            }
+            if !told {
+                tracing::info!(cache = %dir.display(), "chunk cache in use by another process; waiting for it to let go");
+                told = true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let chunks = dir.join("chunks");
         let tmp = dir.join("tmp");
         fs::create_dir_all(&chunks).map_err(io_err(&chunks))?;
@@ -297,6 +356,7 @@ impl ChunkCache {
             max_bytes,
             clock: AtomicU64::new(1),
             opened_ahead: Mutex::default(),
+            _lock: lock,
             state: Mutex::new(State {
                 entries,
                 recent: VecDeque::new(),
@@ -1145,6 +1205,38 @@ mod tests {
         assert_eq!(cache.size(), 0);
         let _ = cache.insert_with(&dm, 20_000, fill_with(&more)).unwrap();
         assert_eq!(packs(dir.path()), ["1", "1.log"]);
+    }
+
+    /// Another process holding the cache (python's `lockf` takes the same
+    /// POSIX record lock): refused, or waited for until it lets go.
+    #[test]
+    fn a_cache_directory_has_one_owner_process_at_a_time() {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        drop(ChunkCache::open(dir.path(), 1 << 20).unwrap());
+        let mut owner = std::process::Command::new("python3")
+            .arg("-c")
+            .arg("import fcntl, sys, time\nf = open(sys.argv[1], 'r+')\nfcntl.lockf(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(1)\n")
+            .arg(dir.path().join("lock"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(owner.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "locked");
+        let open = |wait| ChunkCache::open_waiting(dir.path().to_owned(), 1 << 20, wait);
+        let err = open(Duration::ZERO).unwrap_err();
+        assert!(matches!(err, CacheError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains("in use"), "{err}");
+        // A successor waits for the owner to let go (it exits after 1 s).
+        open(Duration::from_secs(10)).unwrap();
+        owner.wait().unwrap();
+        // Within one process the lock is taken again (a restarted daemon).
+        let first = open(Duration::ZERO).unwrap();
+        drop(open(Duration::ZERO).unwrap());
+        drop(first);
     }
 
     #[test]
