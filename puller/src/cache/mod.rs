@@ -11,6 +11,7 @@
 //!                                 its digest: lets a restarted daemon mount
 //!                                 layers again without the registry
 //! CACHE/tmp/                      large entries being written
+//! CACHE/lock                      locked by the process that has the cache
 //! ```
 //!
 //! Small entries (chunks, small files) go to packs: reading one after the
