@@ -437,52 +437,63 @@ impl RemoteLayer {
     /// Whoever waits for one of the chunks this call fetches is told as soon
     /// as that chunk is cached, not when the whole fetch is done.
     pub async fn ensure(&self, chunks: &[ChunkRef]) -> Result<(), LayerError> {
-        let mut mine = Vec::new();
-        let mut theirs = Vec::new();
-        let mut claims = HashMap::new();
-        {
-            let mut map = self.inflight.lock().expect("inflight");
-            for c in chunks {
-                if self.cache.contains(&c.digest) {
-                    continue;
-                }
-                if let Some(rx) = map.get(&c.digest) {
-                    theirs.push((c.clone(), rx.clone()));
-                } else {
-                    let (tx, rx) = watch::channel(None);
-                    map.insert(c.digest.clone(), rx);
-                    claims.insert(c.digest.clone(), tx);
-                    mine.push(c.clone());
+        // Chunks whose fetch by another reader failed are tried again here,
+        // in a loop. (It was a recursion: with the registry gone, readers
+        // kept failing each other's waits, each level a frame more on a FUSE
+        // thread's stack, until one overflowed in a `cargo test` run.)
+        let mut retry: Vec<ChunkRef>;
+        let mut want = chunks;
+        while !want.is_empty() {
+            let mut mine = Vec::new();
+            let mut theirs = Vec::new();
+            let mut claims = HashMap::new();
+            {
+                let mut map = self.inflight.lock().expect("inflight");
+                for c in want {
+                    if self.cache.contains(&c.digest) {
+                        continue;
+                    }
+                    if let Some(rx) = map.get(&c.digest) {
+                        theirs.push((c.clone(), rx.clone()));
+                    } else {
+                        let (tx, rx) = watch::channel(None);
+                        map.insert(c.digest.clone(), rx);
+                        claims.insert(c.digest.clone(), tx);
+                        mine.push(c.clone());
+                    }
                 }
             }
-        }
-        let guard = InflightGuard {
-            layer: self,
-            digests: mine.iter().map(|c| c.digest.clone()).collect(),
-        };
-        let result = self.fetch_chunks(&mine, &claims).await;
-        // Chunks not cached by now failed, or their fetch was abandoned.
-        let outcome: Outcome = Some(match &result {
-            Ok(()) => Ok(()),
-            Err(e) => Err(e.to_string()),
-        });
-        for tx in claims.values() {
-            tx.send_if_modified(|v| {
-                v.is_none() && {
-                    *v = outcome.clone();
-                    true
-                }
+            let guard = InflightGuard {
+                layer: self,
+                digests: mine.iter().map(|c| c.digest.clone()).collect(),
+            };
+            let result = self.fetch_chunks(&mine, &claims).await;
+            // Chunks not cached by now failed, or their fetch was abandoned.
+            let outcome: Outcome = Some(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(e.to_string()),
             });
-        }
-        drop(guard);
-        result?;
-        for (c, mut rx) in theirs {
-            let waited = rx.wait_for(|v| v.is_some()).await.map(|v| v.clone());
-            match waited {
-                Ok(Some(Ok(()))) => {}
-                // The other fetch failed or was abandoned: try ourselves.
-                _ => Box::pin(self.ensure(std::slice::from_ref(&c))).await?,
+            for tx in claims.values() {
+                tx.send_if_modified(|v| {
+                    v.is_none() && {
+                        *v = outcome.clone();
+                        true
+                    }
+                });
             }
+            drop(guard);
+            result?;
+            let mut failed = Vec::new();
+            for (c, mut rx) in theirs {
+                let waited = rx.wait_for(|v| v.is_some()).await.map(|v| v.clone());
+                match waited {
+                    Ok(Some(Ok(()))) => {}
+                    // The other fetch failed or was abandoned: try ourselves.
+                    _ => failed.push(c),
+                }
+            }
+            retry = failed;
+            want = &retry;
         }
         Ok(())
     }
@@ -742,7 +753,7 @@ impl RemoteLayer {
             return Ok(Some(f));
         }
         let started = std::time::Instant::now();
-        self.block_within_deadline(runtime, node, self.ensure(chunks))?;
+        self.block_within_deadline(runtime, node, Box::pin(self.ensure(chunks)))?;
         self.log_wait(node, 0, *size, started);
         if !ChunkCache::stores_as_file(*size) {
             // Local now, and small: kept in a pack, served by the daemon.
@@ -776,11 +787,16 @@ impl RemoteLayer {
 
     /// Runs `work` for file `node` from a non-async thread, giving up with
     /// [`LayerError::Deadline`] after the read deadline.
+    /// `work` comes boxed: it runs on a FUSE thread's stack (2 MiB), and
+    /// an unoptimized build's fetch futures are big enough that a few copies
+    /// of one overflowed it (a `cargo test` run aborted in a READ).
     fn block_within_deadline<T>(
         &self,
         runtime: &tokio::runtime::Handle,
         node: usize,
-        work: impl std::future::Future<Output = Result<T, LayerError>>,
+        work: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, LayerError>> + Send + '_>,
+        >,
     ) -> Result<T, LayerError> {
         let deadline = self.opts.read_deadline;
         runtime
@@ -824,7 +840,7 @@ impl RemoteLayer {
         size: u32,
     ) -> Result<ReadData, LayerError> {
         let started = std::time::Instant::now();
-        let r = self.block_within_deadline(runtime, node, self.read(node, offset, size));
+        let r = self.block_within_deadline(runtime, node, Box::pin(self.read(node, offset, size)));
         self.log_wait(node, offset, u64::from(size), started);
         if let Err(e) = &r {
             self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
