@@ -527,7 +527,6 @@ impl ChunkCache {
     /// after another. Chunks not cached are skipped. Blocking (opens chunk
     /// files): call off the I/O path.
     pub fn read_ahead(&self, digests: &[Digest]) {
-        use std::os::fd::AsRawFd;
         for d in digests {
             let place = self.state.lock().expect("cache state").place(d, &self.dir);
             match place {
@@ -535,10 +534,7 @@ impl ChunkCache {
                 Some((Place::Packed(slot, pack), size)) => pack.will_need(slot.offset, size),
                 Some((Place::File(path), _)) => {
                     if let Ok(f) = File::open(path) {
-                        // SAFETY: a valid descriptor; advice only, no memory passed.
-                        unsafe {
-                            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED)
-                        };
+                        pack::will_need(&f, 0, 0);
                         let dropped = self
                             .opened_ahead
                             .lock()
@@ -659,8 +655,8 @@ impl ChunkCache {
                 return false;
             }
             let mapped = entry.map.upgrade();
-            if mapped.is_none() && (st.verified.contains(d) || (size as u64) < FILE_MIN) {
-                let verified = st.verified.contains(d);
+            let verified = st.verified.contains(d);
+            if mapped.is_none() && (verified || (size as u64) < FILE_MIN) {
                 let Some((place, _)) = st.place(d, &self.dir) else {
                     return false;
                 };

@@ -303,16 +303,22 @@ impl Pack {
     /// Asks the kernel to read an entry into the page cache in the
     /// background.
     pub fn will_need(&self, offset: u64, size: u64) {
-        // SAFETY: a valid descriptor; advice only, no memory passed.
-        unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                offset as i64,
-                size as i64,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
+        will_need(&self.file, offset, size);
     }
+}
+
+/// Asks the kernel to read `len` bytes at `offset` of `file` into the page
+/// cache in the background (`POSIX_FADV_WILLNEED`; 0 means to the end).
+pub(super) fn will_need(file: &File, offset: u64, len: u64) {
+    // SAFETY: a valid descriptor; advice only, no memory passed.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            libc::POSIX_FADV_WILLNEED,
+        )
+    };
 }
 
 /// Allocates blocks for `len` bytes at `offset`, extending the file if
