@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
@@ -26,6 +26,9 @@ pub struct PullerMetrics {
     registry: Registry,
     /// Time of one range fetch (request to last byte), in seconds.
     pub fetch_latency: Histogram,
+    /// Layers mounted with the TOC that was fetched before their mount asked
+    /// for it (the daemon opens the layers above the one being prepared).
+    pub layers_opened_ahead: Counter,
     layers: Arc<Mutex<Vec<Weak<RemoteLayer>>>>,
 }
 
@@ -180,6 +183,12 @@ impl PullerMetrics {
             "Latency of range fetches from the registry",
             fetch_latency.clone(),
         );
+        let layers_opened_ahead = Counter::default();
+        registry.register(
+            "layers_opened_ahead",
+            "Lazy layers mounted with a TOC fetched before their Prepare came",
+            layers_opened_ahead.clone(),
+        );
         let layers = Arc::new(Mutex::new(Vec::new()));
         registry.register_collector(Box::new(LayerCollector {
             layers: layers.clone(),
@@ -188,6 +197,7 @@ impl PullerMetrics {
         Arc::new(PullerMetrics {
             registry,
             fetch_latency,
+            layers_opened_ahead,
             layers,
         })
     }

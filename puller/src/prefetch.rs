@@ -36,10 +36,17 @@ pub struct PrefetchEntry {
     pub path: String,
     pub offset: u64,
     pub len: u64,
+    /// When the start first touched it (microseconds into the start): the
+    /// profile work of all layers of an image is fetched in this order,
+    /// whichever layer was mounted first.
+    pub order: u64,
 }
 
 struct Job {
     priority: Priority,
+    /// Within a priority, lower first (profile work: its first entry's
+    /// [`PrefetchEntry::order`]; background fill: 0).
+    rank: u64,
     seq: u64,
     layer: Weak<RemoteLayer>,
     layer_digest: Digest,
@@ -55,7 +62,7 @@ enum Work {
 
 impl PartialEq for Job {
     fn eq(&self, o: &Self) -> bool {
-        (self.priority, self.seq) == (o.priority, o.seq)
+        (self.priority, self.rank, self.seq) == (o.priority, o.rank, o.seq)
     }
 }
 impl Eq for Job {}
@@ -65,9 +72,13 @@ impl PartialOrd for Job {
     }
 }
 impl Ord for Job {
-    /// Higher priority first; within one priority, first queued first.
+    /// Higher priority first; within one priority, lower rank first, then
+    /// first queued first.
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        self.priority.cmp(&o.priority).then(o.seq.cmp(&self.seq))
+        self.priority
+            .cmp(&o.priority)
+            .then(o.rank.cmp(&self.rank))
+            .then(o.seq.cmp(&self.seq))
     }
 }
 
@@ -129,9 +140,10 @@ impl Prefetcher {
         Prefetcher { shared }
     }
 
-    fn push(&self, priority: Priority, layer: &Arc<RemoteLayer>, work: Work) {
+    fn push(&self, priority: Priority, rank: u64, layer: &Arc<RemoteLayer>, work: Work) {
         let job = Job {
             priority,
+            rank,
             seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
             layer: Arc::downgrade(layer),
             layer_digest: layer.digest().clone(),
@@ -148,6 +160,13 @@ impl Prefetcher {
     /// chunks are coalesced into ranges in blob order and the ranges fetched
     /// in parallel, so that a profile of thousands of small files costs a
     /// few dozen round trips, not thousands.
+    ///
+    /// Batches of the layers of one image interleave by their entries'
+    /// [`PrefetchEntry::order`]: a layer mounted later (its `Prepare` comes
+    /// after the layers below it) has its early entries fetched before the
+    /// late entries of the layers queued before it. (Queued layer after
+    /// layer, numpy and pandas in the upper layer waited for all of Python's
+    /// own files in the lower one, and the start read them before their turn.)
     pub fn prefetch_profile(&self, layer: &Arc<RemoteLayer>, entries: &[PrefetchEntry]) -> usize {
         self.shared
             .cancelled
@@ -157,7 +176,7 @@ impl Prefetcher {
         let index = layer.index();
         let mut queued = 0;
         let mut seen = HashSet::new();
-        let (mut batch, mut batch_bytes) = (Vec::new(), 0);
+        let (mut batch, mut batch_bytes, mut rank) = (Vec::new(), 0, 0);
         for e in entries {
             let Some(node) = index.lookup(e.path.trim_start_matches('/')) else {
                 continue;
@@ -167,20 +186,20 @@ impl Prefetcher {
                 if c.zeros || !seen.insert(c.digest.clone()) {
                     continue;
                 }
+                if batch.is_empty() {
+                    rank = e.order;
+                }
                 batch_bytes += c.blob_len;
                 batch.push(c.clone());
                 if batch_bytes >= PROFILE_BATCH {
-                    self.push(
-                        Priority::Profile,
-                        layer,
-                        Work::Chunks(std::mem::take(&mut batch)),
-                    );
+                    let work = Work::Chunks(std::mem::take(&mut batch));
+                    self.push(Priority::Profile, rank, layer, work);
                     batch_bytes = 0;
                 }
             }
         }
         if !batch.is_empty() {
-            self.push(Priority::Profile, layer, Work::Chunks(batch));
+            self.push(Priority::Profile, rank, layer, Work::Chunks(batch));
         }
         queued
     }
@@ -211,7 +230,7 @@ impl Prefetcher {
                 offset: 0,
                 len: size,
             };
-            self.push(Priority::Background, layer, work);
+            self.push(Priority::Background, 0, layer, work);
         }
     }
 
@@ -369,5 +388,51 @@ async fn run(shared: &Shared, job: Job) {
         }
         piece.clear();
         piece_bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_format::digest::Algorithm;
+
+    fn job(priority: Priority, rank: u64, seq: u64, layer: &str) -> Job {
+        Job {
+            priority,
+            rank,
+            seq,
+            layer: Weak::new(),
+            layer_digest: Digest::of(Algorithm::Sha256, layer.as_bytes()),
+            work: Work::Chunks(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn profile_work_of_a_layer_queued_later_goes_by_its_entries_order() {
+        let mut q = BinaryHeap::new();
+        // The lower layer's batches, queued at its mount: entries first
+        // touched at 0, 40 and 90 ms.
+        q.push(job(Priority::Profile, 0, 0, "lower"));
+        q.push(job(Priority::Profile, 40_000, 1, "lower"));
+        q.push(job(Priority::Profile, 90_000, 2, "lower"));
+        q.push(job(Priority::Background, 0, 3, "lower"));
+        let first = q.pop().unwrap();
+        assert_eq!((first.rank, first.seq), (0, 0));
+        // The upper layer is mounted now; its first entry was touched at
+        // 25 ms, its second at 95 ms.
+        q.push(job(Priority::Profile, 25_000, 4, "upper"));
+        q.push(job(Priority::Profile, 95_000, 5, "upper"));
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop()).map(|j| j.seq).collect();
+        assert_eq!(order, [4, 1, 2, 5, 3]);
+    }
+
+    #[test]
+    fn equal_ranks_go_first_queued_first() {
+        let mut q = BinaryHeap::new();
+        for seq in 0..5 {
+            q.push(job(Priority::Background, 0, seq, "layer"));
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop()).map(|j| j.seq).collect();
+        assert_eq!(order, [0, 1, 2, 3, 4]);
     }
 }

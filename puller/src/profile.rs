@@ -161,6 +161,7 @@ impl Profile {
                 path: e.path.clone(),
                 offset: e.offset,
                 len: e.length,
+                order: (e.first_touch_ms.max(0.0) * 1000.0) as u64,
             })
             .collect()
     }

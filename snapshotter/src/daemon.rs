@@ -105,7 +105,7 @@ impl Daemon {
                     client.clone(),
                     recordings,
                     p.publish,
-                    tracer.clone(),
+                    Arc::downgrade(&tracer),
                     metrics.clone(),
                 ));
                 Some(tracer)
@@ -347,15 +347,21 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<SnapshotterMetrics>) 
 
 /// Publishes finished recordings to the registry (merged with the profile
 /// already there), or only logs them when publishing is off.
+///
+/// Ends when the tracer is dropped: it holds the sending side of
+/// `recordings`, so this task must not keep it alive (it did, and with it
+/// the metrics and the chunk cache they reach, after the daemon stopped).
 async fn publish_recordings(
     client: Arc<RegistryClient>,
     mut recordings: tokio::sync::mpsc::UnboundedReceiver<Recording>,
     publish: bool,
-    tracer: Arc<AccessTracer>,
+    tracer: std::sync::Weak<AccessTracer>,
     metrics: Arc<SnapshotterMetrics>,
 ) {
     while let Some(r) = recordings.recv().await {
-        metrics.trace_dropped.set(tracer.dropped_events() as i64);
+        if let Some(tracer) = tracer.upgrade() {
+            metrics.trace_dropped.set(tracer.dropped_events() as i64);
+        }
         metrics.profiles_recorded.inc();
         if !publish {
             continue;

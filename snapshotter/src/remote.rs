@@ -119,6 +119,14 @@ pub struct Profiles {
 /// When a profile was looked up, and what was found.
 type KnownProfile = (Instant, Option<Arc<Profile>>);
 
+/// A layer being opened ahead of its `Prepare` (see
+/// [`RemoteLayers::open_ahead`]): when it was started, and the slot its
+/// result lands in (locked until then).
+type OpeningLayer = (
+    Instant,
+    Arc<tokio::sync::Mutex<Option<Result<RemoteLayer, String>>>>,
+);
+
 pub struct RemoteLayers {
     client: Arc<RegistryClient>,
     cache: Arc<ChunkCache>,
@@ -129,6 +137,9 @@ pub struct RemoteLayers {
     resolved: Mutex<HashMap<String, (Instant, Arc<ResolvedImage>)>>,
     /// Newest profile per image manifest (None: the registry has none).
     known_profiles: tokio::sync::Mutex<HashMap<Digest, KnownProfile>>,
+    /// Layers opened ahead, by lazy blob digest; the first mount of the blob
+    /// takes it.
+    opening: Mutex<HashMap<Digest, OpeningLayer>>,
     mounts: Mutex<HashMap<u64, Mounted>>,
 }
 
@@ -153,6 +164,7 @@ impl RemoteLayers {
             profiles,
             resolved: Mutex::new(HashMap::new()),
             known_profiles: tokio::sync::Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
         }
     }
@@ -164,6 +176,7 @@ impl RemoteLayers {
     /// The newest profile of the image `image` (pinned by digest), fetched
     /// once a minute at most.
     async fn profile_of(&self, image: &ImageRef) -> Option<Arc<Profile>> {
+        self.profiles.prefetcher.as_ref()?;
         let manifest = image.reference.parse::<Digest>().ok()?;
         let mut known = self.known_profiles.lock().await;
         if let Some((at, p)) = known.get(&manifest) {
@@ -186,11 +199,8 @@ impl RemoteLayers {
     }
 
     /// Queues the profile's entries for a freshly mounted layer.
-    async fn prefetch(&self, image: &ImageRef, layer: &Arc<RemoteLayer>) {
+    fn prefetch(&self, p: &Profile, layer: &Arc<RemoteLayer>) {
         let Some(prefetcher) = &self.profiles.prefetcher else {
-            return;
-        };
-        let Some(p) = self.profile_of(image).await else {
             return;
         };
         let entries = p.entries_for(layer.digest());
@@ -233,13 +243,89 @@ impl RemoteLayers {
         Ok(r)
     }
 
+    fn layer_options(&self) -> LayerOptions {
+        LayerOptions {
+            read_deadline: self.options.read_deadline,
+            fetch_ahead: self.options.fetch_ahead,
+            fetch_latency: Some(self.metrics.fetch_latency.clone()),
+        }
+    }
+
+    /// Starts opening (fetching the TOCs of) the lazy layers of `layers`,
+    /// the layers above the one being prepared: containerd prepares an
+    /// image's layers one after the other, each after the one below is
+    /// committed, so without this each TOC is a fetch of its own on the
+    /// pull's path, and from the second layer on it shares the link with
+    /// the lower layers' prefetch (numpy-pandas at 100 Mbit/s: the upper
+    /// layer's 430 KB TOC took 0.47 s). Failures are left to the mount,
+    /// which opens the layer again.
+    fn open_ahead(&self, image: &ImageRef, layers: &[image::ImageLayer]) {
+        let mut opening = self.opening.lock().expect("opening layers");
+        opening.retain(|_, (at, _)| at.elapsed() < RESOLVE_TTL);
+        for lazy in layers.iter().filter_map(|l| l.lazy.as_ref()) {
+            if opening.contains_key(&lazy.digest) {
+                continue;
+            }
+            let slot = Arc::new(tokio::sync::Mutex::new(None));
+            let Ok(mut result) = slot.clone().try_lock_owned() else {
+                continue;
+            };
+            opening.insert(lazy.digest.clone(), (Instant::now(), slot));
+            let (client, cache, opts) = (
+                self.client.clone(),
+                self.cache.clone(),
+                self.layer_options(),
+            );
+            let (image, lazy) = (image.clone(), lazy.clone());
+            self.runtime.spawn(async move {
+                let opened = RemoteLayer::open(client, image, &lazy, cache, opts).await;
+                *result = Some(opened.map_err(|e| e.to_string()));
+            });
+        }
+    }
+
+    /// Opens the lazy blob `lazy` of `image`: takes it from [`Self::open_ahead`]
+    /// if it was opened there, else fetches its TOC now.
+    async fn open_layer(
+        &self,
+        image: &ImageRef,
+        lazy: &sluice_format::oci::Descriptor,
+    ) -> Result<RemoteLayer, String> {
+        let ahead = self
+            .opening
+            .lock()
+            .expect("opening layers")
+            .remove(&lazy.digest);
+        if let Some((_, slot)) = ahead {
+            match slot.lock().await.take() {
+                Some(Ok(layer)) if layer.image() == image => {
+                    self.metrics.layers_opened_ahead.inc();
+                    return Ok(layer);
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(layer = %lazy.digest, "opening ahead failed, opening again: {e}")
+                }
+                _ => {}
+            }
+        }
+        RemoteLayer::open(
+            self.client.clone(),
+            image.clone(),
+            lazy,
+            self.cache.clone(),
+            self.layer_options(),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
     /// Finds the lazy form of the requested layer.
     pub async fn lookup(&self, req: &LayerRequest) -> Result<Lookup, RemoteError> {
         let resolved = self.resolve(req).await?;
-        let Some(layer) = resolved
+        let Some(at) = resolved
             .layers
             .iter()
-            .find(|l| l.original.digest == req.layer)
+            .position(|l| l.original.digest == req.layer)
         else {
             return Err(RemoteError::Layer {
                 image: resolved.image.to_string(),
@@ -247,14 +333,14 @@ impl RemoteLayers {
                 reason: format!("not a layer of manifest {}", resolved.manifest_digest),
             });
         };
+        let pinned = resolved
+            .image
+            .with_reference(resolved.manifest_digest.to_string());
+        self.open_ahead(&pinned, &resolved.layers[at + 1..]);
+        let layer = &resolved.layers[at];
         Ok(match &layer.lazy {
             Some(lazy) => Lookup::Lazy(Box::new(RemoteSource {
-                image: format!(
-                    "{}",
-                    resolved
-                        .image
-                        .with_reference(resolved.manifest_digest.to_string())
-                ),
+                image: pinned.to_string(),
                 layer: layer.original.clone(),
                 lazy: lazy.clone(),
             })),
@@ -285,22 +371,16 @@ impl RemoteLayers {
         // A mount left by a previous daemon (killed) is dead: detach it first.
         crate::snapshots::detach_mount(mountpoint);
         let image = ImageRef::parse(&source.image).map_err(|e| err(e.to_string()))?;
-        let opts = LayerOptions {
-            read_deadline: self.options.read_deadline,
-            fetch_ahead: self.options.fetch_ahead,
-            fetch_latency: Some(self.metrics.fetch_latency.clone()),
+        // The profile is looked up while the TOC is fetched: both are round
+        // trips on the pull's path.
+        let profile = async {
+            match prefetch {
+                true => self.profile_of(&image).await,
+                false => None,
+            }
         };
-        let layer = Arc::new(
-            RemoteLayer::open(
-                self.client.clone(),
-                image.clone(),
-                &source.lazy,
-                self.cache.clone(),
-                opts,
-            )
-            .await
-            .map_err(|e| err(e.to_string()))?,
-        );
+        let (layer, profile) = tokio::join!(self.open_layer(&image, &source.lazy), profile);
+        let layer = Arc::new(layer.map_err(err)?);
         self.metrics.track(&layer);
         let usage = layer_usage(&layer);
         let (l, rt, mp, fs) = (
@@ -316,8 +396,8 @@ impl RemoteLayers {
         if let Some(t) = &self.profiles.tracer {
             t.layer_mounted(mountpoint, layer.clone(), image.clone());
         }
-        if prefetch {
-            self.prefetch(&image, &layer).await;
+        if let Some(p) = profile {
+            self.prefetch(&p, &layer);
         }
         self.mounts.lock().expect("mounts").insert(
             id,

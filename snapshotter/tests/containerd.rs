@@ -44,6 +44,13 @@ async fn busybox_runs_lazily_survives_kill9_and_cleans_up() {
             .await,
         2.0
     );
+    // The upper layer's TOC was fetched while the lower layer was prepared.
+    assert_eq!(
+        node.snapshotter
+            .metric("sluice_puller_layers_opened_ahead_total")
+            .await,
+        1.0
+    );
     assert_eq!(
         lazy_mounts_under(&node.snapshotter.root).len(),
         2,

@@ -46,16 +46,19 @@ fn a_profile_makes_reads_local_and_counts_hits() {
                 path: "/app/start.sh".into(),
                 offset: 0,
                 len: 4096,
+                order: 0,
             },
             PrefetchEntry {
                 path: "app/data/blob.bin".into(),
                 offset: 0,
                 len: 1 << 20,
+                order: 1,
             },
             PrefetchEntry {
                 path: "no/such/file".into(),
                 offset: 0,
                 len: 10,
+                order: 2,
             },
         ],
     );
@@ -99,6 +102,7 @@ fn bandwidth_cap_and_cancellation() {
             path: "app/data/blob.bin".into(),
             offset: 0,
             len: 1_500_000,
+            order: 3,
         }],
     );
     rt.block_on(prefetcher.wait_idle());
@@ -156,6 +160,7 @@ fn profile_work_goes_before_background_fill() {
             path: "app/start.sh".into(),
             offset: 0,
             len: 100,
+            order: 4,
         }],
     );
     let start_sh = layer.index().lookup("app/start.sh").unwrap();

@@ -15,7 +15,7 @@
 //! fails and the caller falls back to FUSE-side recording.
 
 use std::collections::HashMap as StdHashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Mutex, Weak};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, RawTracePoint, TracePoint};
@@ -588,7 +588,11 @@ impl EbpfTracer {
     }
 
     /// Moves events from the ring buffer to `recorder` on the runtime.
-    pub fn start_pump(&self, runtime: &tokio::runtime::Handle, recorder: Arc<Recorder>) {
+    /// Drains the ring buffer into `recorder` until the recorder is gone
+    /// (the tracer dropped): holding it would keep its channel of finished
+    /// recordings open, and whatever waits on that channel, for the life of
+    /// the process.
+    pub fn start_pump(&self, runtime: &tokio::runtime::Handle, recorder: Weak<Recorder>) {
         let Some(ring) = self.ring.lock().expect("ring").take() else {
             return;
         };
@@ -606,6 +610,9 @@ impl EbpfTracer {
             // poll interval collects the rest.
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
             loop {
+                let Some(recorder) = recorder.upgrade() else {
+                    return;
+                };
                 tokio::select! {
                     ready = fd.readable_mut() => match ready {
                         Ok(mut guard) => {

@@ -91,7 +91,7 @@ impl AccessTracer {
                 use std::os::unix::fs::MetadataExt;
                 t.watch_cache_device(kernel_dev(md.dev()));
             }
-            t.start_pump(runtime, recorder.clone());
+            t.start_pump(runtime, Arc::downgrade(&recorder));
             tracing::info!(tracepoints = ?t.attached(), "eBPF access tracing on");
         }
         recorder.start_ticker(runtime);
