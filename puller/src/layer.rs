@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -195,6 +195,8 @@ pub struct RemoteLayer {
     prefetched: Mutex<HashMap<Digest, u64>>,
     /// Chunks readers have needed so far.
     demanded: Mutex<std::collections::HashSet<Digest>>,
+    /// Batches of a prefetch profile queued or being fetched for this layer.
+    profile_batches: AtomicUsize,
     pub stats: LayerStats,
 }
 
@@ -294,6 +296,7 @@ impl RemoteLayer {
             inflight: Mutex::new(HashMap::new()),
             prefetched: Mutex::new(HashMap::new()),
             demanded: Mutex::new(Default::default()),
+            profile_batches: AtomicUsize::new(0),
             stats: LayerStats::default(),
         })
     }
@@ -387,6 +390,23 @@ impl RemoteLayer {
         if !digests.is_empty() {
             let cache = self.cache.clone();
             tokio::task::spawn_blocking(move || cache.read_ahead(&digests));
+        }
+    }
+
+    /// Whether a prefetch profile's work for this layer is queued or
+    /// running: the profile then says what comes next, better than the
+    /// layer's order does (see `fs`'s fetches ahead of waiting readers).
+    pub fn profile_pending(&self) -> bool {
+        self.profile_batches.load(Ordering::Relaxed) > 0
+    }
+
+    /// A batch of profile work for this layer was queued (`true`) or is
+    /// done or dropped (`false`).
+    pub(crate) fn count_profile_batch(&self, queued: bool) {
+        if queued {
+            self.profile_batches.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.profile_batches.fetch_sub(1, Ordering::Relaxed);
         }
     }
 

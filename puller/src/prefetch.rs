@@ -60,6 +60,17 @@ enum Work {
     Chunks(Vec<ChunkRef>),
 }
 
+impl Drop for Job {
+    /// Profile work is counted on its layer from queued to done or dropped.
+    fn drop(&mut self) {
+        if self.priority == Priority::Profile {
+            if let Some(layer) = self.layer.upgrade() {
+                layer.count_profile_batch(false);
+            }
+        }
+    }
+}
+
 impl PartialEq for Job {
     fn eq(&self, o: &Self) -> bool {
         (self.priority, self.rank, self.seq) == (o.priority, o.rank, o.seq)
@@ -141,6 +152,9 @@ impl Prefetcher {
     }
 
     fn push(&self, priority: Priority, rank: u64, layer: &Arc<RemoteLayer>, work: Work) {
+        if priority == Priority::Profile {
+            layer.count_profile_batch(true);
+        }
         let job = Job {
             priority,
             rank,
@@ -348,12 +362,13 @@ async fn run(shared: &Shared, job: Job) {
     let Some(layer) = job.layer.upgrade() else {
         return;
     };
-    let (node, offset, len) = match job.work {
-        Work::Range { node, offset, len } => (node, offset, len),
+    let (node, offset, len) = match &job.work {
+        Work::Range { node, offset, len } => (*node, *offset, *len),
         Work::Chunks(chunks) => {
             let missing: Vec<ChunkRef> = chunks
-                .into_iter()
+                .iter()
                 .filter(|c| !layer.has_chunk(&c.digest))
+                .cloned()
                 .collect();
             let bytes = missing.iter().map(|c| c.blob_len).sum();
             fetch_piece(shared, &layer, &missing, bytes).await;

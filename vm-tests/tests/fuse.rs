@@ -1007,3 +1007,72 @@ fn a_directory_whose_second_file_is_fetched_comes_whole_unless_big() {
         read(path);
     }
 }
+
+/// While a prefetch profile's work for the layer is queued or running, a
+/// reader that waits fetches what it reads and nothing after it: the profile
+/// says what comes next, and guesses in layer order would take the link from
+/// it. Once the profile's work is gone, waiting readers fetch ahead again.
+#[test]
+fn a_pending_profile_stops_fetches_ahead_of_waiting_readers() {
+    use sluice_puller::prefetch::{PrefetchEntry, PrefetchOptions, Prefetcher};
+
+    const FILE_BYTES: usize = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("pkg")).unwrap();
+    let mut files = Vec::new();
+    for i in 0..40 {
+        let path = format!("pkg/m{i:03}.pyc");
+        let data = sluice_testkit::images::pseudo_random(FILE_BYTES, 900 + i);
+        std::fs::write(root.join(&path), &data).unwrap();
+        files.push((path, data));
+    }
+    let (_f, rt, m) = publish_one_layer_and_mount(dir, root, "fuse/profiled");
+    let read = |i: usize| {
+        let (path, want) = &files[i];
+        assert!(
+            std::fs::read(m.path.join(path)).unwrap() == *want,
+            "{path} differs"
+        );
+    };
+    let local = |range: std::ops::Range<usize>| {
+        range
+            .filter(|i| all_local(&m, &format!("pkg/m{i:03}.pyc")))
+            .count()
+    };
+    // A profile naming the last file, fetched at a trickle: pending for
+    // seconds.
+    let prefetcher = Prefetcher::start(
+        rt.handle(),
+        PrefetchOptions {
+            concurrency: 1,
+            bytes_per_second: 20_000,
+        },
+    );
+    let entry = PrefetchEntry {
+        path: "pkg/m039.pyc".into(),
+        offset: 0,
+        len: FILE_BYTES as u64,
+        order: 0,
+    };
+    assert_eq!(prefetcher.prefetch_profile(&m.layer, &[entry]), 1);
+    assert!(m.layer.profile_pending());
+
+    // Two files of one directory, each waiting: neither the files after
+    // them in the layer nor the rest of the directory come along.
+    read(0);
+    read(1);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(local(2..39), 0, "a waiting reader fetched ahead");
+    assert_eq!(m.layer.stats.fetched_ahead_bytes.load(Ordering::Relaxed), 0);
+
+    prefetcher.cancel(m.layer.digest());
+    wait_for("the cancelled profile still counts as pending", || {
+        !m.layer.profile_pending()
+    });
+    read(10);
+    wait_for(
+        "without a profile pending, a waiting reader fetched nothing ahead",
+        || local(11..14) == 3,
+    );
+}

@@ -288,3 +288,77 @@ fn fuse_side_recording_without_ebpf() {
         rec.profile
     );
 }
+
+/// A page fault on a file the kernel has not cached makes it read the pages
+/// around the fault, and that window is what the next node's FUSE mount is
+/// asked for: the recording holds the window, not the page. (Events fed to
+/// the recorder directly: which pages a real program faults on is up to the
+/// kernel and the loader.)
+#[test]
+fn a_fault_is_recorded_with_the_pages_the_kernel_reads_around_it() {
+    use sluice_puller::trace::Recorder;
+    use sluice_puller_ebpf::{flags, kind, AccessEvent};
+
+    let f = common::fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache-fault"), 1 << 30).unwrap());
+    let (_, _, manifest) = rt.block_on(client.manifest(&f.image)).unwrap();
+    let pinned = f.image.with_reference(manifest.to_string());
+    let layer = Arc::new(
+        rt.block_on(RemoteLayer::open(
+            client,
+            pinned.clone(),
+            &f.manifest.layers.as_ref().unwrap()[1],
+            cache,
+            LayerOptions::default(),
+        ))
+        .unwrap(),
+    );
+    let (done, mut recordings) = tokio::sync::mpsc::unbounded_channel();
+    let window = Duration::from_secs(1);
+    let recorder = Recorder::new(Source::Ebpf, window, 0, done);
+    const DEV: u32 = (1 << 20) | 77;
+    recorder.add_layer(DEV, layer.clone(), pinned);
+    let node = layer.index().lookup("app/data/blob.bin").unwrap();
+    // A process that is not the test's: the recorder ignores its own.
+    let tgid = std::process::id() + 1;
+    let event = |kind, page, time_ns| AccessEvent {
+        ino: node as u64 + 2,
+        first_page: page,
+        last_page: page,
+        cgroup: 7,
+        time_ns,
+        dev: DEV,
+        tgid,
+        kind,
+        flags: 0,
+    };
+    recorder.on_event(&AccessEvent {
+        flags: flags::OTHER_PID_NS,
+        ..event(kind::EXEC, 0, 1_000)
+    });
+    recorder.on_event(&event(kind::FAULT, 100, 2_000));
+    // A read is recorded as read: the kernel's window for it is its own.
+    recorder.on_event(&event(kind::READ, 400, 3_000));
+    assert_eq!(recorder.finish_due(2_000 + window.as_nanos() as u64), 1);
+    let rec = recordings.try_recv().unwrap();
+    let covers = |offset: u64| {
+        rec.profile
+            .entries
+            .iter()
+            .any(|e| e.offset <= offset && offset < e.offset + e.length)
+    };
+    let page = 4096;
+    for p in [84, 100, 115, 400] {
+        assert!(covers(p * page), "page {p} missing: {:?}", rec.profile);
+    }
+    // Chunks are recorded whole; nothing beyond the chunks of the window
+    // and the read.
+    let chunks = layer
+        .index()
+        .chunks_for_range(node, 84 * page, 32 * page)
+        .len()
+        + layer.index().chunks_for_range(node, 400 * page, page).len();
+    assert_eq!(rec.profile.entries.len(), chunks, "{:?}", rec.profile);
+}

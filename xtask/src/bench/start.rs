@@ -62,6 +62,10 @@ pub struct Options {
     /// without FUSE passthrough (Linux < 6.9) gets.
     #[arg(long)]
     no_passthrough: bool,
+    /// The prefetching daemons' `[profiles] prefetch_concurrency` (default:
+    /// the daemon's default).
+    #[arg(long)]
+    prefetch_concurrency: Option<usize>,
 }
 
 impl Options {
@@ -348,6 +352,8 @@ struct Report {
     repetitions: usize,
     /// The daemons' `[lazy]` settings given on the command line.
     lazy_config: String,
+    /// `--prefetch-concurrency` (none: the daemon's default).
+    prefetch_concurrency: Option<usize>,
     cpu_busy_before: f64,
     images: BTreeMap<String, serde_json::Value>,
     summaries: Vec<Summary>,
@@ -387,15 +393,26 @@ struct Bench {
     node_seq: usize,
     /// See [`Options::lazy_section`].
     lazy_section: String,
+    prefetch_concurrency: Option<usize>,
 }
 
 /// Daemon configurations: profiles off, prefetch from a profile, recording.
-fn snapshotter_config(work: &Path, mode: &str, lazy_section: &str) -> anyhow::Result<PathBuf> {
+fn snapshotter_config(
+    work: &Path,
+    mode: &str,
+    lazy_section: &str,
+    prefetch_concurrency: Option<usize>,
+) -> anyhow::Result<PathBuf> {
     let path = work.join(format!("snapshotter-{mode}.toml"));
     let profiles = match mode {
-        "off" => "record = false\nprefetch = false\n",
-        "prefetch" => "record = false\nprefetch = true\n",
-        "record" => "record = true\npublish = true\nprefetch = false\nwindow_secs = 15\n",
+        "off" => "record = false\nprefetch = false\n".to_owned(),
+        "prefetch" => match prefetch_concurrency {
+            Some(n) => format!("record = false\nprefetch = true\nprefetch_concurrency = {n}\n"),
+            None => "record = false\nprefetch = true\n".to_owned(),
+        },
+        "record" => {
+            "record = true\npublish = true\nprefetch = false\nwindow_secs = 15\n".to_owned()
+        }
         _ => unreachable!("known modes"),
     };
     std::fs::write(&path, format!("{lazy_section}[profiles]\n{profiles}"))?;
@@ -452,7 +469,12 @@ impl Bench {
         let dir = self.work.join(format!("node-{}", self.node_seq));
         let snapshotter = match profiles {
             Some(mode) => {
-                let config = snapshotter_config(&self.work, mode, &self.lazy_section)?;
+                let config = snapshotter_config(
+                    &self.work,
+                    mode,
+                    &self.lazy_section,
+                    self.prefetch_concurrency,
+                )?;
                 let hosts = dir.join("no-hosts");
                 Some(SluiceSnapshotter::start_with_args(
                     &self.bin.join("sluice-snapshotter"),
@@ -751,6 +773,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         proxy,
         node_seq: 0,
         lazy_section: opts.lazy_section(),
+        prefetch_concurrency: opts.prefetch_concurrency,
     };
     if systems.contains(&System::SluiceProfile) {
         step("recording prefetch profiles (one untimed start per image on a recording node)");
@@ -884,9 +907,20 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         opts.link_mbit,
         opts.link_ms,
         opts.repetitions,
-        match opts.lazy_section().replace("[lazy]\n", "").trim() {
-            "" => String::new(),
-            set => format!(", sluice with {}", set.replace('\n', ", ")),
+        match (
+            opts.lazy_section().replace("[lazy]\n", "").trim(),
+            opts.prefetch_concurrency
+        ) {
+            ("", None) => String::new(),
+            (set, None) => format!(", sluice with {}", set.replace('\n', ", ")),
+            (set, Some(n)) => format!(
+                ", sluice with {}prefetch_concurrency = {n}",
+                if set.is_empty() {
+                    String::new()
+                } else {
+                    set.replace('\n', ", ") + ", "
+                }
+            ),
         }
     );
     println!(
@@ -926,6 +960,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         link_latency_ms: opts.link_ms,
         repetitions: opts.repetitions,
         lazy_config: opts.lazy_section(),
+        prefetch_concurrency: opts.prefetch_concurrency,
         cpu_busy_before,
         images: image_info,
         summaries,
