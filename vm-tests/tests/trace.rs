@@ -12,7 +12,7 @@ use std::time::Duration;
 use sluice_puller::fs::FsOptions;
 use sluice_puller::registry::RetryPolicy;
 use sluice_puller::trace::{AccessTracer, Hooks, Recording, Source};
-use sluice_puller::{ChunkCache, LayerOptions, RegistryClient, RemoteLayer};
+use sluice_puller::{ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
 
 /// The recording window: long enough for both files to be read under qemu's
 /// emulation too (`cargo xtask vm-test`), where fetching and verifying the
@@ -25,6 +25,29 @@ struct Counts {
     dropped_events: u64,
     /// Opens the daemon answered with a backing file.
     passthrough_opens: u64,
+}
+
+/// Opens the app layer of the busybox fixture, pinned by digest, with a
+/// chunk cache in `cache_dir`.
+fn open_app_layer(
+    f: &common::Fixture,
+    rt: &tokio::runtime::Runtime,
+    cache_dir: &Path,
+) -> (Arc<RemoteLayer>, ImageRef) {
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let cache = Arc::new(ChunkCache::open(cache_dir, 1 << 30).unwrap());
+    let (_, _, manifest) = rt.block_on(client.manifest(&f.image)).unwrap();
+    let pinned = f.image.with_reference(manifest.to_string());
+    let layer = rt
+        .block_on(RemoteLayer::open(
+            client,
+            pinned.clone(),
+            &f.manifest.layers.as_ref().unwrap()[1],
+            cache,
+            LayerOptions::default(),
+        ))
+        .unwrap();
+    (Arc::new(layer), pinned)
 }
 
 /// Mounts the app layer of the busybox fixture with a tracer, makes the
@@ -42,22 +65,9 @@ fn record(
         .enable_all()
         .build()
         .unwrap();
-    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
     let cache_dir = f.dir.path().join("cache");
-    let cache = Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap());
+    let (layer, pinned) = open_app_layer(&f, &rt, &cache_dir);
     let (tracer, mut done) = AccessTracer::start(rt.handle(), &cache_dir, WINDOW, 0, ebpf);
-    let (_, _, manifest) = rt.block_on(client.manifest(&f.image)).unwrap();
-    let pinned = f.image.with_reference(manifest.to_string());
-    let layer = Arc::new(
-        rt.block_on(RemoteLayer::open(
-            client,
-            pinned.clone(),
-            &f.manifest.layers.as_ref().unwrap()[1],
-            cache,
-            LayerOptions::default(),
-        ))
-        .unwrap(),
-    );
     let mnt = f.dir.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let session = sluice_puller::fs::mount(
@@ -301,20 +311,7 @@ fn a_fault_is_recorded_with_the_pages_the_kernel_reads_around_it() {
 
     let f = common::fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
-    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache-fault"), 1 << 30).unwrap());
-    let (_, _, manifest) = rt.block_on(client.manifest(&f.image)).unwrap();
-    let pinned = f.image.with_reference(manifest.to_string());
-    let layer = Arc::new(
-        rt.block_on(RemoteLayer::open(
-            client,
-            pinned.clone(),
-            &f.manifest.layers.as_ref().unwrap()[1],
-            cache,
-            LayerOptions::default(),
-        ))
-        .unwrap(),
-    );
+    let (layer, pinned) = open_app_layer(&f, &rt, &f.dir.path().join("cache-fault"));
     let (done, mut recordings) = tokio::sync::mpsc::unbounded_channel();
     let window = Duration::from_secs(1);
     let recorder = Recorder::new(Source::Ebpf, window, 0, done);
