@@ -120,12 +120,9 @@ pub struct Profiles {
 type KnownProfile = (Instant, Option<Arc<Profile>>);
 
 /// A layer being opened ahead of its `Prepare` (see
-/// [`RemoteLayers::open_ahead`]): when it was started, and the slot its
-/// result lands in (locked until then).
-type OpeningLayer = (
-    Instant,
-    Arc<tokio::sync::Mutex<Option<Result<RemoteLayer, String>>>>,
-);
+/// [`RemoteLayers::open_ahead`]): the slot its result lands in, locked until
+/// then.
+type OpeningLayer = Arc<tokio::sync::Mutex<Option<Result<RemoteLayer, String>>>>;
 
 pub struct RemoteLayers {
     client: Arc<RegistryClient>,
@@ -138,8 +135,8 @@ pub struct RemoteLayers {
     /// Newest profile per image manifest (None: the registry has none).
     known_profiles: tokio::sync::Mutex<HashMap<Digest, KnownProfile>>,
     /// Layers opened ahead, by lazy blob digest; the first mount of the blob
-    /// takes it.
-    opening: Mutex<HashMap<Digest, OpeningLayer>>,
+    /// takes it, and one no mount took is dropped after [`RESOLVE_TTL`].
+    opening: Arc<Mutex<HashMap<Digest, OpeningLayer>>>,
     mounts: Mutex<HashMap<u64, Mounted>>,
 }
 
@@ -164,7 +161,7 @@ impl RemoteLayers {
             profiles,
             resolved: Mutex::new(HashMap::new()),
             known_profiles: tokio::sync::Mutex::new(HashMap::new()),
-            opening: Mutex::new(HashMap::new()),
+            opening: Arc::default(),
             mounts: Mutex::new(HashMap::new()),
         }
     }
@@ -261,7 +258,6 @@ impl RemoteLayers {
     /// which opens the layer again.
     fn open_ahead(&self, image: &ImageRef, layers: &[image::ImageLayer]) {
         let mut opening = self.opening.lock().expect("opening layers");
-        opening.retain(|_, (at, _)| at.elapsed() < RESOLVE_TTL);
         for lazy in layers.iter().filter_map(|l| l.lazy.as_ref()) {
             if opening.contains_key(&lazy.digest) {
                 continue;
@@ -270,16 +266,31 @@ impl RemoteLayers {
             let Ok(mut result) = slot.clone().try_lock_owned() else {
                 continue;
             };
-            opening.insert(lazy.digest.clone(), (Instant::now(), slot));
+            opening.insert(lazy.digest.clone(), slot.clone());
             let (client, cache, opts) = (
                 self.client.clone(),
                 self.cache.clone(),
                 self.layer_options(),
             );
+            // Weak: a daemon that stops drops what it opened (and the chunk
+            // cache it holds) at once.
+            let (all, mine) = (Arc::downgrade(&self.opening), Arc::downgrade(&slot));
             let (image, lazy) = (image.clone(), lazy.clone());
             self.runtime.spawn(async move {
                 let opened = RemoteLayer::open(client, image, &lazy, cache, opts).await;
                 *result = Some(opened.map_err(|e| e.to_string()));
+                drop(result);
+                // Not taken by a mount (the pull stopped, or fell back to a
+                // full pull): its index is not kept for nothing.
+                tokio::time::sleep(RESOLVE_TTL).await;
+                let Some(all) = all.upgrade() else { return };
+                let mut all = all.lock().expect("opening layers");
+                if all
+                    .get(&lazy.digest)
+                    .is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), mine.as_ptr()))
+                {
+                    all.remove(&lazy.digest);
+                }
             });
         }
     }
@@ -296,7 +307,7 @@ impl RemoteLayers {
             .lock()
             .expect("opening layers")
             .remove(&lazy.digest);
-        if let Some((_, slot)) = ahead {
+        if let Some(slot) = ahead {
             match slot.lock().await.take() {
                 Some(Ok(layer)) if layer.image() == image => {
                     self.metrics.layers_opened_ahead.inc();

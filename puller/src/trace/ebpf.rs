@@ -587,11 +587,10 @@ impl EbpfTracer {
         self.drops.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
-    /// Moves events from the ring buffer to `recorder` on the runtime.
-    /// Drains the ring buffer into `recorder` until the recorder is gone
-    /// (the tracer dropped): holding it would keep its channel of finished
-    /// recordings open, and whatever waits on that channel, for the life of
-    /// the process.
+    /// Moves events from the ring buffer to `recorder` on the runtime, until
+    /// the recorder is gone (the tracer dropped): holding it would keep its
+    /// channel of finished recordings open, and whatever waits on that
+    /// channel, for the life of the process.
     pub fn start_pump(&self, runtime: &tokio::runtime::Handle, recorder: Weak<Recorder>) {
         let Some(ring) = self.ring.lock().expect("ring").take() else {
             return;
