@@ -287,8 +287,14 @@ impl Prefetcher {
 /// Prefetch work is cut into pieces of at most this many compressed bytes, so
 /// that the bandwidth cap is smooth and cancellation quick.
 const PIECE: u64 = 256 * 1024;
-/// Compressed bytes of profile chunks fetched as one batch.
-pub const PROFILE_BATCH: u64 = 2 << 20;
+/// Compressed bytes of profile chunks fetched as one batch. The batches in
+/// flight (`PrefetchOptions::concurrency`) share the link, so the first one
+/// is in after all of them: smaller batches keep the profile's order
+/// (numpy-pandas at 100 Mbit/s with 4 in flight: 2 MiB 2.64 s, 512 KiB
+/// 2.48 s, 256 KiB 2.42 s with a fifth more requests). A link with a large
+/// bandwidth-delay product needs more in flight than 4 × 512 KiB: raise the
+/// concurrency there.
+pub const PROFILE_BATCH: u64 = 512 << 10;
 
 /// Reserves the link for `bytes` at the capped rate and waits until the
 /// reservation has elapsed: prefetch never exceeds the cap on average.

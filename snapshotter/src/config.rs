@@ -26,7 +26,7 @@
 //! window_secs = 10          # how long after a container's first access to record
 //! publish = true            # push recordings to the registry (merged, as referrers)
 //! prefetch = true           # fetch an image's newest profile on pull and prefetch it
-//! prefetch_concurrency = 4  # prefetch fetches at once
+//! prefetch_concurrency = 4  # profile batches (512 KiB each) fetched at once
 //!
 //! [registry]
 //! hosts_dir = "/etc/sluice/certs.d"   # <host>/hosts.toml, as containerd's config_path
