@@ -172,8 +172,9 @@ impl Prefetcher {
     /// how many entries were queued. Consecutive entries are fetched in
     /// batches of [`PROFILE_BATCH`] compressed bytes: within a batch the
     /// chunks are coalesced into ranges in blob order and the ranges fetched
-    /// in parallel, so that a profile of thousands of small files costs a
-    /// few dozen round trips, not thousands.
+    /// in parallel, so that a profile of thousands of small files costs
+    /// tens of round trips one after the other, not thousands (numpy-pandas:
+    /// about 50 batches, 4 in flight).
     ///
     /// Batches of the layers of one image interleave by their entries'
     /// [`PrefetchEntry::order`]: a layer mounted later (its `Prepare` comes
