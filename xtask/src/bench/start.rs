@@ -404,17 +404,16 @@ fn snapshotter_config(
     prefetch_concurrency: Option<usize>,
 ) -> anyhow::Result<PathBuf> {
     let path = work.join(format!("snapshotter-{mode}.toml"));
-    let profiles = match mode {
-        "off" => "record = false\nprefetch = false\n".to_owned(),
-        "prefetch" => match prefetch_concurrency {
-            Some(n) => format!("record = false\nprefetch = true\nprefetch_concurrency = {n}\n"),
-            None => "record = false\nprefetch = true\n".to_owned(),
-        },
-        "record" => {
-            "record = true\npublish = true\nprefetch = false\nwindow_secs = 15\n".to_owned()
-        }
+    let mut profiles = match mode {
+        "off" => "record = false\nprefetch = false\n",
+        "prefetch" => "record = false\nprefetch = true\n",
+        "record" => "record = true\npublish = true\nprefetch = false\nwindow_secs = 15\n",
         _ => unreachable!("known modes"),
-    };
+    }
+    .to_owned();
+    if let (Some(n), "prefetch") = (prefetch_concurrency, mode) {
+        profiles += &format!("prefetch_concurrency = {n}\n");
+    }
     std::fs::write(&path, format!("{lazy_section}[profiles]\n{profiles}"))?;
     Ok(path)
 }
@@ -907,20 +906,21 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         opts.link_mbit,
         opts.link_ms,
         opts.repetitions,
-        match (
-            opts.lazy_section().replace("[lazy]\n", "").trim(),
-            opts.prefetch_concurrency
-        ) {
-            ("", None) => String::new(),
-            (set, None) => format!(", sluice with {}", set.replace('\n', ", ")),
-            (set, Some(n)) => format!(
-                ", sluice with {}prefetch_concurrency = {n}",
-                if set.is_empty() {
-                    String::new()
-                } else {
-                    set.replace('\n', ", ") + ", "
-                }
-            ),
+        {
+            let mut set: Vec<String> = opts
+                .lazy_section()
+                .lines()
+                .skip(1)
+                .map(str::to_owned)
+                .collect();
+            set.extend(
+                opts.prefetch_concurrency
+                    .map(|n| format!("prefetch_concurrency = {n}")),
+            );
+            match set.is_empty() {
+                true => String::new(),
+                false => format!(", sluice with {}", set.join(", ")),
+            }
         }
     );
     println!(
