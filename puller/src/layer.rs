@@ -249,6 +249,8 @@ impl RemoteLayer {
             )));
         }
         let range = footer.toc.offset..footer.toc.end();
+        let started = std::time::Instant::now();
+        let mut fetching = std::time::Duration::ZERO;
         let mut last = String::new();
         // A TOC kept from an earlier mount is used if it still verifies.
         let mut toc = cache
@@ -258,6 +260,7 @@ impl RemoteLayer {
             if toc.is_some() {
                 break;
             }
+            let fetch_started = std::time::Instant::now();
             let bytes = client
                 .blob_range(&image, &layer.digest, range.clone(), attempt as usize)
                 .await
@@ -266,6 +269,7 @@ impl RemoteLayer {
                     layer: layer.digest.clone(),
                     reason: format!("fetching the TOC: {e}"),
                 })?;
+            fetching += fetch_started.elapsed();
             match Toc::decode(&bytes, Some(&toc_digest), MAX_TOC_BYTES) {
                 Ok(t) => {
                     cache.put_toc(&toc_digest, &bytes);
@@ -275,6 +279,9 @@ impl RemoteLayer {
             }
         }
         let toc = toc.ok_or_else(|| not_lazy(format!("TOC: {last}")))?;
+        // Fetching the TOC, decoding it and building the index from it are
+        // all on the pull's critical path.
+        let decoded = started.elapsed();
         let index = LayerIndex::from_toc(&toc, footer.toc.offset - 8)
             .map_err(|e| not_lazy(e.to_string()))?;
         tracing::info!(
@@ -283,6 +290,9 @@ impl RemoteLayer {
             entries = index.nodes().len(),
             chunks = index.chunks().len(),
             toc_bytes = footer.toc.compressed_len,
+            fetch_ms = fetching.as_millis() as u64,
+            decode_ms = (decoded - fetching).as_millis() as u64,
+            index_ms = (started.elapsed() - decoded).as_millis() as u64,
             "layer index ready"
         );
         Ok(RemoteLayer {

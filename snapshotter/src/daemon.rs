@@ -361,6 +361,12 @@ async fn publish_recordings(
     while let Some(r) = recordings.recv().await {
         if let Some(tracer) = tracer.upgrade() {
             metrics.trace_dropped.set(tracer.dropped_events() as i64);
+            for (kind, n) in tracer.recorded_events() {
+                metrics
+                    .trace_events
+                    .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
+                    .set(n as i64);
+            }
         }
         metrics.profiles_recorded.inc();
         if !publish {

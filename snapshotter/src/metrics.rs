@@ -19,6 +19,10 @@ pub struct SnapshotterMetrics {
     pub lazy_mounts: Gauge,
     /// Access events the eBPF programs could not deliver (ring buffer full).
     pub trace_dropped: Gauge,
+    /// Accesses of starting containers recorded, by kind (read, fault,
+    /// map_pages): faults at 0 on a node whose containers run programs means
+    /// its kernel does not report them.
+    pub trace_events: Family<Vec<(String, String)>, Gauge>,
     pub profiles_recorded: Counter,
     pub profiles_published: Counter,
     /// Pulls kubelet made through the CRI proxy, by whether they carried
@@ -48,6 +52,12 @@ impl SnapshotterMetrics {
             "Access events the eBPF programs dropped because the ring buffer was full",
             trace_dropped.clone(),
         );
+        let trace_events = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "trace_events",
+            "Accesses of starting containers recorded, by kind (read, fault, map_pages)",
+            trace_events.clone(),
+        );
         let profiles_recorded = Counter::default();
         registry.register(
             "profiles_recorded",
@@ -71,6 +81,7 @@ impl SnapshotterMetrics {
             layers,
             lazy_mounts,
             trace_dropped,
+            trace_events,
             profiles_recorded,
             profiles_published,
             cri_pulls,

@@ -71,6 +71,16 @@ async fn recorded_on_one_node_prefetched_on_the_next() {
         metric(&node1, "sluice_snapshotter_trace_dropped_events").await,
         0.0
     );
+    // python3 runs from the lazy layers: its code arrives by page faults,
+    // which this kernel reports.
+    for kind in ["read", "fault"] {
+        let n = metric(
+            &node1,
+            &format!("sluice_snapshotter_trace_events{{kind=\"{kind}\"}}"),
+        )
+        .await;
+        assert!(n > 0.0, "no {kind} recorded");
+    }
 
     // The profile in the registry lists the files the container read.
     let client = RegistryClient::new(RetryPolicy::default());

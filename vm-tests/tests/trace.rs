@@ -25,14 +25,21 @@ struct Counts {
     dropped_events: u64,
     /// Opens the daemon answered with a backing file.
     passthrough_opens: u64,
+    /// Page faults recorded.
+    faults: u64,
 }
 
-/// Opens the app layer of the busybox fixture, pinned by digest, with a
+/// The busybox fixture's layers: busybox itself, and the app above it.
+const BASE_LAYER: usize = 0;
+const APP_LAYER: usize = 1;
+
+/// Opens layer `which` of the busybox fixture, pinned by digest, with a
 /// chunk cache in `cache_dir`.
-fn open_app_layer(
+fn open_layer(
     f: &common::Fixture,
     rt: &tokio::runtime::Runtime,
     cache_dir: &Path,
+    which: usize,
 ) -> (Arc<RemoteLayer>, ImageRef) {
     let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
     let cache = Arc::new(ChunkCache::open(cache_dir, 1 << 30).unwrap());
@@ -42,7 +49,7 @@ fn open_app_layer(
         .block_on(RemoteLayer::open(
             client,
             pinned.clone(),
-            &f.manifest.layers.as_ref().unwrap()[1],
+            &f.manifest.layers.as_ref().unwrap()[which],
             cache,
             LayerOptions::default(),
         ))
@@ -50,14 +57,27 @@ fn open_app_layer(
     (Arc::new(layer), pinned)
 }
 
-/// Mounts the app layer of the busybox fixture with a tracer, makes the
+/// What the "container" runs: `cat` of these files of the mount.
+fn cat<'a>(files: &'a [&'a str]) -> impl FnOnce(&Path) -> String + 'a {
+    move |mnt| {
+        let paths: Vec<String> = files
+            .iter()
+            .map(|p| mnt.join(p).display().to_string())
+            .collect();
+        format!("/bin/busybox cat {} > /dev/null", paths.join(" "))
+    }
+}
+
+/// Mounts layer `which` of the busybox fixture with a tracer, makes the
 /// files `local` complete in the cache, runs
-/// `sh -c 'move into a new cgroup; exec sh -c "sleep 1; exec cat FILES"'`,
-/// and returns the recording of that cgroup, and the tracepoints used.
+/// `sh -c 'move into a new cgroup; exec sh -c "sleep 1; exec PROGRAM"'`
+/// (`program` is given the mountpoint), and returns the recording of that
+/// cgroup, and the tracepoints used.
 fn record(
     ebpf: Option<Hooks>,
-    files: &[&str],
+    which: usize,
     local: &[&str],
+    program: impl FnOnce(&Path) -> String,
 ) -> (Source, Recording, Counts, Vec<String>) {
     let f = common::fixture();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -66,7 +86,7 @@ fn record(
         .build()
         .unwrap();
     let cache_dir = f.dir.path().join("cache");
-    let (layer, pinned) = open_app_layer(&f, &rt, &cache_dir);
+    let (layer, pinned) = open_layer(&f, &rt, &cache_dir, which);
     let (tracer, mut done) = AccessTracer::start(rt.handle(), &cache_dir, WINDOW, 0, ebpf);
     let mnt = f.dir.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
@@ -113,20 +133,16 @@ fn record(
         }
         None => String::new(),
     };
-    let paths: Vec<String> = files
-        .iter()
-        .map(|p| mnt.join(p).display().to_string())
-        .collect();
     // Its own mount namespace, as every container has: the recorder only
     // follows freshly executed programs outside the host's namespace. The
     // reader is exec'd by a process that lived long enough to be seen in
-    // that namespace (as runc's init execs a container's entrypoint): `cat`
-    // itself may be gone before the recorder could look at it.
+    // that namespace (as runc's init execs a container's entrypoint): the
+    // program itself may be gone before the recorder could look at it.
     let status = Command::new("unshare")
         .args(["--mount", "sh", "-c"])
         .arg(format!(
-            "{enter}exec /bin/busybox sh -c 'sleep 1; exec /bin/busybox cat {} > /dev/null'",
-            paths.join(" ")
+            "{enter}exec /bin/busybox sh -c 'sleep 1; exec {}'",
+            program(&mnt)
         ))
         .status()
         .unwrap();
@@ -148,6 +164,11 @@ fn record(
             .stats
             .passthrough_opens
             .load(std::sync::atomic::Ordering::Relaxed),
+        faults: tracer
+            .recorded_events()
+            .into_iter()
+            .find_map(|(kind, n)| (kind == "fault").then_some(n))
+            .unwrap(),
     };
     tracer.layer_unmounted(&layer);
     drop(session);
@@ -176,8 +197,9 @@ fn check_ebpf_recording(hooks: Hooks) -> Vec<String> {
     // reads are seen on the cache's file. Both must be seen, in order.
     let (source, rec, counts, tracepoints) = record(
         Some(hooks),
-        &["app/start.sh", "app/data/blob.bin"],
+        APP_LAYER,
         &["app/data/blob.bin"],
+        cat(&["app/start.sh", "app/data/blob.bin"]),
     );
     if !sluice_testkit::kernel::has_filemap_tracepoints() {
         // The documented fallback: one line in the log, and the FUSE daemon's
@@ -289,7 +311,12 @@ fn fuse_side_recording_without_ebpf() {
         eprintln!("SKIP: FUSE mounts need root");
         return;
     }
-    let (source, rec, _, _) = record(None, &["app/data/blob.bin", "app/start.sh"], &[]);
+    let (source, rec, _, _) = record(
+        None,
+        APP_LAYER,
+        &[],
+        cat(&["app/data/blob.bin", "app/start.sh"]),
+    );
     assert_eq!(source, Source::Fuse);
     assert_eq!(
         paths(&rec),
@@ -311,7 +338,7 @@ fn a_fault_is_recorded_with_the_pages_the_kernel_reads_around_it() {
 
     let f = common::fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (layer, pinned) = open_app_layer(&f, &rt, &f.dir.path().join("cache-fault"));
+    let (layer, pinned) = open_layer(&f, &rt, &f.dir.path().join("cache-fault"), APP_LAYER);
     let (done, mut recordings) = tokio::sync::mpsc::unbounded_channel();
     let window = Duration::from_secs(1);
     let recorder = Recorder::new(Source::Ebpf, window, 0, done);
@@ -358,4 +385,96 @@ fn a_fault_is_recorded_with_the_pages_the_kernel_reads_around_it() {
         .len()
         + layer.index().chunks_for_range(node, 400 * page, page).len();
     assert_eq!(rec.profile.entries.len(), chunks, "{:?}", rec.profile);
+}
+
+/// The file offset of an ELF executable's entry point: the page a program
+/// started from this file faults on first.
+fn entry_offset(elf: &[u8]) -> u64 {
+    use object::{Object, ObjectSegment};
+    let file = object::File::parse(elf).expect("an ELF executable");
+    let entry = file.entry();
+    file.segments()
+        .find_map(|s| {
+            let (offset, size) = s.file_range();
+            (s.address() <= entry && entry < s.address() + size)
+                .then(|| offset + (entry - s.address()))
+        })
+        .expect("the entry point lies in a segment read from the file")
+}
+
+/// A program executed from a lazy mount reads little through `read`: the
+/// kernel maps it, and its code arrives by page faults on the FUSE inode.
+/// Those faults, seen by the real programs loaded into this kernel, are what
+/// puts the code into the profile, each with the window the kernel reads
+/// around it (the synthetic events of the test above, here from an `exec`).
+#[test]
+fn a_program_executed_from_the_mount_is_recorded_by_its_page_faults() {
+    if !sluice_testkit::is_root() {
+        eprintln!("SKIP: loading eBPF programs and FUSE mounts need root");
+        return;
+    }
+    // busybox (static, ~2 MB) from the base layer, nothing of it local: the
+    // exec reads its headers, then the program faults its way in.
+    let (source, rec, counts, tracepoints) =
+        record(Some(Hooks::Auto), BASE_LAYER, &[], |mnt: &Path| {
+            format!("{}/bin/busybox true", mnt.display())
+        });
+    let busybox = std::fs::read(sluice_testkit::images::BUSYBOX).unwrap();
+    let size = busybox.len() as u64;
+    let page = 4096;
+    let entry_page = entry_offset(&busybox) / page;
+    let covers = |offset: u64| {
+        rec.profile
+            .entries
+            .iter()
+            .any(|e| e.path == "bin/busybox" && e.offset <= offset && offset < e.offset + e.length)
+    };
+    if !sluice_testkit::kernel::has_filemap_tracepoints() {
+        // The fallback (Debian's 6.1): the daemon records the reads the
+        // faults sent it.
+        assert_eq!(source, Source::Fuse);
+        assert!(covers(entry_page * page), "{:?}", rec.profile);
+        return;
+    }
+    if !sluice_testkit::kernel::has_tracepoint("filemap", "mm_filemap_fault") {
+        eprintln!(
+            "kernel {:?} has filemap tracepoints but not mm_filemap_fault: page faults are not recorded ({tracepoints:?})",
+            sluice_testkit::kernel::version()
+        );
+        return;
+    }
+    assert_eq!(source, Source::Ebpf, "{tracepoints:?}");
+    assert!(
+        tracepoints
+            .iter()
+            .any(|t| t.starts_with("mm_filemap_fault")),
+        "{tracepoints:?}"
+    );
+    assert_eq!(counts.dropped_events, 0);
+    assert!(
+        counts.faults > 0,
+        "no page fault recorded: {:?}",
+        rec.profile
+    );
+    // The window the kernel reads around the first fault (32 pages centred
+    // on it, within the file).
+    let first = entry_page.saturating_sub(16);
+    let last = (entry_page + 15).min((size - 1) / page);
+    for p in [first, entry_page, last] {
+        assert!(
+            covers(p * page),
+            "page {p} of bin/busybox (entry point on page {entry_page}) missing: {:?}",
+            rec.profile
+        );
+    }
+    // Faults, not reads of the whole file: the program's start touches a
+    // part of it.
+    let recorded: u64 = rec
+        .profile
+        .entries
+        .iter()
+        .filter(|e| e.path == "bin/busybox")
+        .map(|e| e.length)
+        .sum();
+    assert!(recorded < size, "{recorded} of {size} bytes recorded");
 }

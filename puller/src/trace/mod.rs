@@ -163,6 +163,18 @@ impl AccessTracer {
         self.ebpf.as_ref().map(|t| t.dropped()).unwrap_or(0)
     }
 
+    /// Accesses recorded for starting containers so far, by kind: `read`,
+    /// `fault` and `map_pages` (see [`Recorder::recorded_events`]).
+    pub fn recorded_events(&self) -> [(&'static str, u64); 3] {
+        use sluice_puller_ebpf::kind;
+        [
+            ("read", kind::READ),
+            ("fault", kind::FAULT),
+            ("map_pages", kind::MAP_PAGES),
+        ]
+        .map(|(name, k)| (name, self.recorder.recorded_events(k)))
+    }
+
     pub fn recorder(&self) -> &Arc<Recorder> {
         &self.recorder
     }

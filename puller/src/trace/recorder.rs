@@ -1,6 +1,7 @@
 //! Turning access events into per-container, per-image recordings.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,6 +77,10 @@ pub struct Recorder {
     done: tokio::sync::mpsc::UnboundedSender<Recording>,
     self_pid: u32,
     host_mnt_ns: Option<std::path::PathBuf>,
+    /// Accesses recorded, by kind (`kind::READ`, `FAULT`, `MAP_PAGES`; the
+    /// FUSE fallback's reads count as `READ`): what an operator checks to
+    /// see whether this kernel reports page faults at all.
+    recorded: [AtomicU64; 3],
 }
 
 /// A process's mount namespace (`mnt:[inode]`), if it still exists.
@@ -127,11 +132,26 @@ impl Recorder {
             done,
             self_pid: std::process::id(),
             host_mnt_ns: mount_namespace("self"),
+            recorded: Default::default(),
         }
     }
 
     pub fn source(&self) -> Source {
         self.source
+    }
+
+    /// Accesses of kind `kind` (`kind::READ`, `FAULT` or `MAP_PAGES`)
+    /// recorded for starting containers so far.
+    pub fn recorded_events(&self, kind: u32) -> u64 {
+        self.recorded
+            .get(kind as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    fn count(&self, kind: u32) {
+        if let Some(c) = self.recorded.get(kind as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn add_layer(&self, dev: u32, layer: Arc<RemoteLayer>, image: ImageRef) {
@@ -209,6 +229,7 @@ impl Recorder {
             st.backing.get(&(ev.dev, ev.ino)).cloned()
         };
         let Some((traced, node)) = target else { return };
+        self.count(ev.kind);
         let (first, last) = if ev.kind == kind::FAULT {
             // A fault on a page that is not cached has the kernel read the
             // pages around it: that window, not the page, is what the next
@@ -239,6 +260,7 @@ impl Recorder {
         let Some(traced) = st.by_layer.get(layer.digest()).cloned() else {
             return;
         };
+        self.count(kind::READ);
         self.record(&mut st, cgroup, now, &traced, node, offset, len);
     }
 
