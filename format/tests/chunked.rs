@@ -347,6 +347,15 @@ fn lying_tocs_are_rejected() {
         })
     }));
     assert!(e.contains("not a directory"), "{e}");
+    // The same two levels up, through a directory no entry names.
+    let e = err(mutate(&layer, |es| {
+        es.push(TocEntry {
+            kind: toc::TYPE_REG.into(),
+            name: "etc/small/unnamed/deeper".into(),
+            ..TocEntry::default()
+        })
+    }));
+    assert!(e.contains("\"etc/small\" is not a directory"), "{e}");
     let e = err(mutate(&layer, |es| {
         es.insert(
             0,
@@ -360,6 +369,22 @@ fn lying_tocs_are_rejected() {
     assert!(e.contains("chunk entry"), "{e}");
     // Absolute symlinks are data, resolved inside the container: accepted.
     assert!(mutate(&layer, |_| {}).is_ok());
+    // Names in other spellings of the same path are read as that path.
+    let index = mutate(&layer, |es| {
+        let i = find(es, "etc/text.conf");
+        es[i].name = "./etc//text.conf".into();
+        es.push(TocEntry {
+            kind: toc::TYPE_DIR.into(),
+            name: "/new/implicit/parent/".into(),
+            ..TocEntry::default()
+        })
+    })
+    .unwrap();
+    assert!(index.lookup("etc/text.conf").is_some());
+    for path in ["new/implicit/parent", "new/implicit", "new"] {
+        let node = index.lookup(path).unwrap_or_else(|| panic!("{path}"));
+        assert_eq!(index.node(node).kind, NodeKind::Dir, "{path}")
+    }
 }
 
 #[test]

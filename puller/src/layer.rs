@@ -251,11 +251,26 @@ impl RemoteLayer {
         let range = footer.toc.offset..footer.toc.end();
         let started = std::time::Instant::now();
         let mut fetching = std::time::Duration::ZERO;
+        // Decoding a TOC and building the index are CPU work of tens of
+        // milliseconds for a layer of 40,000 files: on a blocking thread, not
+        // on a runtime worker that other layers' fetches need meanwhile.
+        let decode = |bytes: bytes::Bytes| {
+            let digest = toc_digest.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    Toc::decode(&bytes, Some(&digest), MAX_TOC_BYTES).map(|t| (t, bytes))
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+            }
+        };
         let mut last = String::new();
         // A TOC kept from an earlier mount is used if it still verifies.
-        let mut toc = cache
-            .toc(&toc_digest)
-            .and_then(|b| Toc::decode(&b, Some(&toc_digest), MAX_TOC_BYTES).ok());
+        let mut toc = match cache.toc(&toc_digest) {
+            Some(b) => decode(b.into()).await.ok().map(|(t, _)| t),
+            None => None,
+        };
         for attempt in 0..VERIFY_ATTEMPTS {
             if toc.is_some() {
                 break;
@@ -270,19 +285,22 @@ impl RemoteLayer {
                     reason: format!("fetching the TOC: {e}"),
                 })?;
             fetching += fetch_started.elapsed();
-            match Toc::decode(&bytes, Some(&toc_digest), MAX_TOC_BYTES) {
-                Ok(t) => {
+            match decode(bytes).await {
+                Ok((t, bytes)) => {
                     cache.put_toc(&toc_digest, &bytes);
                     toc = Some(t);
                 }
-                Err(e) => last = e.to_string(),
+                Err(e) => last = e,
             }
         }
         let toc = toc.ok_or_else(|| not_lazy(format!("TOC: {last}")))?;
         // Fetching the TOC, decoding it and building the index from it are
         // all on the pull's critical path.
         let decoded = started.elapsed();
-        let index = LayerIndex::from_toc(&toc, footer.toc.offset - 8)
+        let data_end = footer.toc.offset - 8;
+        let index = tokio::task::spawn_blocking(move || LayerIndex::from_toc(&toc, data_end))
+            .await
+            .map_err(|e| not_lazy(e.to_string()))?
             .map_err(|e| not_lazy(e.to_string()))?;
         tracing::info!(
             image = %image,

@@ -9,6 +9,7 @@
 //! ones included: sluice never resolves them on the host; the kernel resolves
 //! them inside the container's root, exactly as for an unpacked layer.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use base64::Engine as _;
@@ -132,20 +133,28 @@ pub struct LayerIndex {
 }
 
 /// Normalizes a tar name: strips `./` and leading `/`, drops `.` and empty
-/// components; refuses `..` and NUL.
-pub fn normalize(name: &str) -> Result<String, String> {
+/// components; refuses `..` and NUL. A name already in that form (the
+/// converter writes them so) is returned as it is, without a copy.
+pub fn normalize(name: &str) -> Result<Cow<'_, str>, String> {
     if name.contains('\0') {
         return Err("name contains NUL".into());
     }
-    let mut parts = Vec::new();
+    let mut clean = true;
     for c in name.split('/') {
         match c {
-            "" | "." => {}
             ".." => return Err("name contains a '..' component".into()),
-            c => parts.push(c),
+            "" | "." => clean = false,
+            _ => {}
         }
     }
-    Ok(parts.join("/"))
+    if clean {
+        return Ok(Cow::Borrowed(name));
+    }
+    let parts: Vec<&str> = name
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    Ok(Cow::Owned(parts.join("/")))
 }
 
 fn parse_time(name: &str, s: &Option<String>) -> Result<(i64, u32), IndexError> {
@@ -186,7 +195,9 @@ impl LayerIndex {
         while i < entries.len() {
             let e = &entries[i];
             i += 1;
-            let path = normalize(&e.name).map_err(|r| entry_err(&e.name, r))?;
+            let path = normalize(&e.name)
+                .map_err(|r| entry_err(&e.name, r))?
+                .into_owned();
             if e.kind == toc::TYPE_CHUNK {
                 return Err(entry_err(
                     &e.name,
@@ -246,7 +257,7 @@ impl LayerIndex {
                 toc::TYPE_HARDLINK => {
                     let target = normalize(&e.link_name)
                         .map_err(|r| entry_err(&e.name, format!("hard link target: {r}")))?;
-                    let Some(&t) = paths.get(&target) else {
+                    let Some(&t) = paths.get(target.as_ref()) else {
                         return Err(entry_err(
                             &e.name,
                             format!(
@@ -434,6 +445,10 @@ impl LayerIndex {
         if !paths.contains_key("") {
             missing.push(String::new());
         }
+        // Only each entry's own parent is looked up: an entry's grandparent
+        // is checked as its parent's parent, whether the layer names that
+        // parent or it is added here (a path is looked up once per child,
+        // not once per descendant).
         let mut seen = std::collections::HashSet::new();
         for node in &self.nodes {
             let mut p = node.path.as_str();
@@ -445,11 +460,12 @@ impl LayerIndex {
                             format!("parent {parent:?} is not a directory"),
                         ));
                     }
-                    Some(_) => {}
+                    Some(_) => break,
                     None => {
-                        if seen.insert(parent.to_owned()) {
-                            missing.push(parent.to_owned());
+                        if !seen.insert(parent) {
+                            break; // added, and its parents seen, already
                         }
+                        missing.push(parent.to_owned());
                     }
                 }
                 p = parent;

@@ -135,7 +135,15 @@ impl Toc {
             }
         }
         let decoder = zstd::stream::Decoder::new(compressed).map_err(TocError::Zstd)?;
+        // Room for the whole JSON at once where the frame says its size (the
+        // converter's do): growing by doubling copied a 15 MB TOC over and
+        // over. Not more than the limit, nor more than a TOC's JSON plausibly
+        // expands to: a frame may claim any size.
         let mut json = Vec::new();
+        if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(compressed) {
+            let plausible = compressed.len() as u64 * 32;
+            json.reserve_exact(size.min(limit).min(plausible) as usize + 1);
+        }
         decoder
             .take(limit + 1)
             .read_to_end(&mut json)
