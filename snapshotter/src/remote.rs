@@ -124,6 +124,10 @@ type KnownProfile = (Instant, Option<Arc<Profile>>);
 /// then.
 type OpeningLayer = Arc<tokio::sync::Mutex<Option<Result<RemoteLayer, String>>>>;
 
+/// How long a layer's profile prefetch waits for the TOCs of the layers
+/// above it (see [`RemoteLayers::mount`]) before it starts anyway.
+const PREFETCH_AFTER_TOCS_MAX: Duration = Duration::from_secs(5);
+
 pub struct RemoteLayers {
     client: Arc<RegistryClient>,
     cache: Arc<ChunkCache>,
@@ -136,7 +140,8 @@ pub struct RemoteLayers {
     known_profiles: tokio::sync::Mutex<HashMap<Digest, KnownProfile>>,
     /// Layers opened ahead, by lazy blob digest; the first mount of the blob
     /// takes it, and one no mount took is dropped after [`RESOLVE_TTL`].
-    opening: Arc<Mutex<HashMap<Digest, OpeningLayer>>>,
+    /// Each with the (pinned) image it was opened for.
+    opening: Arc<Mutex<HashMap<Digest, (ImageRef, OpeningLayer)>>>,
     mounts: Mutex<HashMap<u64, Mounted>>,
 }
 
@@ -197,13 +202,8 @@ impl RemoteLayers {
 
     /// Queues the profile's entries for a freshly mounted layer.
     fn prefetch(&self, p: &Profile, layer: &Arc<RemoteLayer>) {
-        let Some(prefetcher) = &self.profiles.prefetcher else {
-            return;
-        };
-        let entries = p.entries_for(layer.digest());
-        if !entries.is_empty() {
-            let queued = prefetcher.prefetch_profile(layer, &entries);
-            tracing::info!(layer = %layer.digest(), queued, "prefetching from the profile");
+        if let Some(prefetcher) = &self.profiles.prefetcher {
+            queue_profile(prefetcher, p, layer);
         }
     }
 
@@ -266,7 +266,7 @@ impl RemoteLayers {
             let Ok(mut result) = slot.clone().try_lock_owned() else {
                 continue;
             };
-            opening.insert(lazy.digest.clone(), slot.clone());
+            opening.insert(lazy.digest.clone(), (image.clone(), slot.clone()));
             let (client, cache, opts) = (
                 self.client.clone(),
                 self.cache.clone(),
@@ -287,7 +287,7 @@ impl RemoteLayers {
                 let mut all = all.lock().expect("opening layers");
                 if all
                     .get(&lazy.digest)
-                    .is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), mine.as_ptr()))
+                    .is_some_and(|(_, s)| std::ptr::eq(Arc::as_ptr(s), mine.as_ptr()))
                 {
                     all.remove(&lazy.digest);
                 }
@@ -307,7 +307,7 @@ impl RemoteLayers {
             .lock()
             .expect("opening layers")
             .remove(&lazy.digest);
-        if let Some(slot) = ahead {
+        if let Some((_, slot)) = ahead {
             match slot.lock().await.take() {
                 Some(Ok(layer)) if layer.image() == image => {
                     self.metrics.layers_opened_ahead.inc();
@@ -408,7 +408,37 @@ impl RemoteLayers {
             t.layer_mounted(mountpoint, layer.clone(), image.clone());
         }
         if let Some(p) = profile {
-            self.prefetch(&p, &layer);
+            // The TOCs of this image's layers above, still being fetched
+            // ahead, are on the pull's path and the container waits for the
+            // pull: this layer's prefetch goes after them rather than share
+            // the link with them (python3-large at 100 Mbit/s: a 3.5 MB TOC
+            // beside four prefetch ranges).
+            let pending: Vec<OpeningLayer> = self
+                .opening
+                .lock()
+                .expect("opening layers")
+                .values()
+                .filter(|(i, _)| *i == image)
+                .map(|(_, slot)| slot.clone())
+                .collect();
+            if pending.is_empty() {
+                self.prefetch(&p, &layer);
+            } else {
+                let prefetcher = self.profiles.prefetcher.clone();
+                let layer = Arc::downgrade(&layer);
+                self.runtime.spawn(async move {
+                    let tocs = async {
+                        for slot in pending {
+                            drop(slot.lock().await);
+                        }
+                    };
+                    let _ = tokio::time::timeout(PREFETCH_AFTER_TOCS_MAX, tocs).await;
+                    // Not for a layer unmounted meanwhile.
+                    if let (Some(prefetcher), Some(layer)) = (prefetcher, layer.upgrade()) {
+                        queue_profile(&prefetcher, &p, &layer);
+                    }
+                });
+            }
         }
         self.mounts.lock().expect("mounts").insert(
             id,
@@ -455,6 +485,15 @@ impl RemoteLayers {
 
     pub fn mounted(&self) -> usize {
         self.mounts.lock().expect("mounts").len()
+    }
+}
+
+/// Queues the layer's part of profile `p`.
+fn queue_profile(prefetcher: &Prefetcher, p: &Profile, layer: &Arc<RemoteLayer>) {
+    let entries = p.entries_for(layer.digest());
+    if !entries.is_empty() {
+        let queued = prefetcher.prefetch_profile(layer, &entries);
+        tracing::info!(layer = %layer.digest(), queued, "prefetching from the profile");
     }
 }
 
