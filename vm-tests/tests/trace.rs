@@ -188,6 +188,16 @@ fn paths(r: &Recording) -> Vec<String> {
     out
 }
 
+/// Bytes of `path` in the recording.
+fn recorded_bytes(r: &Recording, path: &str) -> u64 {
+    r.profile
+        .entries
+        .iter()
+        .filter(|e| e.path == path)
+        .map(|e| e.length)
+        .sum()
+}
+
 /// Runs the recording with `hooks` and checks what the eBPF programs saw.
 fn check_ebpf_recording(hooks: Hooks) -> Vec<String> {
     // start.sh is small: served by the daemon, its bytes put into the FUSE
@@ -227,14 +237,11 @@ fn check_ebpf_recording(hooks: Hooks) -> Vec<String> {
         "{:?} (tracepoints {tracepoints:?})",
         rec.profile
     );
-    let blob: u64 = rec
-        .profile
-        .entries
-        .iter()
-        .filter(|e| e.path == "app/data/blob.bin")
-        .map(|e| e.length)
-        .sum();
-    assert_eq!(blob, 3 << 20, "every chunk of the file read whole");
+    assert_eq!(
+        recorded_bytes(&rec, "app/data/blob.bin"),
+        3 << 20,
+        "every chunk of the file read whole"
+    );
     assert_eq!(counts.dropped_events, 0);
     // Where the kernel has passthrough, blob.bin's reads were seen on the
     // cache's backing file, not on the FUSE inode.
@@ -469,12 +476,6 @@ fn a_program_executed_from_the_mount_is_recorded_by_its_page_faults() {
     }
     // Faults, not reads of the whole file: the program's start touches a
     // part of it.
-    let recorded: u64 = rec
-        .profile
-        .entries
-        .iter()
-        .filter(|e| e.path == "bin/busybox")
-        .map(|e| e.length)
-        .sum();
+    let recorded = recorded_bytes(&rec, "bin/busybox");
     assert!(recorded < size, "{recorded} of {size} bytes recorded");
 }
