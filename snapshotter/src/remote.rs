@@ -200,13 +200,6 @@ impl RemoteLayers {
         p
     }
 
-    /// Queues the profile's entries for a freshly mounted layer.
-    fn prefetch(&self, p: &Profile, layer: &Arc<RemoteLayer>) {
-        if let Some(prefetcher) = &self.profiles.prefetcher {
-            queue_profile(prefetcher, p, layer);
-        }
-    }
-
     /// Waits until queued prefetch work is done (tests, benchmarks).
     pub async fn prefetch_idle(&self) {
         if let Some(p) = &self.profiles.prefetcher {
@@ -407,7 +400,8 @@ impl RemoteLayers {
         if let Some(t) = &self.profiles.tracer {
             t.layer_mounted(mountpoint, layer.clone(), image.clone());
         }
-        if let Some(p) = profile {
+        // (A profile is only looked up where there is a prefetcher.)
+        if let (Some(p), Some(prefetcher)) = (profile, &self.profiles.prefetcher) {
             // The TOCs of this image's layers above, still being fetched
             // ahead, are on the pull's path and the container waits for the
             // pull: this layer's prefetch goes after them rather than share
@@ -422,9 +416,9 @@ impl RemoteLayers {
                 .map(|(_, slot)| slot.clone())
                 .collect();
             if pending.is_empty() {
-                self.prefetch(&p, &layer);
+                queue_profile(prefetcher, &p, &layer);
             } else {
-                let prefetcher = self.profiles.prefetcher.clone();
+                let prefetcher = prefetcher.clone();
                 let layer = Arc::downgrade(&layer);
                 self.runtime.spawn(async move {
                     let tocs = async {
@@ -434,7 +428,7 @@ impl RemoteLayers {
                     };
                     let _ = tokio::time::timeout(PREFETCH_AFTER_TOCS_MAX, tocs).await;
                     // Not for a layer unmounted meanwhile.
-                    if let (Some(prefetcher), Some(layer)) = (prefetcher, layer.upgrade()) {
+                    if let Some(layer) = layer.upgrade() {
                         queue_profile(&prefetcher, &p, &layer);
                     }
                 });
@@ -488,7 +482,7 @@ impl RemoteLayers {
     }
 }
 
-/// Queues the layer's part of profile `p`.
+/// Queues the layer's part of profile `p` for a freshly mounted layer.
 fn queue_profile(prefetcher: &Prefetcher, p: &Profile, layer: &Arc<RemoteLayer>) {
     let entries = p.entries_for(layer.digest());
     if !entries.is_empty() {
