@@ -165,10 +165,8 @@ fn record(
             .passthrough_opens
             .load(std::sync::atomic::Ordering::Relaxed),
         faults: tracer
-            .recorded_events()
-            .into_iter()
-            .find_map(|(kind, n)| (kind == "fault").then_some(n))
-            .unwrap(),
+            .recorder()
+            .recorded_events(sluice_puller_ebpf::kind::FAULT),
     };
     tracer.layer_unmounted(&layer);
     drop(session);
@@ -196,6 +194,14 @@ fn recorded_bytes(r: &Recording, path: &str) -> u64 {
         .filter(|e| e.path == path)
         .map(|e| e.length)
         .sum()
+}
+
+/// Whether byte `offset` of `path` is in the recording.
+fn covers(r: &Recording, path: &str, offset: u64) -> bool {
+    r.profile
+        .entries
+        .iter()
+        .any(|e| e.path == path && e.offset <= offset && offset < e.offset + e.length)
 }
 
 /// Runs the recording with `hooks` and checks what the eBPF programs saw.
@@ -374,12 +380,7 @@ fn a_fault_is_recorded_with_the_pages_the_kernel_reads_around_it() {
     recorder.on_event(&event(kind::READ, 400, 3_000));
     assert_eq!(recorder.finish_due(2_000 + window.as_nanos() as u64), 1);
     let rec = recordings.try_recv().unwrap();
-    let covers = |offset: u64| {
-        rec.profile
-            .entries
-            .iter()
-            .any(|e| e.offset <= offset && offset < e.offset + e.length)
-    };
+    let covers = |offset| covers(&rec, "app/data/blob.bin", offset);
     let page = 4096;
     for p in [84, 100, 115, 400] {
         assert!(covers(p * page), "page {p} missing: {:?}", rec.profile);
@@ -430,12 +431,7 @@ fn a_program_executed_from_the_mount_is_recorded_by_its_page_faults() {
     let size = busybox.len() as u64;
     let page = 4096;
     let entry_page = entry_offset(&busybox) / page;
-    let covers = |offset: u64| {
-        rec.profile
-            .entries
-            .iter()
-            .any(|e| e.path == "bin/busybox" && e.offset <= offset && offset < e.offset + e.length)
-    };
+    let covers = |offset| covers(&rec, "bin/busybox", offset);
     if !sluice_testkit::kernel::has_filemap_tracepoints() {
         // The fallback (Debian's 6.1): the daemon records the reads the
         // faults sent it.
