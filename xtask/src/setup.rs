@@ -208,8 +208,15 @@ pub fn workspace() -> PathBuf {
 /// such as ring's rerun when those change, so builds started from xtask
 /// and `cargo xtask` itself rebuilt ring and everything above it (rustls,
 /// hyper, the daemons) each time one followed the other: minutes per run.
+///
+/// Incremental compilation is off unless `CARGO_INCREMENTAL` says otherwise:
+/// xtask builds whole test suites once (`cargo xtask test`, the static
+/// vm-tests), where its caches are gigabytes that nothing reuses.
 pub fn cargo_command() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    if std::env::var_os("CARGO_INCREMENTAL").is_none() {
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
     for (name, _) in std::env::vars_os() {
         let Some(name) = name.to_str() else { continue };
         if name.starts_with("CARGO_PKG_")
