@@ -57,6 +57,33 @@ pub fn step(what: &str) {
     println!("==> {what}");
 }
 
+/// Says so up front when the workspace's filesystem has less than `gib`
+/// free: a build that runs out of disk fails much later, and as a linker
+/// crash ("Bus error") or a failed write deep in cargo's output.
+pub fn warn_if_short_of_disk(gib: u64, what: &str) {
+    let out = Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(workspace())
+        .output();
+    let Some(avail) = out.ok().and_then(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse::<u64>().ok())
+    }) else {
+        return;
+    };
+    if avail < gib << 30 {
+        println!(
+            "warning: {} has {:.1} GiB free; {what} writes up to {gib} GiB under target/ \
+             (less when target/ already holds a build). If it fails with \
+             \"No space left on device\" or a linker \"Bus error\", free some space.",
+            workspace().display(),
+            avail as f64 / f64::from(1 << 30),
+        );
+    }
+}
+
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
