@@ -12,11 +12,8 @@ use crate::chunked::{convert_tar, ChunkingOptions, Footer, LayerIndex};
 
 /// Bytes as a TOC: plain JSON or zstd-compressed, then validated into an index.
 pub fn toc(data: &[u8]) {
-    let parsed = match Toc::decode(data, None, 4 << 20) {
-        Ok(t) => Some(t),
-        Err(_) => serde_json::from_slice::<Toc>(data).ok(),
-    };
-    if let Some(toc) = parsed {
+    let json = Toc::inflate(data, None, 4 << 20).unwrap_or_else(|_| data.to_vec());
+    if let Ok(toc) = Toc::parse(&json) {
         if let Ok(index) = LayerIndex::from_toc(&toc, 1 << 30) {
             for i in 0..index.nodes().len() {
                 let _ = index.chunks_for_range(i, 0, u64::MAX / 2);

@@ -105,7 +105,7 @@ fn opts() -> ChunkingOptions {
 struct Layer {
     blob: Vec<u8>,
     footer: Footer,
-    toc: Toc,
+    toc: Toc<'static>,
     index: LayerIndex,
 }
 
@@ -124,12 +124,13 @@ fn convert(tar: &[u8]) -> Layer {
         .unwrap();
     assert_eq!(from_annotations, converted.footer);
     let loc = converted.footer.toc;
-    let toc = Toc::decode(
+    let json = Toc::inflate(
         &blob[loc.offset as usize..loc.end() as usize],
         converted.footer.toc_digest.as_ref(),
         MAX_TOC_BYTES,
     )
     .unwrap();
+    let toc = Toc::parse(&json).unwrap().into_owned();
     let index = LayerIndex::from_toc(&toc, loc.offset - 8).unwrap();
     Layer {
         blob,
@@ -385,6 +386,73 @@ fn lying_tocs_are_rejected() {
         let node = index.lookup(path).unwrap_or_else(|| panic!("{path}"));
         assert_eq!(index.node(node).kind, NodeKind::Dir, "{path}")
     }
+    assert_parents_match_paths(&index);
+}
+
+/// Every node's recorded parent is the directory its path names (the root
+/// is its own parent).
+fn assert_parents_match_paths(index: &LayerIndex) {
+    let root = index.lookup("").expect("a root");
+    assert_eq!(index.parent(root), root);
+    for (i, n) in index.nodes().iter().enumerate() {
+        if i == root {
+            continue;
+        }
+        let dir = n.path.rsplit_once('/').map_or("", |(d, _)| d);
+        assert_eq!(
+            index.node(index.parent(i)).path,
+            dir,
+            "parent of {:?}",
+            n.path
+        );
+        assert_eq!(index.node(index.parent(i)).kind, NodeKind::Dir);
+    }
+}
+
+#[test]
+fn parents_are_recorded_for_named_and_implicit_directories() {
+    // No root entry, directories named after their files, implicit chains
+    // shared by several files, and names in other spellings.
+    let entry = |kind: &'static str, name: &'static str| TocEntry {
+        kind: kind.into(),
+        name: name.into(),
+        ..TocEntry::default()
+    };
+    let toc = Toc {
+        version: 1,
+        entries: vec![
+            entry(toc::TYPE_SYMLINK, "a/b/c/link"),
+            entry(toc::TYPE_DIR, "a/b"),
+            entry(toc::TYPE_FIFO, "a/b/c/fifo"),
+            entry(toc::TYPE_FIFO, "./a/x/y/z/fifo"),
+            entry(toc::TYPE_FIFO, "a/x/y/other"),
+            entry(toc::TYPE_DIR, "top"),
+            entry(toc::TYPE_FIFO, "top/fifo"),
+            entry(toc::TYPE_FIFO, "/alone"),
+            entry(toc::TYPE_FIFO, "deep/only/child"),
+        ],
+        tar_split_digest: None,
+    };
+    let mut toc = toc;
+    toc.entries[0].link_name = "target".into();
+    let index = LayerIndex::from_toc(&toc, 0).unwrap();
+    assert_parents_match_paths(&index);
+    for implicit in [
+        "",
+        "a",
+        "a/b/c",
+        "a/x",
+        "a/x/y",
+        "a/x/y/z",
+        "deep",
+        "deep/only",
+    ] {
+        let i = index
+            .lookup(implicit)
+            .unwrap_or_else(|| panic!("{implicit:?}"));
+        assert!(index.node(i).implicit, "{implicit:?}");
+    }
+    assert!(!index.node(index.lookup("a/b").unwrap()).implicit);
 }
 
 #[test]
@@ -422,12 +490,41 @@ fn corrupt_chunks_and_tocs_are_detected() {
     // TOC: wrong digest, and a decompression bomb.
     let loc = layer.footer.toc;
     let toc_bytes = &layer.blob[loc.offset as usize..loc.end() as usize];
-    let e = Toc::decode(toc_bytes, Some(&Digest::sha256(b"other")), MAX_TOC_BYTES).unwrap_err();
+    let e = Toc::inflate(toc_bytes, Some(&Digest::sha256(b"other")), MAX_TOC_BYTES).unwrap_err();
     assert!(e.to_string().contains("annotation says"), "{e}");
     let bomb = zstd::encode_all(&vec![b' '; 10 << 20][..], 19).unwrap();
-    let e = Toc::decode(&bomb, None, 1 << 20).unwrap_err();
+    let e = Toc::inflate(&bomb, None, 1 << 20).unwrap_err();
     assert!(e.to_string().contains("more than"), "{e}");
-    assert!(Toc::decode(b"not zstd", None, MAX_TOC_BYTES).is_err());
+    assert!(Toc::inflate(b"not zstd", None, MAX_TOC_BYTES).is_err());
+}
+
+#[test]
+fn tocs_inflate_in_one_frame_or_several_within_the_limit() {
+    let json = br#"{"version":1,"entries":[{"type":"dir","name":"a"}]}"#;
+    let one = zstd::bulk::compress(json, 3).unwrap();
+    assert_eq!(Toc::inflate(&one, None, 1 << 20).unwrap(), json);
+    // The first frame says its size, but more frames follow.
+    let (head, tail) = json.split_at(20);
+    let mut two = zstd::bulk::compress(head, 3).unwrap();
+    two.extend(zstd::bulk::compress(tail, 3).unwrap());
+    assert_eq!(Toc::inflate(&two, None, 1 << 20).unwrap(), json);
+    let e = Toc::inflate(&two, None, 30).unwrap_err();
+    assert!(e.to_string().contains("more than 30"), "{e}");
+    // A frame that says it is larger than the limit.
+    let e = Toc::inflate(&one, None, 10).unwrap_err();
+    assert!(e.to_string().contains("more than 10"), "{e}");
+    let toc = Toc::parse(&json[..]).unwrap();
+    assert_eq!(toc.entries[0].name, "a");
+    // Names with escapes are read (owned), not refused.
+    let escaped = br#"{"version":1,"entries":[{"type":"dir","name":"a\u0062","modtime":"2024-01-02T03:04:05\u005a"}]}"#;
+    let toc = Toc::parse(&escaped[..]).unwrap();
+    assert_eq!(toc.entries[0].name, "ab");
+    assert_eq!(
+        toc.entries[0].mod_time.as_deref(),
+        Some("2024-01-02T03:04:05Z")
+    );
+    assert!(matches!(toc.entries[0].name, std::borrow::Cow::Owned(_)));
+    assert!(Toc::parse(br#"{"version":2,"entries":[]}"#).is_err());
 }
 
 #[test]

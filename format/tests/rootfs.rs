@@ -63,12 +63,13 @@ fn debian_python3_tree_round_trips_exactly() {
     );
 
     let loc = converted.footer.toc;
-    let toc = Toc::decode(
+    let json = Toc::inflate(
         &blob[loc.offset as usize..loc.end() as usize],
         converted.footer.toc_digest.as_ref(),
         MAX_TOC_BYTES,
     )
     .unwrap();
+    let toc = Toc::parse(&json).unwrap();
     let index = LayerIndex::from_toc(&toc, loc.offset - 8).unwrap();
 
     let mut paths = Vec::new();

@@ -252,27 +252,33 @@ impl RemoteLayer {
         let started = std::time::Instant::now();
         let mut fetching = std::time::Duration::ZERO;
         // Decoding a TOC and building the index are CPU work of tens of
-        // milliseconds for a layer of 40,000 files: on a blocking thread, not
-        // on a runtime worker that other layers' fetches need meanwhile.
-        let decode = |bytes: bytes::Bytes| {
-            let digest = toc_digest.clone();
+        // milliseconds for a layer of 40,000 files, and the cached copy is
+        // megabytes of disk: on a blocking thread, not on a runtime worker
+        // that other layers' fetches need meanwhile. A fetched TOC that
+        // verifies is kept in the cache for the next mount.
+        let inflate = |bytes: Option<bytes::Bytes>| {
+            let (digest, cache) = (toc_digest.clone(), cache.clone());
             async move {
                 tokio::task::spawn_blocking(move || {
-                    Toc::decode(&bytes, Some(&digest), MAX_TOC_BYTES).map(|t| (t, bytes))
+                    let Some(bytes) = bytes else {
+                        // A TOC kept from an earlier mount, if it still verifies.
+                        let kept = cache.toc(&digest).ok_or("no TOC in the cache")?;
+                        return Toc::inflate(&kept, Some(&digest), MAX_TOC_BYTES)
+                            .map_err(|e| e.to_string());
+                    };
+                    let json = Toc::inflate(&bytes, Some(&digest), MAX_TOC_BYTES)
+                        .map_err(|e| e.to_string())?;
+                    cache.put_toc(&digest, &bytes);
+                    Ok(json)
                 })
                 .await
                 .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())
             }
         };
         let mut last = String::new();
-        // A TOC kept from an earlier mount is used if it still verifies.
-        let mut toc = match cache.toc(&toc_digest) {
-            Some(b) => decode(b.into()).await.ok().map(|(t, _)| t),
-            None => None,
-        };
+        let mut json = inflate(None).await.ok();
         for attempt in 0..VERIFY_ATTEMPTS {
-            if toc.is_some() {
+            if json.is_some() {
                 break;
             }
             let fetch_started = std::time::Instant::now();
@@ -285,23 +291,29 @@ impl RemoteLayer {
                     reason: format!("fetching the TOC: {e}"),
                 })?;
             fetching += fetch_started.elapsed();
-            match decode(bytes).await {
-                Ok((t, bytes)) => {
-                    cache.put_toc(&toc_digest, &bytes);
-                    toc = Some(t);
-                }
+            match inflate(Some(bytes)).await {
+                Ok(j) => json = Some(j),
                 Err(e) => last = e,
             }
         }
-        let toc = toc.ok_or_else(|| not_lazy(format!("TOC: {last}")))?;
+        let json = json.ok_or_else(|| not_lazy(format!("TOC: {last}")))?;
         // Fetching the TOC, decoding it and building the index from it are
-        // all on the pull's critical path.
-        let decoded = started.elapsed();
+        // all on the pull's critical path. The TOC's strings borrow from its
+        // JSON, so both steps run in one task. (A TOC that verified but does
+        // not parse would come the same from any source: not retried.)
+        let inflated = started.elapsed();
         let data_end = footer.toc.offset - 8;
-        let index = tokio::task::spawn_blocking(move || LayerIndex::from_toc(&toc, data_end))
-            .await
-            .map_err(|e| not_lazy(e.to_string()))?
-            .map_err(|e| not_lazy(e.to_string()))?;
+        let (index, parsed) = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            let toc = Toc::parse(&json).map_err(|e| format!("TOC: {e}"))?;
+            let parsed = t.elapsed();
+            let index = LayerIndex::from_toc(&toc, data_end).map_err(|e| e.to_string())?;
+            Ok::<_, String>((index, parsed))
+        })
+        .await
+        .map_err(|e| not_lazy(e.to_string()))?
+        .map_err(not_lazy)?;
+        let decoded = inflated + parsed;
         tracing::info!(
             image = %image,
             layer = %layer.digest,

@@ -64,7 +64,8 @@ async fn verify_lazily(
         )
         .await;
         fetched += footer.toc.compressed_len;
-        let toc = Toc::decode(&toc_bytes, footer.toc_digest.as_ref(), MAX_TOC_BYTES).unwrap();
+        let json = Toc::inflate(&toc_bytes, footer.toc_digest.as_ref(), MAX_TOC_BYTES).unwrap();
+        let toc = Toc::parse(&json).unwrap();
         let index = LayerIndex::from_toc(&toc, footer.toc.offset - 8).unwrap();
         for (i, node) in index.nodes().iter().enumerate() {
             let NodeKind::File { size, .. } = node.kind else {

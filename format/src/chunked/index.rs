@@ -17,6 +17,11 @@ use base64::Engine as _;
 use super::toc::{self, Toc, TocEntry};
 use crate::Digest;
 
+/// Maps keyed by the TOC's paths: tens of thousands of lookups while a layer
+/// is mounted, where SipHash was a tenth of the time. foldhash is seeded per
+/// process, so a TOC cannot be written to collide on every node.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Largest file size accepted (16 TiB); anything larger is a lie.
 pub const MAX_FILE_SIZE: u64 = 1 << 44;
 const MAX_LINK_TARGET: usize = 4096;
@@ -129,6 +134,8 @@ pub struct LayerIndex {
     /// Node numbers sorted by path, for [`LayerIndex::lookup`]: a hash map
     /// would hold every path a second time.
     by_path: Vec<u32>,
+    /// Each node's directory (the root's is the root).
+    parents: Vec<u32>,
     chunks: Vec<ChunkRef>,
 }
 
@@ -157,7 +164,7 @@ pub fn normalize(name: &str) -> Result<Cow<'_, str>, String> {
     Ok(Cow::Owned(parts.join("/")))
 }
 
-fn parse_time(name: &str, s: &Option<String>) -> Result<(i64, u32), IndexError> {
+fn parse_time(name: &str, s: &Option<Cow<str>>) -> Result<(i64, u32), IndexError> {
     let Some(s) = s else { return Ok((0, 0)) };
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map_err(|e| entry_err(name, format!("modtime {s:?} is not RFC 3339: {e}")))?;
@@ -181,30 +188,36 @@ impl LayerIndex {
     /// offset of the first metadata skippable frame); every chunk must lie
     /// before it.
     pub fn from_toc(toc: &Toc, data_end: u64) -> Result<Self, IndexError> {
+        let entries = &toc.entries;
+        // Room for everything at once: growing the tables (and rehashing
+        // the map) copied and hashed them over and over. A `chunk` entry is
+        // a chunk, any other entry a node and at most one chunk.
+        let further_chunks = entries.iter().filter(|e| e.kind == toc::TYPE_CHUNK).count();
+        let named = entries.len() - further_chunks;
         let mut index = LayerIndex {
-            nodes: Vec::new(),
+            nodes: Vec::with_capacity(named),
             by_path: Vec::new(),
-            chunks: Vec::new(),
+            parents: Vec::new(),
+            chunks: Vec::with_capacity(entries.len()),
         };
         // Path -> node while building; replaced by the sorted `by_path` at the end.
-        let mut paths: HashMap<String, usize> = HashMap::new();
+        // Keyed by the TOC's own names where they are already normal (no copy).
+        let mut paths: FastMap<Cow<'_, str>, usize> =
+            FastMap::with_capacity_and_hasher(named, Default::default());
         // (blob start, blob end, path) of every chunk, to find overlaps.
-        let mut spans: Vec<(u64, u64, usize)> = Vec::new();
-        let entries = &toc.entries;
+        let mut spans: Vec<(u64, u64, usize)> = Vec::with_capacity(entries.len());
         let mut i = 0;
         while i < entries.len() {
             let e = &entries[i];
             i += 1;
-            let path = normalize(&e.name)
-                .map_err(|r| entry_err(&e.name, r))?
-                .into_owned();
+            let path = normalize(&e.name).map_err(|r| entry_err(&e.name, r))?;
             if e.kind == toc::TYPE_CHUNK {
                 return Err(entry_err(
                     &e.name,
                     "chunk entry without its regular file before it",
                 ));
             }
-            if paths.contains_key(&path) {
+            if paths.contains_key(&*path) {
                 return Err(entry_err(&e.name, "path appears twice in the layer"));
             }
             if path.is_empty() && e.kind != toc::TYPE_DIR {
@@ -231,7 +244,7 @@ impl LayerIndex {
             }
             let dev =
                 |v: i64, what| in_range(&e.name, what, v, u64::from(u32::MAX)).map(|v| v as u32);
-            let kind = match e.kind.as_str() {
+            let kind = match &*e.kind {
                 toc::TYPE_DIR => NodeKind::Dir,
                 toc::TYPE_FIFO => NodeKind::Fifo,
                 toc::TYPE_CHAR => NodeKind::CharDevice {
@@ -252,7 +265,7 @@ impl LayerIndex {
                             "symlink target is empty, too long or contains NUL",
                         ));
                     }
-                    NodeKind::Symlink(e.link_name.clone())
+                    NodeKind::Symlink(e.link_name.clone().into_owned())
                 }
                 toc::TYPE_HARDLINK => {
                     let target = normalize(&e.link_name)
@@ -280,7 +293,7 @@ impl LayerIndex {
                     // The file's chunk entries follow it directly.
                     let mut chunk_entries = vec![e];
                     while i < entries.len() && entries[i].kind == toc::TYPE_CHUNK {
-                        if normalize(&entries[i].name).as_deref() != Ok(path.as_str()) {
+                        if normalize(&entries[i].name).as_deref() != Ok(&*path) {
                             return Err(entry_err(
                                 &entries[i].name,
                                 format!("chunk entry follows {:?}, a different file", e.name),
@@ -312,19 +325,17 @@ impl LayerIndex {
                 }
                 other => return Err(entry_err(&e.name, format!("unknown entry type {other:?}"))),
             };
-            index.insert(
-                &mut paths,
-                Node {
-                    path,
-                    kind,
-                    mode,
-                    uid,
-                    gid,
-                    mtime,
-                    xattrs,
-                    implicit: false,
-                },
-            );
+            paths.insert(path.clone(), index.nodes.len());
+            index.nodes.push(Node {
+                path: path.into_owned(),
+                kind,
+                mode,
+                uid,
+                gid,
+                mtime,
+                xattrs,
+                implicit: false,
+            });
         }
 
         spans.sort_unstable();
@@ -339,7 +350,7 @@ impl LayerIndex {
                 });
             }
         }
-        index.add_implicit_dirs(&mut paths)?;
+        index.add_implicit_dirs(&paths)?;
         drop(paths);
         if index.nodes.len() > u32::MAX as usize {
             return Err(entry_err("", "more than 2^32 entries in one layer"));
@@ -357,7 +368,7 @@ impl LayerIndex {
         name: &str,
         size: u64,
         digest: &Digest,
-        entries: &[&TocEntry],
+        entries: &[&TocEntry<'_>],
         data_end: u64,
     ) -> Result<(), IndexError> {
         let main = entries[0];
@@ -431,61 +442,79 @@ impl LayerIndex {
         Ok(())
     }
 
-    fn insert(&mut self, paths: &mut HashMap<String, usize>, node: Node) -> usize {
-        let i = self.nodes.len();
-        paths.insert(node.path.clone(), i);
-        self.nodes.push(node);
-        i
-    }
-
-    /// Adds the root and any parent directory that no entry names; refuses
-    /// entries whose parent is not a directory.
-    fn add_implicit_dirs(&mut self, paths: &mut HashMap<String, usize>) -> Result<(), IndexError> {
-        let mut missing = Vec::new();
-        if !paths.contains_key("") {
-            missing.push(String::new());
-        }
+    /// Adds the root and any parent directory that no entry names, and
+    /// records every node's parent; refuses entries whose parent is not a
+    /// directory.
+    fn add_implicit_dirs(&mut self, paths: &FastMap<Cow<str>, usize>) -> Result<(), IndexError> {
+        let named = self.nodes.len();
+        // Directories no entry names: they become nodes `named..` in this
+        // order, each with its parent (`u32::MAX` until found).
+        let mut missing: Vec<(String, u32)> = Vec::new();
+        let root = match paths.get("") {
+            Some(&r) => r,
+            None => {
+                missing.push((String::new(), named as u32));
+                named
+            }
+        };
+        let mut parents = vec![root as u32; named];
+        let mut added: FastMap<&str, usize> = FastMap::default();
         // Only each entry's own parent is looked up: an entry's grandparent
         // is checked as its parent's parent, whether the layer names that
         // parent or it is added here (a path is looked up once per child,
         // not once per descendant).
-        let mut seen = std::collections::HashSet::new();
-        for node in &self.nodes {
+        for (i, node) in self.nodes.iter().enumerate() {
+            // Whose parent is being found: a named node, or an added one.
+            let mut child: Result<usize, usize> = Ok(i);
             let mut p = node.path.as_str();
-            while let Some((parent, _)) = p.rsplit_once('/') {
-                match paths.get(parent) {
-                    Some(&i) if self.nodes[i].kind != NodeKind::Dir => {
+            loop {
+                let Some((parent, _)) = p.rsplit_once('/') else {
+                    // A top-level name: in the root (as named nodes are
+                    // from the start).
+                    if let Err(m) = child {
+                        missing[m].1 = root as u32;
+                    }
+                    break;
+                };
+                let found = match paths.get(parent) {
+                    Some(&j) if self.nodes[j].kind != NodeKind::Dir => {
                         return Err(entry_err(
                             &node.path,
                             format!("parent {parent:?} is not a directory"),
                         ));
                     }
-                    Some(_) => break,
-                    None => {
-                        if !seen.insert(parent) {
-                            break; // added, and its parents seen, already
-                        }
-                        missing.push(parent.to_owned());
-                    }
+                    Some(&j) => Some(j),
+                    None => added.get(parent).copied(),
+                };
+                let j = found.unwrap_or(named + missing.len());
+                match child {
+                    Ok(n) => parents[n] = j as u32,
+                    Err(m) => missing[m].1 = j as u32,
                 }
+                if found.is_some() {
+                    break;
+                }
+                added.insert(parent, j);
+                missing.push((parent.to_owned(), u32::MAX));
+                child = Err(missing.len() - 1);
                 p = parent;
             }
         }
-        for path in missing {
-            self.insert(
-                paths,
-                Node {
-                    path,
-                    kind: NodeKind::Dir,
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                    mtime: (0, 0),
-                    xattrs: BTreeMap::new(),
-                    implicit: true,
-                },
-            );
+        drop(added);
+        for (path, parent) in missing {
+            parents.push(parent);
+            self.nodes.push(Node {
+                path,
+                kind: NodeKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: (0, 0),
+                xattrs: BTreeMap::new(),
+                implicit: true,
+            });
         }
+        self.parents = parents;
         Ok(())
     }
 
@@ -498,6 +527,11 @@ impl LayerIndex {
             .binary_search_by(|&i| self.nodes[i as usize].path.as_str().cmp(path))
             .ok()
             .map(|k| self.by_path[k] as usize)
+    }
+
+    /// The directory node `i` is in; the root is its own parent.
+    pub fn parent(&self, i: usize) -> usize {
+        self.parents[i] as usize
     }
 
     pub fn node(&self, i: usize) -> &Node {

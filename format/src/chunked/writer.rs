@@ -132,7 +132,7 @@ struct Converter<W: Write> {
     /// Raw tar bytes waiting for the next tar-split segment.
     split_pending: Vec<u8>,
     split: TarSplitWriter,
-    entries: Vec<TocEntry>,
+    entries: Vec<TocEntry<'static>>,
     opts: ChunkingOptions,
     files: u64,
     chunks: u64,
@@ -207,16 +207,16 @@ impl<W: Write> Converter<W> {
         self.split.segment(&split)?;
 
         let mut entry = TocEntry {
-            kind: kind.to_owned(),
-            name: h.name.clone(),
-            link_name: h.link_name.clone(),
+            kind: kind.into(),
+            name: h.name.clone().into(),
+            link_name: h.link_name.clone().into(),
             mode: i64::from(h.mode & 0o7777),
             size: h.size as i64,
             uid: h.uid as i64,
             gid: h.gid as i64,
-            mod_time: rfc3339(h.mtime),
-            access_time: h.atime.and_then(rfc3339),
-            change_time: h.ctime.and_then(rfc3339),
+            mod_time: rfc3339(h.mtime).map(Into::into),
+            access_time: h.atime.and_then(rfc3339).map(Into::into),
+            change_time: h.ctime.and_then(rfc3339).map(Into::into),
             dev_major: i64::from(h.dev_major),
             dev_minor: i64::from(h.dev_minor),
             xattrs: h
@@ -267,21 +267,21 @@ impl<W: Write> Converter<W> {
             }
             self.chunks += chunks.len() as u64;
             self.content_bytes += h.size;
-            entry.digest = file_hash.finish().to_string();
+            entry.digest = file_hash.finish().to_string().into();
             entry.offset = chunks[0].2 as i64;
             entry.end_offset = self.out.count as i64;
             crc = Some(file_crc.finalize());
             if chunks.len() > 1 {
                 entry.chunk_size = chunks[0].1 as i64;
-                entry.chunk_digest = chunks[0].3.to_string();
+                entry.chunk_digest = chunks[0].3.to_string().into();
                 for &(file_offset, size, blob_offset, ref digest) in &chunks[1..] {
                     chunk_entries.push(TocEntry {
-                        kind: toc::TYPE_CHUNK.to_owned(),
-                        name: h.name.clone(),
+                        kind: toc::TYPE_CHUNK.into(),
+                        name: h.name.clone().into(),
                         offset: blob_offset as i64,
                         chunk_size: size as i64,
                         chunk_offset: file_offset as i64,
-                        chunk_digest: digest.to_string(),
+                        chunk_digest: digest.to_string().into(),
                         ..TocEntry::default()
                     });
                 }

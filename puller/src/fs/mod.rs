@@ -39,10 +39,11 @@ use sluice_format::chunked::NodeKind;
 use crate::layer::{ReadData, RemoteLayer};
 use crate::oldest_first::OldestFirst;
 
+mod tree;
+pub use tree::{shown_name, Dir, Tree};
+
 /// How long the kernel may cache entries and attributes: the layer never changes.
 const TTL: Duration = Duration::from_secs(3600);
-const WHITEOUT_PREFIX: &str = ".wh.";
-const OPAQUE_MARKER: &str = ".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// How a layer is served.
@@ -160,44 +161,16 @@ impl Backing {
     }
 }
 
-struct Dir {
-    /// Nodes sorted by [`shown_name`]; names are not copied (a layer can
-    /// have a million entries).
-    entries: Vec<u32>,
-    /// How many entries are directories (for `nlink`).
-    subdirs: u32,
-    opaque: bool,
-}
-
-/// The name under which a node is listed in its directory: the last path
-/// component, without the `.wh.` prefix of a whiteout.
-fn shown_name(path: &str) -> &OsStr {
-    let name = path.rsplit_once('/').map_or(path, |(_, n)| n);
-    OsStr::new(match name.strip_prefix(WHITEOUT_PREFIX) {
-        Some(target) if !target.is_empty() => target,
-        _ => name,
-    })
-}
-
 /// The FUSE view of a layer.
 pub struct LayerFs {
     layer: Arc<RemoteLayer>,
     runtime: tokio::runtime::Handle,
-    root: usize,
-    dirs: HashMap<usize, Dir>,
-    parents: Vec<usize>,
-    /// Names per content node (hard links).
-    links: Vec<u32>,
-    whiteouts: Vec<bool>,
-    /// Whether any entry has an extended attribute (an opaque directory
-    /// counts: it is shown as one).
-    has_xattrs: bool,
+    tree: Tree,
     /// The kernel opens directories itself when `opendir` answers ENOSYS
     /// (Linux ≥ 5.1 says so at init); older ones would fail the open.
     kernel_opens_dirs: bool,
     /// The same for files and `open` (Linux ≥ 3.14).
     kernel_skips_opens: bool,
-    total_bytes: u64,
     options: FsOptions,
     /// Passthrough negotiated with the kernel and still working.
     passthrough: AtomicBool,
@@ -233,68 +206,13 @@ impl LayerFs {
         runtime: tokio::runtime::Handle,
         options: FsOptions,
     ) -> Self {
-        let index = layer.index();
-        let nodes = index.nodes();
-        let root = index.lookup("").expect("the index always has a root");
-        let mut dirs: HashMap<usize, Dir> = HashMap::new();
-        let mut parents = vec![root; nodes.len()];
-        let mut links = vec![0u32; nodes.len()];
-        let mut whiteouts = vec![false; nodes.len()];
-        let mut total_bytes = 0;
-        for (i, n) in nodes.iter().enumerate() {
-            if matches!(n.kind, NodeKind::Dir) {
-                dirs.entry(i).or_insert_with(|| Dir {
-                    entries: Vec::new(),
-                    subdirs: 0,
-                    opaque: false,
-                });
-            }
-            if let NodeKind::File { size, .. } = n.kind {
-                total_bytes += size;
-            }
-        }
-        for (i, n) in nodes.iter().enumerate() {
-            if i == root {
-                continue;
-            }
-            let (parent_path, name) = n.path.rsplit_once('/').unwrap_or(("", n.path.as_str()));
-            let parent = index.lookup(parent_path).unwrap_or(root);
-            parents[i] = parent;
-            links[index.resolve(i)] += 1;
-            let dir = dirs
-                .get_mut(&parent)
-                .expect("parents are directories (validated)");
-            if name == OPAQUE_MARKER {
-                dir.opaque = true;
-                continue;
-            }
-            // A whiteout is listed under the name it hides.
-            if shown_name(name).len() != name.len() {
-                whiteouts[i] = true;
-            } else if matches!(index.node(index.resolve(i)).kind, NodeKind::Dir) {
-                dir.subdirs += 1;
-            }
-            dir.entries.push(i as u32);
-        }
-        for d in dirs.values_mut() {
-            d.entries
-                .sort_unstable_by_key(|&n| shown_name(&nodes[n as usize].path));
-            d.entries.shrink_to_fit();
-        }
-        let has_xattrs =
-            nodes.iter().any(|n| !n.xattrs.is_empty()) || dirs.values().any(|d| d.opaque);
+        let tree = Tree::build(layer.index());
         LayerFs {
             layer,
             runtime,
-            root,
-            dirs,
-            parents,
-            links,
-            whiteouts,
-            has_xattrs,
+            tree,
             kernel_opens_dirs: false,
             kernel_skips_opens: false,
-            total_bytes,
             options,
             passthrough: AtomicBool::new(false),
             backing: Mutex::new(Backing::default()),
@@ -418,7 +336,7 @@ impl LayerFs {
             return;
         }
         if offset == 0 {
-            let dir = self.parents[node];
+            let dir = self.layer.index().parent(node);
             let misses = {
                 let mut m = self.directory_misses.lock().expect("directory misses");
                 let n = m.entry(dir).or_default();
@@ -473,7 +391,7 @@ impl LayerFs {
     /// modules that sort far apart. A big directory (shared libraries) is
     /// left alone: its files are wanted a few at a time.
     fn fetch_directory(&self, dir: usize) {
-        let Some(d) = self.dirs.get(&dir) else { return };
+        let Some(d) = self.tree.dir(dir) else { return };
         let index = self.layer.index();
         let files = d.entries.iter().map(|&n| index.file_chunks_of(n as usize));
         let total: u64 = files.clone().flatten().map(|c| c.blob_len).sum();
@@ -599,7 +517,7 @@ impl LayerFs {
         let Ok(data) = self.layer.read_blocking(&self.runtime, i, 0, size as u32) else {
             return;
         };
-        let ino = ino_of(self.root, self.layer.index().resolve(i));
+        let ino = ino_of(self.tree.root(), self.layer.index().resolve(i));
         if notifier.store(ino, 0, data.as_slice()).is_ok() {
             self.layer
                 .stats
@@ -672,10 +590,10 @@ impl LayerFs {
     fn node_of(&self, ino: INodeNo) -> Option<usize> {
         let n = u64::from(ino);
         if n == 1 {
-            return Some(self.root);
+            return Some(self.tree.root());
         }
         let i = usize::try_from(n.checked_sub(2)?).ok()?;
-        (i < self.parents.len()).then_some(i)
+        (i < self.tree.len()).then_some(i)
     }
 
     fn attr(&self, i: usize) -> FileAttr {
@@ -685,15 +603,18 @@ impl LayerFs {
         let mtime = UNIX_EPOCH
             + Duration::from_secs(n.mtime.0.max(0) as u64)
             + Duration::from_nanos(u64::from(n.mtime.1));
-        let (kind, size, rdev_value, nlink) = if self.whiteouts[i] {
+        let (kind, size, rdev_value, nlink) = if self.tree.is_whiteout(i) {
             (FileType::CharDevice, 0, 0, 1)
         } else {
             match &n.kind {
-                NodeKind::File { size, .. } => {
-                    (FileType::RegularFile, *size, 0, self.links[content].max(1))
-                }
+                NodeKind::File { size, .. } => (
+                    FileType::RegularFile,
+                    *size,
+                    0,
+                    self.tree.links(content).max(1),
+                ),
                 NodeKind::Dir => {
-                    let subdirs = self.dirs.get(&content).map_or(0, |d| d.subdirs);
+                    let subdirs = self.tree.dir(content).map_or(0, |d| d.subdirs);
                     (FileType::Directory, 4096, 0, 2 + subdirs)
                 }
                 NodeKind::Symlink(t) => (FileType::Symlink, t.len() as u64, 0, 1),
@@ -708,7 +629,7 @@ impl LayerFs {
             }
         };
         FileAttr {
-            ino: ino_of(self.root, content),
+            ino: ino_of(self.tree.root(), content),
             size,
             blocks: size.div_ceil(512),
             atime: mtime,
@@ -716,7 +637,11 @@ impl LayerFs {
             ctime: mtime,
             crtime: mtime,
             kind,
-            perm: if self.whiteouts[i] { 0 } else { n.mode as u16 },
+            perm: if self.tree.is_whiteout(i) {
+                0
+            } else {
+                n.mode as u16
+            },
             nlink,
             uid: n.uid,
             gid: n.gid,
@@ -735,7 +660,7 @@ impl LayerFs {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        if self.dirs.get(&content).is_some_and(|d| d.opaque) {
+        if self.tree.dir(content).is_some_and(|d| d.opaque) {
             out.push((OPAQUE_XATTR.to_owned(), b"y".to_vec()));
         }
         out
@@ -794,7 +719,7 @@ impl Filesystem for LayerFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(dir) = self
             .node_of(parent)
-            .and_then(|p| self.dirs.get(&self.layer.index().resolve(p)))
+            .and_then(|p| self.tree.dir(self.layer.index().resolve(p)))
         else {
             return reply.error(Errno::ENOENT);
         };
@@ -962,14 +887,18 @@ impl Filesystem for LayerFs {
         let Some(i) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let Some(dir) = self.dirs.get(&self.layer.index().resolve(i)) else {
+        let Some(dir) = self.tree.dir(self.layer.index().resolve(i)) else {
             return reply.error(Errno::ENOTDIR);
         };
-        let parent = self.parents[i];
+        let parent = self.layer.index().parent(i);
         let fixed = [
-            (ino_of(self.root, i), FileType::Directory, OsStr::new(".")),
             (
-                ino_of(self.root, parent),
+                ino_of(self.tree.root(), i),
+                FileType::Directory,
+                OsStr::new("."),
+            ),
+            (
+                ino_of(self.tree.root(), parent),
                 FileType::Directory,
                 OsStr::new(".."),
             ),
@@ -1007,10 +936,13 @@ impl Filesystem for LayerFs {
         let Some(i) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let Some(dir) = self.dirs.get(&self.layer.index().resolve(i)) else {
+        let Some(dir) = self.tree.dir(self.layer.index().resolve(i)) else {
             return reply.error(Errno::ENOTDIR);
         };
-        let fixed = [(i, OsStr::new(".")), (self.parents[i], OsStr::new(".."))];
+        let fixed = [
+            (i, OsStr::new(".")),
+            (self.layer.index().parent(i), OsStr::new("..")),
+        ];
         let index = self.layer.index();
         let listed = dir
             .entries
@@ -1031,8 +963,8 @@ impl Filesystem for LayerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.total_bytes.div_ceil(4096);
-        reply.statfs(blocks, 0, 0, self.parents.len() as u64, 0, 4096, 255, 4096);
+        let blocks = self.tree.total_bytes().div_ceil(4096);
+        reply.statfs(blocks, 0, 0, self.tree.len() as u64, 0, 4096, 255, 4096);
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1048,7 +980,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if !self.has_xattrs {
+        if !self.tree.has_xattrs() {
             // overlayfs asks every lower entry for its trusted.overlay.*
             // attributes (thousands of round trips while a program starts);
             // ENOSYS makes the kernel answer "not supported" itself for the

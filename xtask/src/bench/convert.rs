@@ -69,11 +69,12 @@ fn tar_of(dir: &Path, out: &Path) -> anyhow::Result<u64> {
 }
 
 fn amplification(blob: &[u8], footer_offset: u64, toc_len: u64) -> anyhow::Result<(f64, f64)> {
-    let toc = Toc::decode(
+    let json = Toc::inflate(
         &blob[footer_offset as usize..(footer_offset + toc_len) as usize],
         None,
         MAX_TOC_BYTES,
     )?;
+    let toc = Toc::parse(&json)?;
     let index = LayerIndex::from_toc(&toc, footer_offset - 8)?;
     let (mut first_fetch, mut first_need) = (0u64, 0u64);
     let (mut rand_fetch, mut rand_need) = (0u64, 0u64);

@@ -4,6 +4,7 @@
 
 mod convert;
 mod ebpf;
+mod index;
 mod load;
 mod read;
 mod registry;
@@ -24,6 +25,9 @@ pub enum Which {
     /// Cold container start through a throttled link: overlayfs (gzip,
     /// zstd), sluice lazy, sluice with a prefetch profile, and warm start.
     Start(start::Options),
+    /// A layer's TOC to a mountable tree (decode, index, tree), step by
+    /// step, on the start benchmark's images.
+    Index(index::Options),
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -32,6 +36,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         Which::Read(opts) => read::run(opts),
         Which::Ebpf(opts) => ebpf::run(opts),
         Which::Start(opts) => start::run(opts),
+        Which::Index(opts) => index::run(opts),
         Which::Convert(opts) => {
             crate::fixtures::ensure()?;
             convert::run(opts)

@@ -208,6 +208,17 @@ fn layout(f: &Fixture, compression: Compression) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// The zstd OCI layout of a benchmark image (built once, cached), for other
+/// benchmarks that measure the same images.
+pub(super) fn zstd_layout(image: &str) -> anyhow::Result<PathBuf> {
+    let name = IMAGES
+        .into_iter()
+        .find(|i| *i == image)
+        .with_context(|| format!("unknown image {image:?}; choose from {}", IMAGES.join(", ")))?;
+    fixtures::ensure_all()?;
+    layout(&fixture(name)?, Compression::Zstd)
+}
+
 /// Total compressed size of the layers of the (single) image in a layout.
 fn layer_bytes(layout: &Path) -> anyhow::Result<(u64, String)> {
     let read = |p: PathBuf| -> anyhow::Result<serde_json::Value> {
