@@ -40,7 +40,8 @@ use crate::layer::{ReadData, RemoteLayer};
 use crate::oldest_first::OldestFirst;
 
 mod tree;
-pub use tree::{shown_name, Dir, Tree};
+use tree::shown_name;
+pub use tree::{Dir, Tree};
 
 /// How long the kernel may cache entries and attributes: the layer never changes.
 const TTL: Duration = Duration::from_secs(3600);

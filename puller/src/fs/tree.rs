@@ -20,8 +20,8 @@ const NOT_A_DIR: u32 = u32::MAX;
 
 /// One directory's listing.
 pub struct Dir {
-    /// Nodes sorted by [`shown_name`]; names are not copied (a layer can
-    /// have a million entries).
+    /// Nodes sorted by the name they are listed under; names are not
+    /// copied (a layer can have a million entries).
     pub entries: Vec<u32>,
     /// How many entries are directories (for `nlink`).
     pub subdirs: u32,
@@ -30,7 +30,7 @@ pub struct Dir {
 
 /// The name under which a node is listed in its directory: the last path
 /// component, without the `.wh.` prefix of a whiteout.
-pub fn shown_name(path: &str) -> &OsStr {
+pub(super) fn shown_name(path: &str) -> &OsStr {
     let name = path.rsplit_once('/').map_or(path, |(_, n)| n);
     OsStr::new(match name.strip_prefix(WHITEOUT_PREFIX) {
         Some(target) if !target.is_empty() => target,
