@@ -12,7 +12,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_format::chunked::NodeKind;
 use sluice_format::Digest;
 use sluice_puller::fs::FsOptions;
 use sluice_puller::image::{self, ResolvedImage};
@@ -492,13 +491,6 @@ fn queue_profile(prefetcher: &Prefetcher, p: &Profile, layer: &Arc<RemoteLayer>)
 }
 
 fn layer_usage(layer: &RemoteLayer) -> (i64, i64) {
-    let nodes = layer.index().nodes();
-    let bytes: u64 = nodes
-        .iter()
-        .map(|n| match &n.kind {
-            NodeKind::File { size, .. } => *size,
-            _ => 0,
-        })
-        .sum();
-    (bytes as i64, nodes.len() as i64)
+    let index = layer.index();
+    (index.file_bytes() as i64, index.nodes().len() as i64)
 }

@@ -529,6 +529,18 @@ impl LayerIndex {
             .map(|k| self.by_path[k] as usize)
     }
 
+    /// Bytes of all regular files (a hard link's are its target's, counted
+    /// once): the layer's size unpacked.
+    pub fn file_bytes(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| match n.kind {
+                NodeKind::File { size, .. } => size,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// The directory node `i` is in; the root is its own parent.
     pub fn parent(&self, i: usize) -> usize {
         self.parents[i] as usize

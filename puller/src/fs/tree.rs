@@ -60,19 +60,14 @@ impl Tree {
         let root = index.lookup("").expect("the index always has a root");
         let mut dir_slots = vec![NOT_A_DIR; nodes.len()];
         let mut dirs = Vec::new();
-        let mut total_bytes = 0;
         for (i, n) in nodes.iter().enumerate() {
-            match n.kind {
-                NodeKind::Dir => {
-                    dir_slots[i] = dirs.len() as u32;
-                    dirs.push(Dir {
-                        entries: Vec::new(),
-                        subdirs: 0,
-                        opaque: false,
-                    });
-                }
-                NodeKind::File { size, .. } => total_bytes += size,
-                _ => {}
+            if n.kind == NodeKind::Dir {
+                dir_slots[i] = dirs.len() as u32;
+                dirs.push(Dir {
+                    entries: Vec::new(),
+                    subdirs: 0,
+                    opaque: false,
+                });
             }
         }
         let mut links = vec![0u32; nodes.len()];
@@ -111,7 +106,7 @@ impl Tree {
             links,
             whiteouts,
             has_xattrs,
-            total_bytes,
+            total_bytes: index.file_bytes(),
         }
     }
 

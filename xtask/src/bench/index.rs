@@ -55,8 +55,9 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     if opts.repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
+    let images = super::start::pick(&super::start::IMAGES, &opts.images, "image")?;
     let mut rows = Vec::new();
-    for image in &opts.images {
+    for image in images {
         let layers = chunked_layers(image)?;
         step(&format!(
             "{image}: decoding and indexing {} TOCs, {} times each",

@@ -127,7 +127,7 @@ struct Fixture {
     ready: &'static str,
 }
 
-const IMAGES: [&str; 4] = ["busybox", "numpy-pandas", "python3-large", "worst-case"];
+pub(super) const IMAGES: [&str; 4] = ["busybox", "numpy-pandas", "python3-large", "worst-case"];
 
 fn fixture(name: &'static str) -> anyhow::Result<Fixture> {
     let dir = fixtures::dir();
@@ -208,13 +208,11 @@ fn layout(f: &Fixture, compression: Compression) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// The zstd OCI layout of a benchmark image (built once, cached), for other
-/// benchmarks that measure the same images.
+/// The zstd OCI layout of a benchmark image (one of [`IMAGES`], checked
+/// with [`pick`]; built once, cached), for other benchmarks that measure the
+/// same images.
 pub(super) fn zstd_layout(image: &str) -> anyhow::Result<PathBuf> {
-    let name = IMAGES
-        .into_iter()
-        .find(|i| *i == image)
-        .with_context(|| format!("unknown image {image:?}; choose from {}", IMAGES.join(", ")))?;
+    let name = IMAGES.into_iter().find(|i| *i == image).expect("checked");
     fixtures::ensure_all()?;
     layout(&fixture(name)?, Compression::Zstd)
 }
@@ -679,7 +677,11 @@ impl Bench {
     }
 }
 
-fn pick<'a>(all: &[&'a str], chosen: &'a [String], what: &str) -> anyhow::Result<Vec<&'a str>> {
+pub(super) fn pick<'a>(
+    all: &[&'a str],
+    chosen: &'a [String],
+    what: &str,
+) -> anyhow::Result<Vec<&'a str>> {
     if chosen.is_empty() {
         return Ok(all.to_vec());
     }
