@@ -205,7 +205,14 @@ fn run_tests(args: &[String]) -> anyhow::Result<()> {
     } else {
         Ok(())
     };
-    // One closing line for the whole run, whatever crate ran last.
+    // The failures again, then one closing line for the whole run, whatever
+    // crate ran last.
+    for failure in &totals.failures {
+        println!("failed: {}", failure.name);
+        for line in &failure.output_tail {
+            println!("    {line}");
+        }
+    }
     println!(
         "tests: {} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored

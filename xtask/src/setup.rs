@@ -289,22 +289,51 @@ pub struct TestTotals {
     pub failed: u64,
     pub ignored: u64,
     pub success: bool,
+    /// Each failed test with the end of its captured output (the panic),
+    /// repeated at the end of the run: CI keeps only the head and tail of a
+    /// long log, and libtest prints failures in the middle.
+    pub failures: Vec<TestFailure>,
 }
 
-/// Runs `cargo test …`, echoing its output, and sums its `test result:` lines.
-pub fn cargo_test(args: &[&str]) -> anyhow::Result<TestTotals> {
-    use std::io::BufRead;
-    let mut child = cargo_command()
-        .args(args)
-        .current_dir(workspace())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running cargo {}", args.join(" ")))?;
-    let mut totals = TestTotals::default();
-    let stdout = child.stdout.take().context("cargo test stdout")?;
-    for line in std::io::BufReader::new(stdout).lines() {
-        let line = line?;
-        println!("{line}");
+#[derive(Debug)]
+pub struct TestFailure {
+    pub name: String,
+    pub output_tail: Vec<String>,
+}
+
+/// Lines of a failed test's output kept for the closing summary.
+const FAILURE_TAIL_LINES: usize = 12;
+
+/// Reads libtest's plain output a line at a time: counts and failures.
+#[derive(Default)]
+struct TestOutputReader {
+    totals: TestTotals,
+    /// The test whose `---- name stdout ----` block is being read.
+    block: Option<TestFailure>,
+}
+
+impl TestOutputReader {
+    fn line(&mut self, line: &str) {
+        if let Some(name) = line
+            .strip_prefix("---- ")
+            .and_then(|rest| rest.strip_suffix(" stdout ----"))
+        {
+            self.end_block();
+            self.block = Some(TestFailure {
+                name: name.to_owned(),
+                output_tail: Vec::new(),
+            });
+            return;
+        }
+        if line == "failures:" || line.starts_with("test result: ") {
+            self.end_block();
+        }
+        if let Some(block) = &mut self.block {
+            if block.output_tail.len() == FAILURE_TAIL_LINES {
+                block.output_tail.remove(0);
+            }
+            block.output_tail.push(line.to_owned());
+        }
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |label: &str| -> u64 {
                 rest.split(';')
@@ -319,11 +348,115 @@ pub fn cargo_test(args: &[&str]) -> anyhow::Result<TestTotals> {
                     })
                     .unwrap_or(0)
             };
-            totals.passed += count("passed");
-            totals.failed += count("failed");
-            totals.ignored += count("ignored");
+            self.totals.passed += count("passed");
+            self.totals.failed += count("failed");
+            self.totals.ignored += count("ignored");
         }
     }
+
+    fn end_block(&mut self) {
+        if let Some(mut block) = self.block.take() {
+            while block.output_tail.last().is_some_and(|l| l.is_empty()) {
+                block.output_tail.pop();
+            }
+            self.totals.failures.push(block);
+        }
+    }
+}
+
+/// Runs `cargo test …`, echoing its output, and sums its `test result:` lines.
+pub fn cargo_test(args: &[&str]) -> anyhow::Result<TestTotals> {
+    use std::io::BufRead;
+    let mut child = cargo_command()
+        .args(args)
+        .current_dir(workspace())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    let mut reader = TestOutputReader::default();
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        reader.line(&line);
+    }
+    reader.end_block();
+    let mut totals = reader.totals;
     totals.success = child.wait()?.success();
     Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// libtest's output for a binary with one passing and two failing tests.
+    const OUTPUT: &str = "\
+running 3 tests
+test ok_one ... ok
+test first_bad ... FAILED
+test api::second_bad ... FAILED
+
+failures:
+
+---- first_bad stdout ----
+setting up
+
+thread 'first_bad' panicked at registry/tests/api.rs:10:5:
+assertion `left == right` failed
+  left: 1
+ right: 2
+note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace
+
+---- api::second_bad stdout ----
+
+thread 'api::second_bad' panicked at registry/tests/api.rs:20:5:
+boom
+
+
+failures:
+    api::second_bad
+    first_bad
+
+test result: FAILED. 1 passed; 2 failed; 3 ignored; 0 measured; 0 filtered out; finished in 0.01s
+";
+
+    #[test]
+    fn failures_are_kept_with_the_end_of_their_output() {
+        let mut reader = TestOutputReader::default();
+        for line in OUTPUT.lines() {
+            reader.line(line);
+        }
+        reader.end_block();
+        let totals = reader.totals;
+        assert_eq!((totals.passed, totals.failed, totals.ignored), (1, 2, 3));
+        let names: Vec<_> = totals.failures.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["first_bad", "api::second_bad"]);
+        let first = &totals.failures[0].output_tail;
+        assert_eq!(first.first().map(String::as_str), Some("setting up"));
+        assert!(first
+            .iter()
+            .any(|l| l.contains("panicked at registry/tests/api.rs:10:5")));
+        assert_eq!(
+            first.last().map(String::as_str),
+            Some("note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace")
+        );
+        assert_eq!(
+            totals.failures[1].output_tail.last().map(String::as_str),
+            Some("boom")
+        );
+    }
+
+    #[test]
+    fn a_long_failure_keeps_its_last_lines() {
+        let mut reader = TestOutputReader::default();
+        reader.line("---- chatty stdout ----");
+        for i in 0..100 {
+            reader.line(&format!("line {i}"));
+        }
+        reader.line("test result: FAILED. 0 passed; 1 failed; 0 ignored");
+        let tail = &reader.totals.failures[0].output_tail;
+        assert_eq!(tail.len(), FAILURE_TAIL_LINES);
+        assert_eq!(tail.last().map(String::as_str), Some("line 99"));
+    }
 }
