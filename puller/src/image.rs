@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
+
 use sluice_format::chunked::Footer;
 use sluice_format::convert::{is_lazy_capable, LAZY_TWIN_ARTIFACT_TYPE};
 use sluice_format::oci::{self, Descriptor, Manifest};
@@ -51,12 +53,36 @@ fn has_checksum(d: &Descriptor) -> bool {
     matches!(Footer::from_annotations(&d.annotations), Ok(Some(f)) if f.toc_digest.is_some())
 }
 
+/// Whether the layer as pushed can be mounted lazily (no twin needed).
+fn is_lazy_as_pushed(d: &Descriptor) -> bool {
+    is_lazy_capable(d) && has_checksum(d)
+}
+
 /// Fetches the manifest (choosing linux/amd64 in an index) and finds a lazy
 /// form of every layer.
 pub async fn resolve(
     client: &RegistryClient,
     image: &ImageRef,
 ) -> Result<ResolvedImage, ImageError> {
+    Ok(resolve_inner(client, image, false).await?.0)
+}
+
+/// [`resolve`], with the image's config fetched while the twins are looked
+/// up (`sluice pull` stores it in containerd): one round trip less on the
+/// pull's path than fetching it afterwards.
+pub async fn resolve_with_config(
+    client: &RegistryClient,
+    image: &ImageRef,
+) -> Result<(ResolvedImage, Result<Bytes, FetchError>), ImageError> {
+    let (resolved, config) = resolve_inner(client, image, true).await?;
+    Ok((resolved, config.expect("the config was asked for")))
+}
+
+async fn resolve_inner(
+    client: &RegistryClient,
+    image: &ImageRef,
+    with_config: bool,
+) -> Result<(ResolvedImage, Option<Result<Bytes, FetchError>>), ImageError> {
     let fetch = |source| ImageError::Fetch {
         image: image.to_string(),
         source: Box::new(source),
@@ -65,7 +91,19 @@ pub async fn resolve(
         image: image.to_string(),
         reason,
     };
-    let (mut bytes, mut media_type, mut digest) = client.manifest(image).await.map_err(fetch)?;
+    // A reference by digest (the snapshotter's case: containerd names the
+    // manifest) already names the manifest whose referrers hold the twins:
+    // they are asked for while the manifest comes, a round trip less. The
+    // answer is dropped if the manifest turns out to be an index or to need
+    // no twin.
+    let early_referrers = async {
+        match image.reference.parse::<Digest>() {
+            Ok(digest) => Some((twin_manifests(client, image, &digest).await, digest)),
+            Err(_) => None,
+        }
+    };
+    let (manifest, early_referrers) = tokio::join!(client.manifest(image), early_referrers);
+    let (mut bytes, mut media_type, mut digest) = manifest.map_err(fetch)?;
     let mut manifest = Manifest::parse(&bytes).map_err(|e| invalid(e.to_string()))?;
     if manifest.is_index() {
         let pick = manifest
@@ -89,17 +127,27 @@ pub async fn resolve(
         .ok_or_else(|| invalid("manifest has no config".into()))?;
     let layers = manifest.layers.clone().unwrap_or_default();
 
-    let mut twins: HashMap<Digest, Descriptor> = HashMap::new();
-    if layers
-        .iter()
-        .any(|l| !(is_lazy_capable(l) && has_checksum(l)))
-    {
-        twins = find_twins(client, image, &digest, &layers).await;
-    }
+    let twins = async {
+        if layers.iter().all(is_lazy_as_pushed) {
+            return HashMap::new();
+        }
+        let candidates = match early_referrers {
+            Some((candidates, of)) if of == digest => candidates,
+            _ => twin_manifests(client, image, &digest).await,
+        };
+        find_twins(client, image, &layers, candidates).await
+    };
+    let config_bytes = async {
+        match with_config {
+            true => Some(client.blob(image, &config.digest).await),
+            false => None,
+        }
+    };
+    let (twins, config_bytes) = tokio::join!(twins, config_bytes);
     let layers = layers
         .into_iter()
         .map(|l| {
-            let lazy = if is_lazy_capable(&l) && has_checksum(&l) {
+            let lazy = if is_lazy_as_pushed(&l) {
                 Some(l.clone())
             } else {
                 twins.get(&l.digest).cloned()
@@ -107,7 +155,7 @@ pub async fn resolve(
             ImageLayer { original: l, lazy }
         })
         .collect();
-    Ok(ResolvedImage {
+    let resolved = ResolvedImage {
         image: image.clone(),
         manifest_digest: digest,
         manifest_bytes: bytes,
@@ -115,60 +163,338 @@ pub async fn resolve(
         manifest,
         config,
         layers,
-    })
+    };
+    Ok((resolved, config_bytes))
 }
 
-/// Twins of plain layers: from a lazy-twin referrer of the manifest, else
-/// from the registry's per-layer endpoint. Failures only mean "no twin".
-async fn find_twins(
+/// The lazy-twin manifests that the registry lists as referrers of
+/// `manifest`, in its order. Failures only mean "none".
+async fn twin_manifests(
     client: &RegistryClient,
     image: &ImageRef,
     manifest: &Digest,
-    layers: &[Descriptor],
-) -> HashMap<Digest, Descriptor> {
-    let mut twins = HashMap::new();
+) -> Vec<Digest> {
     let path = format!(
         "referrers/{manifest}?artifactType={}",
         LAZY_TWIN_ARTIFACT_TYPE.replace('+', "%2B")
     );
-    if let Ok(f) = client.get(image, &path, Some(oci::OCI_INDEX)).await {
-        if let Ok(index) = Manifest::parse(&f.bytes) {
-            for r in index.manifests.iter().flatten() {
-                if r.artifact_type.as_deref() != Some(LAZY_TWIN_ARTIFACT_TYPE) {
-                    continue;
-                }
-                let Ok((bytes, _, _)) = client
-                    .manifest(&image.with_reference(r.digest.to_string()))
-                    .await
-                else {
-                    continue;
-                };
-                let Ok(twin) = Manifest::parse(&bytes) else {
-                    continue;
-                };
-                for (orig, lazy) in layers.iter().zip(twin.layers.iter().flatten()) {
-                    if has_checksum(lazy) {
-                        twins.insert(orig.digest.clone(), lazy.clone());
-                    }
-                }
-                break;
+    let Ok(f) = client.get(image, &path, Some(oci::OCI_INDEX)).await else {
+        return Vec::new();
+    };
+    let Ok(index) = Manifest::parse(&f.bytes) else {
+        return Vec::new();
+    };
+    index
+        .manifests
+        .iter()
+        .flatten()
+        .filter(|r| r.artifact_type.as_deref() == Some(LAZY_TWIN_ARTIFACT_TYPE))
+        .map(|r| r.digest.clone())
+        .collect()
+}
+
+/// Twins of plain layers: from the first of `candidates` (lazy-twin
+/// manifests) that can be fetched, else from the registry's per-layer
+/// endpoint, asked for all layers at once. Failures only mean "no twin".
+async fn find_twins(
+    client: &RegistryClient,
+    image: &ImageRef,
+    layers: &[Descriptor],
+    candidates: Vec<Digest>,
+) -> HashMap<Digest, Descriptor> {
+    let mut twins = HashMap::new();
+    for candidate in candidates {
+        let Ok((bytes, _, _)) = client
+            .manifest(&image.with_reference(candidate.to_string()))
+            .await
+        else {
+            continue;
+        };
+        let Ok(twin) = Manifest::parse(&bytes) else {
+            continue;
+        };
+        for (orig, lazy) in layers.iter().zip(twin.layers.iter().flatten()) {
+            if has_checksum(lazy) {
+                twins.insert(orig.digest.clone(), lazy.clone());
             }
         }
+        break;
     }
-    for l in layers {
-        if twins.contains_key(&l.digest) || (is_lazy_capable(l) && has_checksum(l)) {
-            continue;
-        }
-        if let Ok(f) = client
+    let missing = layers
+        .iter()
+        .filter(|l| !(twins.contains_key(&l.digest) || is_lazy_as_pushed(l)));
+    let per_layer = futures_util::future::join_all(missing.map(|l| async move {
+        let f = client
             .get(image, &format!("_sluice/twins/{}", l.digest), None)
             .await
-        {
-            if let Ok(d) = serde_json::from_slice::<Descriptor>(&f.bytes) {
-                if has_checksum(&d) {
-                    twins.insert(l.digest.clone(), d);
-                }
-            }
+            .ok()?;
+        let d = serde_json::from_slice::<Descriptor>(&f.bytes).ok()?;
+        has_checksum(&d).then(|| (l.digest.clone(), d))
+    }))
+    .await;
+    twins.extend(per_layer.into_iter().flatten());
+    twins
+}
+
+#[cfg(test)]
+mod tests {
+    //! The round trips a resolve overlaps, proven without timing: a registry
+    //! that holds one answer until another request has arrived. Sequential
+    //! code would wait out the hold; overlapped code releases it.
+
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use sluice_format::chunked::{Footer, MetadataLocation};
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::registry::RetryPolicy;
+
+    const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    /// Long enough that a released hold is not the timeout on a busy machine.
+    const HOLD: Duration = Duration::from_secs(20);
+
+    /// One image with a plain layer and a lazy twin of it, served from memory.
+    struct Image {
+        manifest: Bytes,
+        manifest_digest: Digest,
+        config: Bytes,
+        config_digest: Digest,
+        twin: Bytes,
+        twin_digest: Digest,
+        referrers: Bytes,
+        plain_layer: Digest,
+        lazy_layer: Descriptor,
+    }
+
+    fn image() -> Image {
+        let config = Bytes::from_static(br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#);
+        let config_digest = Digest::sha256(&config);
+        let plain_layer = Digest::sha256(b"plain layer");
+        let manifest = Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": config_digest.to_string(), "size": config.len()},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                            "digest": plain_layer.to_string(), "size": 11}],
+            }))
+            .unwrap(),
+        );
+        let manifest_digest = Digest::sha256(&manifest);
+        let mut lazy_layer = Descriptor::new(
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+            Digest::sha256(b"lazy layer"),
+            10,
+        );
+        lazy_layer.annotations = Footer {
+            toc: MetadataLocation {
+                offset: 1,
+                compressed_len: 2,
+                uncompressed_len: 3,
+            },
+            tarsplit: None,
+            toc_digest: Some(Digest::sha256(b"toc")),
+        }
+        .annotations();
+        let twin = Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": MANIFEST,
+                "artifactType": LAZY_TWIN_ARTIFACT_TYPE,
+                "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                           "digest": Digest::sha256(b"{}").to_string(), "size": 2},
+                "layers": [lazy_layer],
+                "subject": {"mediaType": MANIFEST, "digest": manifest_digest.to_string(),
+                            "size": manifest.len()},
+            }))
+            .unwrap(),
+        );
+        let twin_digest = Digest::sha256(&twin);
+        let referrers = Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": oci::OCI_INDEX,
+                "manifests": [{"mediaType": MANIFEST, "digest": twin_digest.to_string(),
+                               "size": twin.len(), "artifactType": LAZY_TWIN_ARTIFACT_TYPE}],
+            }))
+            .unwrap(),
+        );
+        Image {
+            manifest,
+            manifest_digest,
+            config,
+            config_digest,
+            twin,
+            twin_digest,
+            referrers,
+            plain_layer,
+            lazy_layer,
         }
     }
-    twins
+
+    /// A registry for [`image`] that holds the answer to the first path
+    /// starting with `held` until a request for a path starting with
+    /// `release` has arrived (or [`HOLD`] has passed).
+    struct GatedRegistry {
+        host: String,
+        /// Request paths in order of arrival.
+        requests: Arc<Mutex<Vec<String>>>,
+        /// Whether the held answer was released by the awaited request.
+        released: Arc<Mutex<Option<bool>>>,
+    }
+
+    async fn gated_registry(image: Image, held: String, release: String) -> GatedRegistry {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let released = Arc::new(Mutex::new(None));
+        let arrived = Arc::new(Notify::new());
+        let image = Arc::new(image);
+        let state = (requests.clone(), released.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (image, (requests, released), arrived) =
+                    (image.clone(), state.clone(), arrived.clone());
+                let (held, release) = (held.clone(), release.clone());
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (image, requests, released, arrived) = (
+                        image.clone(),
+                        requests.clone(),
+                        released.clone(),
+                        arrived.clone(),
+                    );
+                    let (held, release) = (held.clone(), release.clone());
+                    async move {
+                        let path = req
+                            .uri()
+                            .path_and_query()
+                            .map(|p| p.to_string())
+                            .unwrap_or_default();
+                        requests.lock().unwrap().push(path.clone());
+                        if path.starts_with(&release) {
+                            arrived.notify_one();
+                        }
+                        let hold = path.starts_with(&held) && released.lock().unwrap().is_none();
+                        if hold {
+                            let by_request =
+                                tokio::time::timeout(HOLD, arrived.notified()).await.is_ok();
+                            *released.lock().unwrap() = Some(by_request);
+                        }
+                        let repo = "/v2/test/img";
+                        let (status, media_type, body) = match path.as_str() {
+                            "/v2/" => (200, "application/json", Bytes::from_static(b"{}")),
+                            p if p == format!("{repo}/manifests/v1")
+                                || p == format!("{repo}/manifests/{}", image.manifest_digest) =>
+                            {
+                                (200, MANIFEST, image.manifest.clone())
+                            }
+                            p if p == format!("{repo}/manifests/{}", image.twin_digest) => {
+                                (200, MANIFEST, image.twin.clone())
+                            }
+                            p if p.starts_with(&format!(
+                                "{repo}/referrers/{}",
+                                image.manifest_digest
+                            )) =>
+                            {
+                                (200, oci::OCI_INDEX, image.referrers.clone())
+                            }
+                            p if p == format!("{repo}/blobs/{}", image.config_digest) => {
+                                (200, "application/octet-stream", image.config.clone())
+                            }
+                            _ => (404, "application/json", Bytes::from_static(b"{}")),
+                        };
+                        let response = hyper::Response::builder()
+                            .status(status)
+                            .header("content-type", media_type)
+                            .body(Full::new(body))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        GatedRegistry {
+            host,
+            requests,
+            released,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_digest_reference_asks_for_twins_while_the_manifest_comes() {
+        let img = image();
+        let (manifest_digest, plain, lazy) = (
+            img.manifest_digest.clone(),
+            img.plain_layer.clone(),
+            img.lazy_layer.clone(),
+        );
+        let registry = gated_registry(
+            img,
+            format!("/v2/test/img/manifests/{manifest_digest}"),
+            format!("/v2/test/img/referrers/{manifest_digest}"),
+        )
+        .await;
+        let client = RegistryClient::new(RetryPolicy::default());
+        let image =
+            ImageRef::parse(&format!("{}/test/img@{manifest_digest}", registry.host)).unwrap();
+        let resolved = resolve(&client, &image).await.unwrap();
+        assert_eq!(
+            *registry.released.lock().unwrap(),
+            Some(true),
+            "the manifest's answer waited for the referrers request: {:?}",
+            registry.requests.lock().unwrap()
+        );
+        assert_eq!(resolved.layers[0].original.digest, plain);
+        assert_eq!(resolved.layers[0].lazy.as_ref(), Some(&lazy));
+        let referrers = registry
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.contains("/referrers/"))
+            .count();
+        assert_eq!(referrers, 1, "the early answer is used, not asked again");
+    }
+
+    #[tokio::test]
+    async fn the_config_comes_while_twins_are_looked_up() {
+        let img = image();
+        let (manifest_digest, config_digest, config, lazy) = (
+            img.manifest_digest.clone(),
+            img.config_digest.clone(),
+            img.config.clone(),
+            img.lazy_layer.clone(),
+        );
+        // The twins' lookup (referrers) waits for the config request: a
+        // resolve that fetched the config afterwards would hang here.
+        let registry = gated_registry(
+            img,
+            format!("/v2/test/img/referrers/{manifest_digest}"),
+            format!("/v2/test/img/blobs/{config_digest}"),
+        )
+        .await;
+        let client = RegistryClient::new(RetryPolicy::default());
+        let image = ImageRef::parse(&format!("{}/test/img:v1", registry.host)).unwrap();
+        let (resolved, config_bytes) = resolve_with_config(&client, &image).await.unwrap();
+        assert_eq!(
+            *registry.released.lock().unwrap(),
+            Some(true),
+            "the referrers' answer waited for the config request: {:?}",
+            registry.requests.lock().unwrap()
+        );
+        assert_eq!(config_bytes.unwrap(), config);
+        assert_eq!(resolved.manifest_digest, manifest_digest);
+        assert_eq!(resolved.layers[0].lazy.as_ref(), Some(&lazy));
+    }
 }

@@ -351,12 +351,10 @@ async fn pull_in_lease(
         image: image.to_string(),
         reason,
     };
-    let resolved: ResolvedImage = image::resolve(client, image).await?;
+    let (resolved, config_bytes): (ResolvedImage, _) =
+        image::resolve_with_config(client, image).await?;
     let mut fetched = resolved.manifest_bytes.len() as u64;
-    let config_bytes = client
-        .blob(image, &resolved.config.digest)
-        .await
-        .map_err(|e| image_err(format!("config: {e}")))?;
+    let config_bytes = config_bytes.map_err(|e| image_err(format!("config: {e}")))?;
     fetched += config_bytes.len() as u64;
     let config: ImageConfig = serde_json::from_slice(&config_bytes)
         .map_err(|e| image_err(format!("config {}: {e}", resolved.config.digest)))?;
