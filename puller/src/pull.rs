@@ -376,160 +376,132 @@ async fn pull_in_lease(
         layers: layers.len(),
         ..Default::default()
     };
-    for (i, layer) in layers.iter().enumerate() {
-        let t0 = Instant::now();
-        let chain = chains[i].to_string();
-        let parent = if i == 0 {
-            String::new()
-        } else {
-            chains[i - 1].to_string()
-        };
-        let exists = snapshots
-            .stat(ctd.req(StatSnapshotRequest {
-                snapshotter: options.snapshotter.clone(),
-                key: chain.clone(),
-            }))
-            .await;
-        let path = match exists {
-            Ok(_) => LayerPath::Present,
-            Err(s) if s.code() == Code::NotFound => {
-                let labels = HashMap::from([
-                    (LABEL_TARGET.to_string(), chain.clone()),
-                    (LABEL_IMAGE_REF.to_string(), image.to_string()),
-                    (LABEL_LAYER_DIGEST.to_string(), layer.digest.to_string()),
-                    (
-                        LABEL_MANIFEST_DIGEST.to_string(),
-                        resolved.manifest_digest.to_string(),
-                    ),
-                ]);
-                let key = format!("extract-{}-{chain}", now_nanos());
-                let prepared = snapshots
-                    .prepare(ctd.req(PrepareSnapshotRequest {
-                        snapshotter: options.snapshotter.clone(),
-                        key: key.clone(),
-                        parent: parent.clone(),
-                        labels: labels.clone(),
-                    }))
-                    .await;
-                match prepared {
-                    Err(s) if s.code() == Code::AlreadyExists => LayerPath::Lazy,
-                    Err(s) => {
-                        return Err(PullError::Layer {
-                            image: image.to_string(),
-                            layer: layer.digest.to_string(),
-                            reason: format!("prepare on snapshotter {}: {s}", options.snapshotter),
-                        })
-                    }
-                    Ok(r) => {
-                        let mounts = r.into_inner().mounts;
-                        let unpacked = unpack_full(
-                            ctd,
-                            client,
-                            &manifest_ref,
-                            layer,
-                            &config.rootfs.diff_ids[i],
-                            mounts,
-                            &mut fetched,
-                        )
+    // The layers are prepared one after the other (each on its parent); the
+    // manifest and config go into the content store meanwhile rather than
+    // after the last layer, where their writes (each a stream and a commit
+    // in containerd) were on the pull's path. A pull that fails leaves them
+    // to the garbage collector with its lease.
+    let prepare_layers = async {
+        for (i, layer) in layers.iter().enumerate() {
+            let t0 = Instant::now();
+            let chain = chains[i].to_string();
+            let parent = if i == 0 {
+                String::new()
+            } else {
+                chains[i - 1].to_string()
+            };
+            let exists = snapshots
+                .stat(ctd.req(StatSnapshotRequest {
+                    snapshotter: options.snapshotter.clone(),
+                    key: chain.clone(),
+                }))
+                .await;
+            let path = match exists {
+                Ok(_) => LayerPath::Present,
+                Err(s) if s.code() == Code::NotFound => {
+                    let labels = HashMap::from([
+                        (LABEL_TARGET.to_string(), chain.clone()),
+                        (LABEL_IMAGE_REF.to_string(), image.to_string()),
+                        (LABEL_LAYER_DIGEST.to_string(), layer.digest.to_string()),
+                        (
+                            LABEL_MANIFEST_DIGEST.to_string(),
+                            resolved.manifest_digest.to_string(),
+                        ),
+                    ]);
+                    let key = format!("extract-{}-{chain}", now_nanos());
+                    let prepared = snapshots
+                        .prepare(ctd.req(PrepareSnapshotRequest {
+                            snapshotter: options.snapshotter.clone(),
+                            key: key.clone(),
+                            parent: parent.clone(),
+                            labels: labels.clone(),
+                        }))
                         .await;
-                        let committed = match unpacked {
-                            Ok(()) => snapshots
-                                .commit(ctd.req(CommitSnapshotRequest {
-                                    snapshotter: options.snapshotter.clone(),
-                                    name: chain.clone(),
-                                    key: key.clone(),
-                                    labels,
-                                }))
-                                .await
-                                .map(|_| ())
-                                .or_else(|s| {
-                                    if s.code() == Code::AlreadyExists {
-                                        Ok(())
-                                    } else {
-                                        Err(PullError::Containerd {
-                                            call: "snapshot commit",
-                                            status: s,
-                                        })
-                                    }
-                                }),
-                            Err(e) => Err(e),
-                        };
-                        if let Err(e) = committed {
-                            let _ = snapshots
-                                .remove(ctd.req(RemoveSnapshotRequest {
-                                    snapshotter: options.snapshotter.clone(),
-                                    key,
-                                }))
-                                .await;
-                            return Err(e);
+                    match prepared {
+                        Err(s) if s.code() == Code::AlreadyExists => LayerPath::Lazy,
+                        Err(s) => {
+                            return Err(PullError::Layer {
+                                image: image.to_string(),
+                                layer: layer.digest.to_string(),
+                                reason: format!(
+                                    "prepare on snapshotter {}: {s}",
+                                    options.snapshotter
+                                ),
+                            })
                         }
-                        LayerPath::Full
+                        Ok(r) => {
+                            let mounts = r.into_inner().mounts;
+                            let unpacked = unpack_full(
+                                ctd,
+                                client,
+                                &manifest_ref,
+                                layer,
+                                &config.rootfs.diff_ids[i],
+                                mounts,
+                                &mut fetched,
+                            )
+                            .await;
+                            let committed = match unpacked {
+                                Ok(()) => snapshots
+                                    .commit(ctd.req(CommitSnapshotRequest {
+                                        snapshotter: options.snapshotter.clone(),
+                                        name: chain.clone(),
+                                        key: key.clone(),
+                                        labels,
+                                    }))
+                                    .await
+                                    .map(|_| ())
+                                    .or_else(|s| {
+                                        if s.code() == Code::AlreadyExists {
+                                            Ok(())
+                                        } else {
+                                            Err(PullError::Containerd {
+                                                call: "snapshot commit",
+                                                status: s,
+                                            })
+                                        }
+                                    }),
+                                Err(e) => Err(e),
+                            };
+                            if let Err(e) = committed {
+                                let _ = snapshots
+                                    .remove(ctd.req(RemoveSnapshotRequest {
+                                        snapshotter: options.snapshotter.clone(),
+                                        key,
+                                    }))
+                                    .await;
+                                return Err(e);
+                            }
+                            LayerPath::Full
+                        }
                     }
                 }
+                Err(s) => {
+                    return Err(PullError::Containerd {
+                        call: "snapshot stat",
+                        status: s,
+                    })
+                }
+            };
+            match path {
+                LayerPath::Lazy => report.lazy += 1,
+                LayerPath::Full => report.full += 1,
+                LayerPath::Present => report.present += 1,
             }
-            Err(s) => {
-                return Err(PullError::Containerd {
-                    call: "snapshot stat",
-                    status: s,
-                })
-            }
-        };
-        match path {
-            LayerPath::Lazy => report.lazy += 1,
-            LayerPath::Full => report.full += 1,
-            LayerPath::Present => report.present += 1,
+            progress(&LayerEvent {
+                index: i,
+                count: layers.len(),
+                layer: (*layer).clone(),
+                path,
+                seconds: t0.elapsed().as_secs_f64(),
+            });
         }
-        progress(&LayerEvent {
-            index: i,
-            count: layers.len(),
-            layer: (*layer).clone(),
-            path,
-            seconds: t0.elapsed().as_secs_f64(),
-        });
-    }
-
-    // Content and image record; labels tell containerd's GC what is in use.
-    let gc_snapshot = format!("containerd.io/gc.ref.snapshot.{}", options.snapshotter);
-    let config_labels = HashMap::from([(
-        gc_snapshot,
-        chains.last().map(|c| c.to_string()).unwrap_or_default(),
-    )]);
-    ctd.put_content(
-        &resolved.config,
-        config_labels,
-        InMemory(Some(config_bytes)),
-    )
-    .await?;
-    let mut manifest_labels = HashMap::from([(
-        "containerd.io/gc.ref.content.config".to_string(),
-        resolved.config.digest.to_string(),
-    )]);
-    for (i, l) in layers.iter().enumerate() {
-        manifest_labels.insert(
-            format!("containerd.io/gc.ref.content.l.{i}"),
-            l.digest.to_string(),
-        );
-    }
-    let media_type = resolved.manifest.media_type.clone().unwrap_or_else(|| {
-        resolved
-            .manifest_media_type
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_owned()
-    });
-    let manifest_desc = Descriptor::new(
-        media_type,
-        resolved.manifest_digest.clone(),
-        resolved.manifest_bytes.len() as u64,
-    );
-    ctd.put_content(
-        &manifest_desc,
-        manifest_labels,
-        InMemory(Some(resolved.manifest_bytes.clone())),
-    )
-    .await?;
+        Ok::<_, PullError>(())
+    };
+    let store_content = store_content(ctd, &resolved, config_bytes, &chains, &options.snapshotter);
+    let (prepared, stored) = tokio::join!(prepare_layers, store_content);
+    prepared?;
+    let manifest_desc = stored?;
     let record = Image {
         name: image.to_string(),
         target: Some(cdesc(&manifest_desc)),
@@ -561,6 +533,60 @@ async fn pull_in_lease(
     report.fetched_bytes = fetched;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Puts the image's config and manifest into containerd's content store,
+/// labelled so that its garbage collector sees what they reference; returns
+/// the manifest's descriptor for the image record.
+async fn store_content(
+    ctd: &Containerd,
+    resolved: &ResolvedImage,
+    config_bytes: bytes::Bytes,
+    chains: &[Digest],
+    snapshotter: &str,
+) -> Result<Descriptor, PullError> {
+    let gc_snapshot = format!("containerd.io/gc.ref.snapshot.{snapshotter}");
+    let config_labels = HashMap::from([(
+        gc_snapshot,
+        chains.last().map(|c| c.to_string()).unwrap_or_default(),
+    )]);
+    ctd.put_content(
+        &resolved.config,
+        config_labels,
+        InMemory(Some(config_bytes)),
+    )
+    .await?;
+    let mut manifest_labels = HashMap::from([(
+        "containerd.io/gc.ref.content.config".to_string(),
+        resolved.config.digest.to_string(),
+    )]);
+    for (i, l) in resolved.layers.iter().map(|l| &l.original).enumerate() {
+        manifest_labels.insert(
+            format!("containerd.io/gc.ref.content.l.{i}"),
+            l.digest.to_string(),
+        );
+    }
+    let media_type = resolved.manifest.media_type.clone().unwrap_or_else(|| {
+        resolved
+            .manifest_media_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    });
+    let manifest_desc = Descriptor::new(
+        media_type,
+        resolved.manifest_digest.clone(),
+        resolved.manifest_bytes.len() as u64,
+    );
+    ctd.put_content(
+        &manifest_desc,
+        manifest_labels,
+        InMemory(Some(resolved.manifest_bytes.clone())),
+    )
+    .await?;
+    Ok(manifest_desc)
 }
 
 /// The fallback for a layer the snapshotter cannot mount lazily: fetch the
