@@ -58,31 +58,35 @@ fn is_lazy_as_pushed(d: &Descriptor) -> bool {
     is_lazy_capable(d) && has_checksum(d)
 }
 
-/// Fetches the manifest (choosing linux/amd64 in an index) and finds a lazy
-/// form of every layer.
-pub async fn resolve(
-    client: &RegistryClient,
-    image: &ImageRef,
-) -> Result<ResolvedImage, ImageError> {
-    Ok(resolve_inner(client, image, false).await?.0)
+/// An image's manifest as fetched: linux/amd64 picked from an index.
+#[derive(Debug, Clone)]
+pub struct ImageManifest {
+    pub digest: Digest,
+    /// The manifest as served (for stores that keep it, like containerd's).
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub manifest: Manifest,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
 }
 
-/// [`resolve`], with the image's config fetched while the twins are looked
-/// up (`sluice pull` stores it in containerd): one round trip less on the
-/// pull's path than fetching it afterwards.
-pub async fn resolve_with_config(
+/// Fetches the image's manifest (choosing linux/amd64 in an index), and
+/// nothing else: `sluice pull` needs no lazy forms (the snapshotter finds
+/// them), and asking for them cost it two round trips.
+pub async fn fetch_manifest(
     client: &RegistryClient,
     image: &ImageRef,
-) -> Result<(ResolvedImage, Result<Bytes, FetchError>), ImageError> {
-    let (resolved, config) = resolve_inner(client, image, true).await?;
-    Ok((resolved, config.expect("the config was asked for")))
+) -> Result<ImageManifest, ImageError> {
+    Ok(fetch_manifest_beside(client, image, async {}).await?.0)
 }
 
-async fn resolve_inner(
+/// Fetches the manifest while `beside` runs (requests that need not wait
+/// for it).
+async fn fetch_manifest_beside<T>(
     client: &RegistryClient,
     image: &ImageRef,
-    with_config: bool,
-) -> Result<(ResolvedImage, Option<Result<Bytes, FetchError>>), ImageError> {
+    beside: impl std::future::Future<Output = T>,
+) -> Result<(ImageManifest, T), ImageError> {
     let fetch = |source| ImageError::Fetch {
         image: image.to_string(),
         source: Box::new(source),
@@ -91,18 +95,7 @@ async fn resolve_inner(
         image: image.to_string(),
         reason,
     };
-    // A reference by digest (the snapshotter's case: containerd names the
-    // manifest) already names the manifest whose referrers hold the twins:
-    // they are asked for while the manifest comes, a round trip less. The
-    // answer is dropped if the manifest turns out to be an index or to need
-    // no twin.
-    let early_referrers = async {
-        match image.reference.parse::<Digest>() {
-            Ok(digest) => Some((twin_manifests(client, image, &digest).await, digest)),
-            Err(_) => None,
-        }
-    };
-    let (manifest, early_referrers) = tokio::join!(client.manifest(image), early_referrers);
+    let (manifest, beside) = tokio::join!(client.manifest(image), beside);
     let (mut bytes, mut media_type, mut digest) = manifest.map_err(fetch)?;
     let mut manifest = Manifest::parse(&bytes).map_err(|e| invalid(e.to_string()))?;
     if manifest.is_index() {
@@ -126,25 +119,46 @@ async fn resolve_inner(
         .clone()
         .ok_or_else(|| invalid("manifest has no config".into()))?;
     let layers = manifest.layers.clone().unwrap_or_default();
+    let fetched = ImageManifest {
+        digest,
+        bytes,
+        media_type,
+        manifest,
+        config,
+        layers,
+    };
+    Ok((fetched, beside))
+}
 
-    let twins = async {
-        if layers.iter().all(is_lazy_as_pushed) {
-            return HashMap::new();
+/// Fetches the manifest (choosing linux/amd64 in an index) and finds a lazy
+/// form of every layer.
+pub async fn resolve(
+    client: &RegistryClient,
+    image: &ImageRef,
+) -> Result<ResolvedImage, ImageError> {
+    // A reference by digest (the snapshotter's case: containerd names the
+    // manifest) already names the manifest whose referrers hold the twins:
+    // they are asked for while the manifest comes, a round trip less. The
+    // answer is dropped if the manifest turns out to be an index or to need
+    // no twin.
+    let early_referrers = async {
+        match image.reference.parse::<Digest>() {
+            Ok(digest) => Some((twin_manifests(client, image, &digest).await, digest)),
+            Err(_) => None,
         }
+    };
+    let (m, early_referrers) = fetch_manifest_beside(client, image, early_referrers).await?;
+    let twins = if m.layers.iter().all(is_lazy_as_pushed) {
+        HashMap::new()
+    } else {
         let candidates = match early_referrers {
-            Some((candidates, of)) if of == digest => candidates,
-            _ => twin_manifests(client, image, &digest).await,
+            Some((candidates, of)) if of == m.digest => candidates,
+            _ => twin_manifests(client, image, &m.digest).await,
         };
-        find_twins(client, image, &layers, candidates).await
+        find_twins(client, image, &m.layers, candidates).await
     };
-    let config_bytes = async {
-        match with_config {
-            true => Some(client.blob(image, &config.digest).await),
-            false => None,
-        }
-    };
-    let (twins, config_bytes) = tokio::join!(twins, config_bytes);
-    let layers = layers
+    let layers = m
+        .layers
         .into_iter()
         .map(|l| {
             let lazy = if is_lazy_as_pushed(&l) {
@@ -155,16 +169,15 @@ async fn resolve_inner(
             ImageLayer { original: l, lazy }
         })
         .collect();
-    let resolved = ResolvedImage {
+    Ok(ResolvedImage {
         image: image.clone(),
-        manifest_digest: digest,
-        manifest_bytes: bytes,
-        manifest_media_type: media_type,
-        manifest,
-        config,
+        manifest_digest: m.digest,
+        manifest_bytes: m.bytes,
+        manifest_media_type: m.media_type,
+        manifest: m.manifest,
+        config: m.config,
         layers,
-    };
-    Ok((resolved, config_bytes))
+    })
 }
 
 /// The lazy-twin manifests that the registry lists as referrers of
@@ -468,33 +481,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_config_comes_while_twins_are_looked_up() {
+    async fn a_pull_fetches_the_manifest_alone() {
         let img = image();
-        let (manifest_digest, config_digest, config, lazy) = (
+        let (manifest_digest, config_digest, plain) = (
             img.manifest_digest.clone(),
             img.config_digest.clone(),
-            img.config.clone(),
-            img.lazy_layer.clone(),
+            img.plain_layer.clone(),
         );
-        // The twins' lookup (referrers) waits for the config request: a
-        // resolve that fetched the config afterwards would hang here.
-        let registry = gated_registry(
-            img,
-            format!("/v2/test/img/referrers/{manifest_digest}"),
-            format!("/v2/test/img/blobs/{config_digest}"),
-        )
-        .await;
+        // Nothing held: every request is answered at once.
+        let registry = gated_registry(img, "/nothing".into(), "/nothing".into()).await;
         let client = RegistryClient::new(RetryPolicy::default());
         let image = ImageRef::parse(&format!("{}/test/img:v1", registry.host)).unwrap();
-        let (resolved, config_bytes) = resolve_with_config(&client, &image).await.unwrap();
+        let m = fetch_manifest(&client, &image).await.unwrap();
+        assert_eq!(m.digest, manifest_digest);
+        assert_eq!(m.config.digest, config_digest);
+        assert_eq!(m.layers.len(), 1);
+        assert_eq!(m.layers[0].digest, plain);
         assert_eq!(
-            *registry.released.lock().unwrap(),
-            Some(true),
-            "the referrers' answer waited for the config request: {:?}",
-            registry.requests.lock().unwrap()
+            *registry.requests.lock().unwrap(),
+            ["/v2/test/img/manifests/v1"],
+            "no referrers or twins for a pull"
         );
-        assert_eq!(config_bytes.unwrap(), config);
-        assert_eq!(resolved.manifest_digest, manifest_digest);
-        assert_eq!(resolved.layers[0].lazy.as_ref(), Some(&lazy));
     }
 }

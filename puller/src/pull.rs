@@ -35,7 +35,7 @@ use containerd_client::types::Descriptor as CDescriptor;
 use sluice_format::oci::{Descriptor, ImageConfig};
 use sluice_format::Digest;
 
-use crate::image::{self, ResolvedImage};
+use crate::image::{self, ImageManifest};
 use crate::registry::{ImageRef, RegistryClient};
 
 /// Labels the snapshotter reads on `Prepare` (containerd's CRI names).
@@ -351,14 +351,16 @@ async fn pull_in_lease(
         image: image.to_string(),
         reason,
     };
-    let (resolved, config_bytes): (ResolvedImage, _) =
-        image::resolve_with_config(client, image).await?;
-    let mut fetched = resolved.manifest_bytes.len() as u64;
-    let config_bytes = config_bytes.map_err(|e| image_err(format!("config: {e}")))?;
+    let m: ImageManifest = image::fetch_manifest(client, image).await?;
+    let config_bytes = client
+        .blob(image, &m.config.digest)
+        .await
+        .map_err(|e| image_err(format!("config: {e}")))?;
+    let mut fetched = m.bytes.len() as u64;
     fetched += config_bytes.len() as u64;
     let config: ImageConfig = serde_json::from_slice(&config_bytes)
-        .map_err(|e| image_err(format!("config {}: {e}", resolved.config.digest)))?;
-    let layers: Vec<&Descriptor> = resolved.layers.iter().map(|l| &l.original).collect();
+        .map_err(|e| image_err(format!("config {}: {e}", m.config.digest)))?;
+    let layers: Vec<&Descriptor> = m.layers.iter().collect();
     if config.rootfs.diff_ids.len() != layers.len() {
         return Err(image_err(format!(
             "config lists {} diff IDs for {} layers",
@@ -367,12 +369,12 @@ async fn pull_in_lease(
         )));
     }
     let chains = chain_ids(&config.rootfs.diff_ids);
-    let manifest_ref = image.with_reference(resolved.manifest_digest.to_string());
+    let manifest_ref = image.with_reference(m.digest.to_string());
 
     let mut snapshots = SnapshotsClient::new(ctd.channel.clone());
     let mut report = PullReport {
         image: image.to_string(),
-        manifest: resolved.manifest_digest.to_string(),
+        manifest: m.digest.to_string(),
         layers: layers.len(),
         ..Default::default()
     };
@@ -403,10 +405,7 @@ async fn pull_in_lease(
                         (LABEL_TARGET.to_string(), chain.clone()),
                         (LABEL_IMAGE_REF.to_string(), image.to_string()),
                         (LABEL_LAYER_DIGEST.to_string(), layer.digest.to_string()),
-                        (
-                            LABEL_MANIFEST_DIGEST.to_string(),
-                            resolved.manifest_digest.to_string(),
-                        ),
+                        (LABEL_MANIFEST_DIGEST.to_string(), m.digest.to_string()),
                     ]);
                     let key = format!("extract-{}-{chain}", now_nanos());
                     let prepared = snapshots
@@ -498,7 +497,7 @@ async fn pull_in_lease(
         }
         Ok::<_, PullError>(())
     };
-    let store_content = store_content(ctd, &resolved, config_bytes, &chains, &options.snapshotter);
+    let store_content = store_content(ctd, &m, config_bytes, &chains, &options.snapshotter);
     let (prepared, stored) = tokio::join!(prepare_layers, store_content);
     prepared?;
     let manifest_desc = stored?;
@@ -540,7 +539,7 @@ async fn pull_in_lease(
 /// the manifest's descriptor for the image record.
 async fn store_content(
     ctd: &Containerd,
-    resolved: &ResolvedImage,
+    m: &ImageManifest,
     config_bytes: bytes::Bytes,
     chains: &[Digest],
     snapshotter: &str,
@@ -550,40 +549,31 @@ async fn store_content(
         gc_snapshot,
         chains.last().map(|c| c.to_string()).unwrap_or_default(),
     )]);
-    ctd.put_content(
-        &resolved.config,
-        config_labels,
-        InMemory(Some(config_bytes)),
-    )
-    .await?;
+    ctd.put_content(&m.config, config_labels, InMemory(Some(config_bytes)))
+        .await?;
     let mut manifest_labels = HashMap::from([(
         "containerd.io/gc.ref.content.config".to_string(),
-        resolved.config.digest.to_string(),
+        m.config.digest.to_string(),
     )]);
-    for (i, l) in resolved.layers.iter().map(|l| &l.original).enumerate() {
+    for (i, l) in m.layers.iter().enumerate() {
         manifest_labels.insert(
             format!("containerd.io/gc.ref.content.l.{i}"),
             l.digest.to_string(),
         );
     }
-    let media_type = resolved.manifest.media_type.clone().unwrap_or_else(|| {
-        resolved
-            .manifest_media_type
+    let media_type = m.manifest.media_type.clone().unwrap_or_else(|| {
+        m.media_type
             .split(';')
             .next()
             .unwrap_or("")
             .trim()
             .to_owned()
     });
-    let manifest_desc = Descriptor::new(
-        media_type,
-        resolved.manifest_digest.clone(),
-        resolved.manifest_bytes.len() as u64,
-    );
+    let manifest_desc = Descriptor::new(media_type, m.digest.clone(), m.bytes.len() as u64);
     ctd.put_content(
         &manifest_desc,
         manifest_labels,
-        InMemory(Some(resolved.manifest_bytes.clone())),
+        InMemory(Some(m.bytes.clone())),
     )
     .await?;
     Ok(manifest_desc)
