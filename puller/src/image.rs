@@ -7,8 +7,10 @@
 //! to be pulled in full, and the caller is told so.
 
 use std::collections::HashMap;
+use std::pin::pin;
 
 use bytes::Bytes;
+use futures_util::future::{select, Either};
 
 use sluice_format::chunked::Footer;
 use sluice_format::convert::{is_lazy_capable, LAZY_TWIN_ARTIFACT_TYPE};
@@ -77,16 +79,6 @@ pub async fn fetch_manifest(
     client: &RegistryClient,
     image: &ImageRef,
 ) -> Result<ImageManifest, ImageError> {
-    Ok(fetch_manifest_beside(client, image, async {}).await?.0)
-}
-
-/// Fetches the manifest while `beside` runs (requests that need not wait
-/// for it).
-async fn fetch_manifest_beside<T>(
-    client: &RegistryClient,
-    image: &ImageRef,
-    beside: impl std::future::Future<Output = T>,
-) -> Result<(ImageManifest, T), ImageError> {
     let fetch = |source| ImageError::Fetch {
         image: image.to_string(),
         source: Box::new(source),
@@ -95,8 +87,7 @@ async fn fetch_manifest_beside<T>(
         image: image.to_string(),
         reason,
     };
-    let (manifest, beside) = tokio::join!(client.manifest(image), beside);
-    let (mut bytes, mut media_type, mut digest) = manifest.map_err(fetch)?;
+    let (mut bytes, mut media_type, mut digest) = client.manifest(image).await.map_err(fetch)?;
     let mut manifest = Manifest::parse(&bytes).map_err(|e| invalid(e.to_string()))?;
     if manifest.is_index() {
         let pick = manifest
@@ -119,15 +110,14 @@ async fn fetch_manifest_beside<T>(
         .clone()
         .ok_or_else(|| invalid("manifest has no config".into()))?;
     let layers = manifest.layers.clone().unwrap_or_default();
-    let fetched = ImageManifest {
+    Ok(ImageManifest {
         digest,
         bytes,
         media_type,
         manifest,
         config,
         layers,
-    };
-    Ok((fetched, beside))
+    })
 }
 
 /// Fetches the manifest (choosing linux/amd64 in an index) and finds a lazy
@@ -139,19 +129,30 @@ pub async fn resolve(
     // A reference by digest (the snapshotter's case: containerd names the
     // manifest) already names the manifest whose referrers hold the twins:
     // they are asked for while the manifest comes, a round trip less. The
-    // answer is dropped if the manifest turns out to be an index or to need
-    // no twin.
-    let early_referrers = async {
+    // answer is used only if the manifest is that one (not an index) and
+    // needs a twin; otherwise it is not waited for.
+    let mut early = pin!(async {
         match image.reference.parse::<Digest>() {
             Ok(digest) => Some((twin_manifests(client, image, &digest).await, digest)),
             Err(_) => None,
         }
+    });
+    let mut early_answer = None;
+    let m = match select(pin!(fetch_manifest(client, image)), early.as_mut()).await {
+        Either::Left((m, _)) => m?,
+        Either::Right((answer, m)) => {
+            early_answer = Some(answer);
+            m.await?
+        }
     };
-    let (m, early_referrers) = fetch_manifest_beside(client, image, early_referrers).await?;
     let twins = if m.layers.iter().all(is_lazy_as_pushed) {
         HashMap::new()
     } else {
-        let candidates = match early_referrers {
+        let early_answer = match early_answer {
+            Some(answer) => answer,
+            None => early.await,
+        };
+        let candidates = match early_answer {
             Some((candidates, of)) if of == m.digest => candidates,
             _ => twin_manifests(client, image, &m.digest).await,
         };
@@ -284,22 +285,12 @@ mod tests {
         lazy_layer: Descriptor,
     }
 
-    fn image() -> Image {
+    /// With `pushed_lazy`, the image's layer is zstd:chunked as pushed (it
+    /// needs no twin; the registry still lists one).
+    fn image_with(pushed_lazy: bool) -> Image {
         let config = Bytes::from_static(br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#);
         let config_digest = Digest::sha256(&config);
         let plain_layer = Digest::sha256(b"plain layer");
-        let manifest = Bytes::from(
-            serde_json::to_vec(&serde_json::json!({
-                "schemaVersion": 2,
-                "mediaType": MANIFEST,
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": config_digest.to_string(), "size": config.len()},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                            "digest": plain_layer.to_string(), "size": 11}],
-            }))
-            .unwrap(),
-        );
-        let manifest_digest = Digest::sha256(&manifest);
         let mut lazy_layer = Descriptor::new(
             "application/vnd.oci.image.layer.v1.tar+zstd",
             Digest::sha256(b"lazy layer"),
@@ -315,6 +306,22 @@ mod tests {
             toc_digest: Some(Digest::sha256(b"toc")),
         }
         .annotations();
+        let layer = match pushed_lazy {
+            true => serde_json::to_value(&lazy_layer).unwrap(),
+            false => serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                        "digest": plain_layer.to_string(), "size": 11}),
+        };
+        let manifest = Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": config_digest.to_string(), "size": config.len()},
+                "layers": [layer],
+            }))
+            .unwrap(),
+        );
+        let manifest_digest = Digest::sha256(&manifest);
         let twin = Bytes::from(
             serde_json::to_vec(&serde_json::json!({
                 "schemaVersion": 2,
@@ -446,7 +453,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_digest_reference_asks_for_twins_while_the_manifest_comes() {
-        let img = image();
+        let img = image_with(false);
         let (manifest_digest, plain, lazy) = (
             img.manifest_digest.clone(),
             img.plain_layer.clone(),
@@ -481,8 +488,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_early_referrers_are_not_waited_for_when_no_twin_is_needed() {
+        let img = image_with(true);
+        let (manifest_digest, lazy) = (img.manifest_digest.clone(), img.lazy_layer.clone());
+        // The referrers' answer is held (for HOLD) until a request that
+        // never comes: a resolve that waited for it would see it released.
+        let registry = gated_registry(
+            img,
+            format!("/v2/test/img/referrers/{manifest_digest}"),
+            "/nothing".into(),
+        )
+        .await;
+        let client = RegistryClient::new(RetryPolicy::default());
+        let image =
+            ImageRef::parse(&format!("{}/test/img@{manifest_digest}", registry.host)).unwrap();
+        let resolved = resolve(&client, &image).await.unwrap();
+        assert_eq!(
+            *registry.released.lock().unwrap(),
+            None,
+            "the resolve waited for the referrers"
+        );
+        assert_eq!(resolved.layers[0].lazy.as_ref(), Some(&lazy));
+    }
+
+    #[tokio::test]
     async fn a_pull_fetches_the_manifest_alone() {
-        let img = image();
+        let img = image_with(false);
         let (manifest_digest, config_digest, plain) = (
             img.manifest_digest.clone(),
             img.config_digest.clone(),
