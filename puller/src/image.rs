@@ -451,6 +451,21 @@ mod tests {
         }
     }
 
+    /// Resolves `img` by its manifest's digest (as the snapshotter does)
+    /// from a [`gated_registry`].
+    async fn resolve_by_digest(
+        img: Image,
+        held: String,
+        release: String,
+    ) -> (GatedRegistry, ResolvedImage) {
+        let digest = img.manifest_digest.clone();
+        let registry = gated_registry(img, held, release).await;
+        let client = RegistryClient::new(RetryPolicy::default());
+        let image = ImageRef::parse(&format!("{}/test/img@{digest}", registry.host)).unwrap();
+        let resolved = resolve(&client, &image).await.unwrap();
+        (registry, resolved)
+    }
+
     #[tokio::test]
     async fn a_digest_reference_asks_for_twins_while_the_manifest_comes() {
         let img = image_with(false);
@@ -459,16 +474,12 @@ mod tests {
             img.plain_layer.clone(),
             img.lazy_layer.clone(),
         );
-        let registry = gated_registry(
+        let (registry, resolved) = resolve_by_digest(
             img,
             format!("/v2/test/img/manifests/{manifest_digest}"),
             format!("/v2/test/img/referrers/{manifest_digest}"),
         )
         .await;
-        let client = RegistryClient::new(RetryPolicy::default());
-        let image =
-            ImageRef::parse(&format!("{}/test/img@{manifest_digest}", registry.host)).unwrap();
-        let resolved = resolve(&client, &image).await.unwrap();
         assert_eq!(
             *registry.released.lock().unwrap(),
             Some(true),
@@ -493,16 +504,12 @@ mod tests {
         let (manifest_digest, lazy) = (img.manifest_digest.clone(), img.lazy_layer.clone());
         // The referrers' answer is held (for HOLD) until a request that
         // never comes: a resolve that waited for it would see it released.
-        let registry = gated_registry(
+        let (registry, resolved) = resolve_by_digest(
             img,
             format!("/v2/test/img/referrers/{manifest_digest}"),
             "/nothing".into(),
         )
         .await;
-        let client = RegistryClient::new(RetryPolicy::default());
-        let image =
-            ImageRef::parse(&format!("{}/test/img@{manifest_digest}", registry.host)).unwrap();
-        let resolved = resolve(&client, &image).await.unwrap();
         assert_eq!(
             *registry.released.lock().unwrap(),
             None,
