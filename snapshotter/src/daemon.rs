@@ -220,8 +220,9 @@ impl Daemon {
     }
 
     /// Runs `hook` on a blocking thread as soon as the snapshots socket
-    /// accepts connections: how the daemon plugs itself into containerd's
-    /// config only once containerd can reach it.
+    /// accepts connections (and the metrics and CRI listeners are bound):
+    /// how the daemon plugs itself into containerd's config only once
+    /// containerd can reach it.
     pub fn after_listening(&mut self, hook: impl FnOnce() + Send + 'static) {
         self.after_listening = Some(Box::new(hook));
     }
@@ -229,9 +230,6 @@ impl Daemon {
     /// Serves until `shutdown` completes, then unmounts the lazy layers.
     pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let listener = Self::bind_socket(&self.config.address)?;
-        if let Some(hook) = self.after_listening.take() {
-            tokio::task::spawn_blocking(hook);
-        }
         let service = SnapshotsServer::new(SnapshotService::new(
             self.core.clone(),
             self.remote.clone(),
@@ -243,7 +241,10 @@ impl Daemon {
             let l = TcpListener::bind(&self.config.metrics_address)
                 .await
                 .map_err(io(format!("binding {}", self.config.metrics_address)))?;
-            tracing::info!(address = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics at /metrics, health at /healthz");
+            let address = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(%address, "metrics at /metrics, health at /healthz");
+            // On stdout too, for whoever started the daemon on port 0.
+            println!("sluice-snapshotter metrics on http://{address}");
             Some(tokio::spawn(serve_metrics(l, self.metrics.clone())))
         };
         let cri_task = if self.config.cri.address.as_os_str().is_empty() {
@@ -262,6 +263,11 @@ impl Daemon {
             );
             Some(tokio::spawn(proxy.serve(l)))
         };
+        // Every listener is bound: containerd may be pointed here now, and
+        // the line below tells a supervisor (or a test) the daemon is up.
+        if let Some(hook) = self.after_listening.take() {
+            tokio::task::spawn_blocking(hook);
+        }
         tracing::info!(socket = %self.config.address.display(), "serving containerd's Snapshots API");
         println!(
             "sluice-snapshotter listening on {}",

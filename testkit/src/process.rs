@@ -227,18 +227,14 @@ impl SluiceSnapshotter {
     /// With extra command-line flags (`--hosts-dir`, `--docker-config`, …).
     pub fn start_with_args(binary: &Path, root: &Path, args: &[&str]) -> Self {
         let socket = root.join("snapshotter.sock");
-        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        Self::spawn(binary, root, &socket, metrics_addr, args)
+        Self::spawn(binary, root, &socket, args)
     }
 
-    fn spawn(
-        binary: &Path,
-        root: &Path,
-        socket: &Path,
-        metrics_addr: SocketAddr,
-        args: Vec<String>,
-    ) -> Self {
+    /// Starts the daemon with its metrics on a port it picks (a port picked
+    /// here and bound there could be taken in between) and waits for the
+    /// stdout lines that say where the metrics are and that it serves.
+    fn spawn(binary: &Path, root: &Path, socket: &Path, args: Vec<String>) -> Self {
         std::fs::create_dir_all(root).expect("snapshotter root");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -251,24 +247,47 @@ impl SluiceSnapshotter {
             .arg("--address")
             .arg(socket)
             .arg("--metrics-address")
-            .arg(metrics_addr.to_string())
+            .arg("127.0.0.1:0")
             .args(&args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(log);
         let mut service = Service::spawn("sluice-snapshotter", &mut cmd);
-        wait_until("sluice-snapshotter", Duration::from_secs(60), || {
-            service.assert_running();
-            std::os::unix::net::UnixStream::connect(socket).is_ok()
+        let stdout = service.child.stdout.take().expect("piped stdout");
+        let (lines, said) = std::sync::mpsc::channel();
+        // Reads to the end, so the daemon never writes into a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
         });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut metrics_addr = None;
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let line = said.recv_timeout(wait).unwrap_or_else(|e| {
+                service.assert_running();
+                panic!(
+                    "sluice-snapshotter did not say it serves ({e}); its log: {}",
+                    root.with_extension("log").display()
+                )
+            });
+            if let Some(addr) = line.strip_prefix("sluice-snapshotter metrics on http://") {
+                metrics_addr = addr.parse().ok();
+            }
+            if line.starts_with("sluice-snapshotter listening on ") {
+                break;
+            }
+        }
         SluiceSnapshotter {
             service,
             root: root.to_owned(),
             socket: socket.to_owned(),
-            metrics_addr,
+            metrics_addr: metrics_addr
+                .expect("sluice-snapshotter did not say where its metrics are"),
             binary: binary.to_owned(),
             args,
         }
@@ -281,14 +300,14 @@ impl SluiceSnapshotter {
             mut service,
             root,
             socket,
-            metrics_addr,
             binary,
             args,
+            ..
         } = self;
         let _ = service.child.kill();
         let _ = service.child.wait();
         service.stopped = true;
-        Self::spawn(&binary, &root, &socket, metrics_addr, args)
+        Self::spawn(&binary, &root, &socket, args)
     }
 
     /// The daemon's log so far, for failure messages.
@@ -329,6 +348,18 @@ impl DistributionRegistry {
 
     fn start_with(root: &Path, tls: Option<(&Path, &Path)>) -> Self {
         crate::require_tool("docker-registry", "docker-registry");
+        // docker-registry cannot say which port it bound, so the port is
+        // picked here; another socket may take it before the registry binds
+        // it, and then the registry exits: it gets another port.
+        for _ in 0..5 {
+            if let Some(registry) = Self::try_start(root, tls) {
+                return registry;
+            }
+        }
+        panic!("docker-registry exited at start five times (ports taken?)");
+    }
+
+    fn try_start(root: &Path, tls: Option<(&Path, &Path)>) -> Option<Self> {
         let port = free_port();
         let config = root.join("config.yml");
         std::fs::create_dir_all(root.join("data")).expect("registry data dir");
@@ -351,12 +382,21 @@ impl DistributionRegistry {
             .arg(&config)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let service = Service::spawn("docker-registry", &mut cmd);
+        let mut service = Service::spawn("docker-registry", &mut cmd);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
-        wait_until("docker-registry", Duration::from_secs(20), || {
-            TcpStream::connect(addr).is_ok()
-        });
-        DistributionRegistry { service, addr }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).is_err() {
+            if let Ok(Some(_)) = service.child.try_wait() {
+                service.stopped = true;
+                return None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not become ready within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(DistributionRegistry { service, addr })
     }
 }
 
