@@ -131,10 +131,11 @@ pub async fn resolve(
     // they are asked for while the manifest comes, a round trip less. The
     // answer is used only if the manifest is that one (not an index) and
     // needs a twin; otherwise it is not waited for.
+    let pinned: Option<Digest> = image.reference.parse().ok();
     let mut early = pin!(async {
-        match image.reference.parse::<Digest>() {
-            Ok(digest) => Some((twin_manifests(client, image, &digest).await, digest)),
-            Err(_) => None,
+        match &pinned {
+            Some(digest) => twin_manifests(client, image, digest).await,
+            None => Vec::new(),
         }
     });
     let mut early_answer = None;
@@ -148,13 +149,13 @@ pub async fn resolve(
     let twins = if m.layers.iter().all(is_lazy_as_pushed) {
         HashMap::new()
     } else {
-        let early_answer = match early_answer {
-            Some(answer) => answer,
-            None => early.await,
-        };
-        let candidates = match early_answer {
-            Some((candidates, of)) if of == m.digest => candidates,
-            _ => twin_manifests(client, image, &m.digest).await,
+        let candidates = if pinned.as_ref() == Some(&m.digest) {
+            match early_answer {
+                Some(answer) => answer,
+                None => early.await,
+            }
+        } else {
+            twin_manifests(client, image, &m.digest).await
         };
         find_twins(client, image, &m.layers, candidates).await
     };
