@@ -102,7 +102,6 @@ fn run_daemon_and_pull(
     bin_dir: &Path,
     dir: &Path,
 ) -> anyhow::Result<()> {
-    let port = sluice_testkit::process::free_port();
     let log_path = dir.join("daemon.log");
     let log = std::fs::File::create(&log_path)?;
     // With a spec of its own, ctr takes the root filesystem as a path.
@@ -138,8 +137,10 @@ fn run_daemon_and_pull(
                 &format!("/usr/bin/{BINARY}"),
                 "--config",
                 "/etc/sluice/snapshotter.toml",
+                // Port 0: the daemon says on stdout (the log) which it
+                // bound; a port picked here could be taken before it binds.
                 "--metrics-address",
-                &format!("127.0.0.1:{port}"),
+                "127.0.0.1:0",
                 "--root",
                 &state.display().to_string(),
                 "--install-node",
@@ -168,7 +169,14 @@ fn run_daemon_and_pull(
             if let Ok(Some(status)) = task.try_wait() {
                 bail!("the daemon in the image exited ({status})");
             }
-            if let Some(reply) = healthz(port) {
+            let port = daemon_log()
+                .lines()
+                .find_map(|l| {
+                    l.split("sluice-snapshotter metrics on http://127.0.0.1:")
+                        .nth(1)
+                })
+                .and_then(|p| p.trim().parse::<u16>().ok());
+            if let Some(reply) = port.and_then(healthz) {
                 if reply.starts_with("HTTP/1.1 200") && reply.ends_with("\r\n\r\nok\n") {
                     break;
                 }
