@@ -104,7 +104,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
 /// The image's layers as the registry converts them: (blob path,
 /// descriptor with the zstd:chunked annotations). Converted once per
 /// source image and kept under target/bench/index-work/.
-fn chunked_layers(image: &str) -> anyhow::Result<Vec<(PathBuf, Descriptor)>> {
+fn chunked_layers(image: &'static str) -> anyhow::Result<Vec<(PathBuf, Descriptor)>> {
     let source = super::start::zstd_layout(image)?;
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(source.join("index.json"))?)?;

@@ -208,13 +208,12 @@ fn layout(f: &Fixture, compression: Compression) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// The zstd OCI layout of a benchmark image (one of [`IMAGES`], checked
-/// with [`pick`]; built once, cached), for other benchmarks that measure the
-/// same images.
-pub(super) fn zstd_layout(image: &str) -> anyhow::Result<PathBuf> {
-    let name = IMAGES.into_iter().find(|i| *i == image).expect("checked");
+/// The zstd OCI layout of a benchmark image (one of [`IMAGES`], as
+/// [`pick`] returns them; built once, cached), for other benchmarks that
+/// measure the same images.
+pub(super) fn zstd_layout(image: &'static str) -> anyhow::Result<PathBuf> {
     fixtures::ensure_all()?;
-    layout(&fixture(name)?, Compression::Zstd)
+    layout(&fixture(image)?, Compression::Zstd)
 }
 
 /// Total compressed size of the layers of the (single) image in a layout.
@@ -677,20 +676,25 @@ impl Bench {
     }
 }
 
+/// The names in `chosen` (all of `all` if none), as `all`'s own strings
+/// (the static names of images and systems); an unknown one is an error.
 pub(super) fn pick<'a>(
     all: &[&'a str],
-    chosen: &'a [String],
+    chosen: &[String],
     what: &str,
 ) -> anyhow::Result<Vec<&'a str>> {
     if chosen.is_empty() {
         return Ok(all.to_vec());
     }
-    for c in chosen {
-        if !all.contains(&c.as_str()) {
-            bail!("unknown {what} {c:?}; choose from {}", all.join(", "));
-        }
-    }
-    Ok(chosen.iter().map(String::as_str).collect())
+    chosen
+        .iter()
+        .map(|c| {
+            all.iter()
+                .copied()
+                .find(|a| a == c)
+                .with_context(|| format!("unknown {what} {c:?}; choose from {}", all.join(", ")))
+        })
+        .collect()
 }
 
 pub fn run(opts: Options) -> anyhow::Result<()> {
@@ -713,8 +717,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     step("fixtures");
     fixtures::ensure_all()?;
     let fixtures: Vec<Fixture> = image_names
-        .iter()
-        .map(|n| fixture(IMAGES.iter().find(|i| *i == n).copied().expect("checked")))
+        .into_iter()
+        .map(fixture)
         .collect::<anyhow::Result<_>>()?;
 
     let work = output_dir().join("start-work");
