@@ -27,6 +27,13 @@ pub struct Snapshotter {
     dir: PathBuf,
     store: Store,
     overlay_index_param: bool,
+    /// Held while a snapshot's directories are made and its record
+    /// committed, and through a Cleanup: otherwise a Cleanup finds the new
+    /// directories before their record and removes them, and overlayfs
+    /// then fails on a missing `work` directory (seen in the containerd
+    /// tests: a Cleanup after a pull's lease went, beside the `Prepare` of
+    /// a container).
+    dirs: std::sync::Mutex<()>,
 }
 
 /// A snapshot's public description (containerd's `Info`).
@@ -110,6 +117,7 @@ impl Snapshotter {
             dir,
             store,
             overlay_index_param: Path::new("/sys/module/overlay/parameters/index").exists(),
+            dirs: Default::default(),
         })
     }
 
@@ -149,6 +157,7 @@ impl Snapshotter {
             inodes: 0,
             remote: None,
         };
+        let _dirs = self.dirs.lock().expect("snapshot directories");
         self.store.create(key, record, |id| {
             let d = self.snapshot_dir(id);
             // A leftover of a crash between mkdir and commit has this id: reuse.
@@ -371,6 +380,7 @@ impl Snapshotter {
     /// Removes directories no record refers to (left by crashes or by
     /// removals interrupted half-way). Returns how many.
     pub fn cleanup(&self) -> Result<usize, SnapshotError> {
+        let _dirs = self.dirs.lock().expect("snapshot directories");
         let known: HashSet<u64> = self.store.list()?.iter().map(|(_, r)| r.id).collect();
         let mut removed = 0;
         let entries = std::fs::read_dir(&self.dir)
@@ -387,5 +397,53 @@ impl Snapshotter {
             }
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Cleanup asked for while a snapshot is being created (its
+    /// directories made, its record not yet committed) waits for it and
+    /// leaves them alone; a leftover no record owns is removed.
+    #[test]
+    fn cleanup_leaves_a_snapshot_being_created_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = std::sync::Arc::new(Snapshotter::open(dir.path()).unwrap());
+        std::fs::create_dir_all(core.snapshot_dir(999).join("fs")).unwrap();
+        let record = Record {
+            id: 0,
+            kind: Kind::Active,
+            parent: None,
+            labels: BTreeMap::new(),
+            created: 0,
+            updated: 0,
+            size: 0,
+            inodes: 0,
+            remote: None,
+        };
+        // What `create` does, with a Cleanup asked for in the middle.
+        let guard = core.dirs.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let created = core
+            .store()
+            .create("new", record, |id| {
+                std::fs::create_dir_all(core.snapshot_dir(id).join("work")).unwrap();
+                let c = core.clone();
+                std::thread::spawn(move || tx.send(c.cleanup().unwrap()));
+                // Without the lock it is done long before this.
+                let early = rx.recv_timeout(std::time::Duration::from_millis(300));
+                assert!(early.is_err(), "cleanup ran meanwhile: {early:?}");
+                Ok(())
+            })
+            .unwrap();
+        drop(guard);
+        let removed = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("cleanup finishes once the record is there");
+        assert_eq!(removed, 1, "only the leftover");
+        assert!(!core.snapshot_dir(999).exists());
+        assert!(core.snapshot_dir(created.id).join("work").exists());
     }
 }

@@ -40,13 +40,17 @@ async fn start(root: &Path) -> Harness {
             .await
             .expect("daemon serves");
     });
-    for _ in 0..200 {
-        if socket.exists() {
-            break;
+    // Until it answers: after a restart the old daemon's socket file is
+    // there before the new daemon listens on it.
+    let mut tries = 0;
+    let channel = loop {
+        match containerd_client::connect(&socket).await {
+            Ok(c) => break c,
+            Err(e) if tries == 500 => panic!("connect: {e}"),
+            Err(_) => tries += 1,
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    let channel = containerd_client::connect(&socket).await.expect("connect");
+    };
     Harness {
         client: SnapshotsClient::new(channel),
         stop: Some(tx),
