@@ -182,6 +182,88 @@ fn advise_window_ahead(m: &Mmap, offset: u64, end: u64) {
     }
 }
 
+/// A layer's TOC, fetched and verified against the digest its descriptor
+/// carries ([`RemoteLayer::fetch_toc`]): all a layer needs from the network
+/// before it can be opened. What is left, decoding it and building the index
+/// ([`FetchedToc::open`]), is CPU work of tens of milliseconds for a layer
+/// of 40,000 files, which a caller may do later than the fetch.
+pub struct FetchedToc {
+    client: Arc<RegistryClient>,
+    image: ImageRef,
+    layer: Digest,
+    toc_digest: Digest,
+    compressed: bytes::Bytes,
+    /// From the cache (not stored again).
+    kept: bool,
+    data_end: u64,
+    cache: Arc<ChunkCache>,
+    opts: LayerOptions,
+    started: std::time::Instant,
+    fetching: std::time::Duration,
+}
+
+impl FetchedToc {
+    /// The layer's blob digest.
+    pub fn layer(&self) -> &Digest {
+        &self.layer
+    }
+
+    /// The image the layer was fetched for.
+    pub fn image(&self) -> &ImageRef {
+        &self.image
+    }
+
+    /// Decodes the TOC and builds the layer's index (blocking: tens of
+    /// milliseconds for a large layer). A TOC that verified but does not
+    /// decode would come the same from any source: an error, not retried.
+    pub fn open(self) -> Result<RemoteLayer, LayerError> {
+        let not_lazy = |reason: String| LayerError::NotLazy {
+            image: self.image.to_string(),
+            layer: self.layer.clone(),
+            reason,
+        };
+        let decode_started = std::time::Instant::now();
+        // Verified by digest already.
+        let json = Toc::inflate(&self.compressed, None, MAX_TOC_BYTES)
+            .map_err(|e| not_lazy(format!("TOC: {e}")))?;
+        // The TOC's strings borrow from its JSON: decoded and indexed here.
+        let toc = Toc::parse(&json).map_err(|e| not_lazy(format!("TOC: {e}")))?;
+        let decoded = decode_started.elapsed();
+        let index =
+            LayerIndex::from_toc(&toc, self.data_end).map_err(|e| not_lazy(e.to_string()))?;
+        drop(toc);
+        if !self.kept {
+            self.cache.put_toc(&self.toc_digest, &self.compressed);
+        }
+        tracing::info!(
+            image = %self.image,
+            layer = %self.layer,
+            entries = index.nodes().len(),
+            chunks = index.chunks().len(),
+            toc_bytes = self.compressed.len(),
+            fetch_ms = self.fetching.as_millis() as u64,
+            decode_ms = decoded.as_millis() as u64,
+            index_ms = (decode_started.elapsed() - decoded).as_millis() as u64,
+            since_fetch_ms = (self.started.elapsed() - self.fetching).as_millis() as u64,
+            "layer index ready"
+        );
+        Ok(RemoteLayer {
+            client: self.client,
+            image: self.image,
+            digest: self.layer,
+            toc_digest: self.toc_digest,
+            index,
+            cache: self.cache,
+            opts: self.opts,
+            inflight: Mutex::new(HashMap::new()),
+            prefetched: Mutex::new(HashMap::new()),
+            demanded: Mutex::new(Default::default()),
+            profile_batches: AtomicUsize::new(0),
+            stats: LayerStats::default(),
+        })
+    }
+}
+
 pub struct RemoteLayer {
     client: Arc<RegistryClient>,
     image: ImageRef,
@@ -231,6 +313,27 @@ impl RemoteLayer {
         cache: Arc<ChunkCache>,
         opts: LayerOptions,
     ) -> Result<Self, LayerError> {
+        let toc = Self::fetch_toc(client, image, layer, cache, opts).await?;
+        let (image, digest) = (toc.image.to_string(), toc.layer.clone());
+        tokio::task::spawn_blocking(move || toc.open())
+            .await
+            .map_err(|e| LayerError::NotLazy {
+                image,
+                layer: digest,
+                reason: e.to_string(),
+            })?
+    }
+
+    /// The first half of [`RemoteLayer::open`]: the layer's TOC, from the
+    /// cache or the registry, verified against the digest its descriptor
+    /// carries (fetched again, up to three times, while it does not match).
+    pub async fn fetch_toc(
+        client: Arc<RegistryClient>,
+        image: ImageRef,
+        layer: &Descriptor,
+        cache: Arc<ChunkCache>,
+        opts: LayerOptions,
+    ) -> Result<FetchedToc, LayerError> {
         let not_lazy = |reason: String| LayerError::NotLazy {
             image: image.to_string(),
             layer: layer.digest.clone(),
@@ -251,36 +354,31 @@ impl RemoteLayer {
         let range = footer.toc.offset..footer.toc.end();
         let started = std::time::Instant::now();
         let mut fetching = std::time::Duration::ZERO;
-        // Decoding a TOC and building the index are CPU work of tens of
-        // milliseconds for a layer of 40,000 files, and the cached copy is
-        // megabytes of disk: on a blocking thread, not on a runtime worker
-        // that other layers' fetches need meanwhile. A fetched TOC that
-        // verifies is kept in the cache for the next mount.
-        let inflate = |bytes: Option<bytes::Bytes>| {
+        // Hashing megabytes (and reading the cached copy) is blocking work,
+        // kept off the runtime's workers that other layers' fetches need.
+        let verify = |bytes: Option<bytes::Bytes>| {
             let (digest, cache) = (toc_digest.clone(), cache.clone());
             async move {
                 tokio::task::spawn_blocking(move || {
-                    let Some(bytes) = bytes else {
-                        // A TOC kept from an earlier mount, if it still verifies.
-                        let kept = cache.toc(&digest).ok_or("no TOC in the cache")?;
-                        return Toc::inflate(&kept, Some(&digest), MAX_TOC_BYTES)
-                            .map_err(|e| e.to_string());
+                    // None: a TOC kept from an earlier mount, if it still verifies.
+                    let bytes = match bytes {
+                        Some(b) => b,
+                        None => bytes::Bytes::from(cache.toc(&digest)?),
                     };
-                    let json = Toc::inflate(&bytes, Some(&digest), MAX_TOC_BYTES)
-                        .map_err(|e| e.to_string())?;
-                    cache.put_toc(&digest, &bytes);
-                    Ok(json)
+                    (Digest::of(digest.algorithm(), &bytes) == digest).then_some(bytes)
                 })
                 .await
-                .map_err(|e| e.to_string())?
+                .ok()
+                .flatten()
             }
         };
-        let mut last = String::new();
-        let mut json = inflate(None).await.ok();
+        let mut kept = true;
+        let mut compressed = verify(None).await;
         for attempt in 0..VERIFY_ATTEMPTS {
-            if json.is_some() {
+            if compressed.is_some() {
                 break;
             }
+            kept = false;
             let fetch_started = std::time::Instant::now();
             let bytes = client
                 .blob_range(&image, &layer.digest, range.clone(), attempt as usize)
@@ -291,53 +389,25 @@ impl RemoteLayer {
                     reason: format!("fetching the TOC: {e}"),
                 })?;
             fetching += fetch_started.elapsed();
-            match inflate(Some(bytes)).await {
-                Ok(j) => json = Some(j),
-                Err(e) => last = e,
-            }
+            compressed = verify(Some(bytes)).await;
         }
-        let json = json.ok_or_else(|| not_lazy(format!("TOC: {last}")))?;
-        // Fetching the TOC, decoding it and building the index from it are
-        // all on the pull's critical path. The TOC's strings borrow from its
-        // JSON, so both steps run in one task. (A TOC that verified but does
-        // not parse would come the same from any source: not retried.)
-        let inflated = started.elapsed();
-        let data_end = footer.toc.offset - 8;
-        let (index, parsed) = tokio::task::spawn_blocking(move || {
-            let t = std::time::Instant::now();
-            let toc = Toc::parse(&json).map_err(|e| format!("TOC: {e}"))?;
-            let parsed = t.elapsed();
-            let index = LayerIndex::from_toc(&toc, data_end).map_err(|e| e.to_string())?;
-            Ok::<_, String>((index, parsed))
-        })
-        .await
-        .map_err(|e| not_lazy(e.to_string()))?
-        .map_err(not_lazy)?;
-        let decoded = inflated + parsed;
-        tracing::info!(
-            image = %image,
-            layer = %layer.digest,
-            entries = index.nodes().len(),
-            chunks = index.chunks().len(),
-            toc_bytes = footer.toc.compressed_len,
-            fetch_ms = fetching.as_millis() as u64,
-            decode_ms = (decoded - fetching).as_millis() as u64,
-            index_ms = (started.elapsed() - decoded).as_millis() as u64,
-            "layer index ready"
-        );
-        Ok(RemoteLayer {
+        let compressed = compressed.ok_or_else(|| {
+            not_lazy(format!(
+                "TOC: fetched {VERIFY_ATTEMPTS} times, never with digest {toc_digest}"
+            ))
+        })?;
+        Ok(FetchedToc {
             client,
             image,
-            digest: layer.digest.clone(),
+            layer: layer.digest.clone(),
             toc_digest,
-            index,
+            compressed,
+            kept,
+            data_end: footer.toc.offset - 8,
             cache,
             opts,
-            inflight: Mutex::new(HashMap::new()),
-            prefetched: Mutex::new(HashMap::new()),
-            demanded: Mutex::new(Default::default()),
-            profile_batches: AtomicUsize::new(0),
-            stats: LayerStats::default(),
+            started,
+            fetching,
         })
     }
 

@@ -24,5 +24,5 @@ pub mod registry;
 pub mod trace;
 
 pub use cache::ChunkCache;
-pub use layer::{LayerError, LayerOptions, RemoteLayer};
+pub use layer::{FetchedToc, LayerError, LayerOptions, RemoteLayer};
 pub use registry::{error_chain, ImageRef, RegistryClient};

@@ -325,6 +325,10 @@ pub async fn pull(
         .await
         .map_err(cd("lease create"))?;
     ctd.lease = Some(lease_id.clone());
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "connected, lease created"
+    );
     let result = pull_in_lease(&ctd, client, image, options, &mut progress, started).await;
     ctd.lease = None;
     if let Err(e) = LeasesClient::new(ctd.channel.clone())
@@ -352,10 +356,12 @@ async fn pull_in_lease(
         reason,
     };
     let m: ImageManifest = image::fetch_manifest(client, image).await?;
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, digest = %m.digest, "manifest fetched");
     let config_bytes = client
         .blob(image, &m.config.digest)
         .await
         .map_err(|e| image_err(format!("config: {e}")))?;
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "config fetched");
     let mut fetched = m.bytes.len() as u64;
     fetched += config_bytes.len() as u64;
     let config: ImageConfig = serde_json::from_slice(&config_bytes)
@@ -482,6 +488,7 @@ async fn pull_in_lease(
                     })
                 }
             };
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, layer = %layer.digest, ?path, "layer done");
             match path {
                 LayerPath::Lazy => report.lazy += 1,
                 LayerPath::Full => report.full += 1,
@@ -501,6 +508,10 @@ async fn pull_in_lease(
     let (prepared, stored) = tokio::join!(prepare_layers, store_content);
     prepared?;
     let manifest_desc = stored?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "layers and content done"
+    );
     let record = Image {
         name: image.to_string(),
         target: Some(cdesc(&manifest_desc)),
@@ -529,6 +540,10 @@ async fn pull_in_lease(
         }
         Err(s) => return Err(cd("image create")(s)),
     }
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "image record written"
+    );
     report.fetched_bytes = fetched;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)

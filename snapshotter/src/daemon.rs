@@ -185,7 +185,17 @@ impl Daemon {
                 .mount(r.id, &self.core.fs_dir(r.id), src, false)
                 .await
             {
-                Ok(_) => ok += 1,
+                Ok(usage) => {
+                    ok += 1;
+                    // A daemon stopped before a lazy layer's index was built
+                    // had not recorded its usage yet.
+                    if (r.size, r.inodes) == (0, 0) && usage != (0, 0) {
+                        let core = self.core.clone();
+                        let name = name.clone();
+                        let _ =
+                            tokio::task::spawn_blocking(move || core.set_usage(&name, usage)).await;
+                    }
+                }
                 Err(e) => {
                     failed += 1;
                     tracing::error!(snapshot = %name, "mounting a lazy layer again failed: {e}");

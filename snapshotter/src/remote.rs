@@ -13,13 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_format::Digest;
-use sluice_puller::fs::FsOptions;
+use sluice_puller::fs::{FsOptions, LazyMount};
 use sluice_puller::image::{self, ResolvedImage};
 use sluice_puller::metrics::PullerMetrics;
 use sluice_puller::prefetch::Prefetcher;
 use sluice_puller::profile::{self, Profile};
 use sluice_puller::trace::AccessTracer;
-use sluice_puller::{ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
+use sluice_puller::{ChunkCache, FetchedToc, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
 
 use crate::metadata::RemoteSource;
 
@@ -93,10 +93,18 @@ pub enum Lookup {
 }
 
 struct Mounted {
-    // Dropping the session unmounts; keep the layer alive as long.
-    _session: fuser::BackgroundSession,
-    layer: Arc<RemoteLayer>,
+    // Dropping it unmounts.
+    mount: LazyMount,
+    /// Which mount of the snapshot this is (a failed one is mounted again).
+    seq: u64,
+    /// The layer, once opened: a mount answered early has none until its
+    /// TOC is decoded and indexed (see [`RemoteLayers::mount_early`]).
+    layer: Option<Arc<RemoteLayer>>,
 }
+
+/// The usage of a layer mounted early, once its index is built, or why it
+/// could not be (see [`RemoteLayers::mount_early`]).
+pub type PendingUsage = tokio::sync::oneshot::Receiver<Result<(i64, i64), String>>;
 
 /// Options of the lazy mounts.
 #[derive(Debug, Clone)]
@@ -119,9 +127,9 @@ pub struct Profiles {
 type KnownProfile = (Instant, Option<Arc<Profile>>);
 
 /// A layer being opened ahead of its `Prepare` (see
-/// [`RemoteLayers::open_ahead`]): the slot its result lands in, locked until
-/// then.
-type OpeningLayer = Arc<tokio::sync::Mutex<Option<Result<RemoteLayer, String>>>>;
+/// [`RemoteLayers::open_ahead`]): the slot its fetched TOC lands in, locked
+/// until then.
+type OpeningLayer = Arc<tokio::sync::Mutex<Option<Result<FetchedToc, String>>>>;
 
 /// How long a layer's profile prefetch waits for the TOCs of the layers
 /// above it (see [`RemoteLayers::mount`]) before it starts anyway.
@@ -142,6 +150,7 @@ pub struct RemoteLayers {
     /// Each with the (pinned) image it was opened for.
     opening: Arc<Mutex<HashMap<Digest, (ImageRef, OpeningLayer)>>>,
     mounts: Mutex<HashMap<u64, Mounted>>,
+    mount_seq: std::sync::atomic::AtomicU64,
 }
 
 impl RemoteLayers {
@@ -167,6 +176,7 @@ impl RemoteLayers {
             known_profiles: tokio::sync::Mutex::new(HashMap::new()),
             opening: Arc::default(),
             mounts: Mutex::new(HashMap::new()),
+            mount_seq: Default::default(),
         }
     }
 
@@ -269,11 +279,11 @@ impl RemoteLayers {
             let (all, mine) = (Arc::downgrade(&self.opening), Arc::downgrade(&slot));
             let (image, lazy) = (image.clone(), lazy.clone());
             self.runtime.spawn(async move {
-                let opened = RemoteLayer::open(client, image, &lazy, cache, opts).await;
+                let opened = RemoteLayer::fetch_toc(client, image, &lazy, cache, opts).await;
                 *result = Some(opened.map_err(|e| e.to_string()));
                 drop(result);
                 // Not taken by a mount (the pull stopped, or fell back to a
-                // full pull): its index is not kept for nothing.
+                // full pull): its TOC is not kept for nothing.
                 tokio::time::sleep(RESOLVE_TTL).await;
                 let Some(all) = all.upgrade() else { return };
                 let mut all = all.lock().expect("opening layers");
@@ -287,23 +297,37 @@ impl RemoteLayers {
         }
     }
 
-    /// Opens the lazy blob `lazy` of `image`: takes it from [`Self::open_ahead`]
-    /// if it was opened there, else fetches its TOC now.
-    async fn open_layer(
+    /// The verified TOC of the lazy blob `lazy` of `image`: taken from
+    /// [`Self::open_ahead`] if it was fetched there, else fetched now.
+    async fn fetch_toc(
         &self,
         image: &ImageRef,
         lazy: &sluice_format::oci::Descriptor,
-    ) -> Result<RemoteLayer, String> {
+    ) -> Result<FetchedToc, String> {
+        // The slot stays listed until its TOC is there: a lower layer's
+        // profile prefetch waits for the TOCs still on their way (see
+        // `queue_profile_after_tocs`), including the one waited for here.
         let ahead = self
             .opening
             .lock()
             .expect("opening layers")
-            .remove(&lazy.digest);
+            .get(&lazy.digest)
+            .cloned();
         if let Some((_, slot)) = ahead {
-            match slot.lock().await.take() {
-                Some(Ok(layer)) if layer.image() == image => {
+            let taken = slot.lock().await.take();
+            {
+                let mut opening = self.opening.lock().expect("opening layers");
+                if opening
+                    .get(&lazy.digest)
+                    .is_some_and(|(_, s)| Arc::ptr_eq(s, &slot))
+                {
+                    opening.remove(&lazy.digest);
+                }
+            }
+            match taken {
+                Some(Ok(toc)) if toc.image() == image => {
                     self.metrics.layers_opened_ahead.inc();
-                    return Ok(layer);
+                    return Ok(toc);
                 }
                 Some(Err(e)) => {
                     tracing::debug!(layer = %lazy.digest, "opening ahead failed, opening again: {e}")
@@ -311,7 +335,7 @@ impl RemoteLayers {
                 _ => {}
             }
         }
-        RemoteLayer::open(
+        RemoteLayer::fetch_toc(
             self.client.clone(),
             image.clone(),
             lazy,
@@ -360,12 +384,45 @@ impl RemoteLayers {
     /// image's profile is fetched and this layer's part of it queued (for a
     /// pull; not when mounting again after a restart).
     pub async fn mount(
-        &self,
+        self: &Arc<Self>,
         id: u64,
         mountpoint: &Path,
         source: &RemoteSource,
         prefetch: bool,
     ) -> Result<(i64, i64), RemoteError> {
+        let usage = self.mount_early(id, mountpoint, source, prefetch).await?;
+        let reason = match usage.await {
+            Ok(Ok(usage)) => return Ok(usage),
+            Ok(Err(reason)) => reason,
+            Err(_) => "the layer's opening was dropped".into(),
+        };
+        self.unmount(id);
+        Err(RemoteError::Layer {
+            image: source.image.clone(),
+            layer: source.layer.digest.to_string(),
+            reason,
+        })
+    }
+
+    /// Mounts the layer at `mountpoint` as soon as its TOC is fetched and
+    /// verified, and returns: the TOC is decoded and indexed in the
+    /// background (python3-large's upper layer: 39,000 files, about 80 ms of
+    /// CPU, then its directory tree), while the kernel's requests to the
+    /// mount wait for it. A pull is done that much sooner, and containerd
+    /// creates the container (100 ms and more before its overlay mount
+    /// touches the layer) meanwhile. The receiver gets the layer's usage
+    /// (see [`Self::mount`]) once known, or why the layer could not be
+    /// opened; then the mount answers every request with EIO, and
+    /// [`Self::is_mounted`] says no (so that a container is not stacked on
+    /// it: see `ensure_lower_mounted`). A TOC that verified but does not
+    /// decode is that case: the pull has taken the layer as lazy by then.
+    pub async fn mount_early(
+        self: &Arc<Self>,
+        id: u64,
+        mountpoint: &Path,
+        source: &RemoteSource,
+        prefetch: bool,
+    ) -> Result<PendingUsage, RemoteError> {
         let err = |reason: String| RemoteError::Layer {
             image: source.image.clone(),
             layer: source.layer.digest.to_string(),
@@ -376,86 +433,155 @@ impl RemoteLayers {
         let image = ImageRef::parse(&source.image).map_err(|e| err(e.to_string()))?;
         // The profile is looked up while the TOC is fetched: both are round
         // trips on the pull's path.
-        let profile = async {
-            match prefetch {
-                true => self.profile_of(&image).await,
-                false => None,
-            }
-        };
-        let (layer, profile) = tokio::join!(self.open_layer(&image, &source.lazy), profile);
-        let layer = Arc::new(layer.map_err(err)?);
-        self.metrics.track(&layer);
-        let usage = layer_usage(&layer);
-        let (l, rt, mp, fs) = (
-            layer.clone(),
+        let profile = prefetch.then(|| {
+            let (this, image) = (self.clone(), image.clone());
+            self.runtime
+                .spawn(async move { this.profile_of(&image).await })
+        });
+        let toc = self.fetch_toc(&image, &source.lazy).await.map_err(err)?;
+        let (rt, mp, fs, digest) = (
             self.runtime.clone(),
             mountpoint.to_path_buf(),
             self.options.fs.clone(),
+            source.lazy.digest.clone(),
         );
-        let session = tokio::task::spawn_blocking(move || sluice_puller::fs::mount(l, rt, &mp, fs))
-            .await
-            .map_err(|e| err(format!("mount task: {e}")))?
-            .map_err(|e| err(format!("mounting at {}: {e}", mountpoint.display())))?;
-        if let Some(t) = &self.profiles.tracer {
-            t.layer_mounted(mountpoint, layer.clone(), image.clone());
-        }
-        // (A profile is only looked up where there is a prefetcher.)
-        if let (Some(p), Some(prefetcher)) = (profile, &self.profiles.prefetcher) {
-            // The TOCs of this image's layers above, still being fetched
-            // ahead, are on the pull's path and the container waits for the
-            // pull: this layer's prefetch goes after them rather than share
-            // the link with them (python3-large at 100 Mbit/s: a 3.5 MB TOC
-            // beside four prefetch ranges).
-            let pending: Vec<OpeningLayer> = self
-                .opening
-                .lock()
-                .expect("opening layers")
-                .values()
-                .filter(|(i, _)| *i == image)
-                .map(|(_, slot)| slot.clone())
-                .collect();
-            if pending.is_empty() {
-                queue_profile(prefetcher, &p, &layer);
-            } else {
-                let prefetcher = prefetcher.clone();
-                let layer = Arc::downgrade(&layer);
-                self.runtime.spawn(async move {
-                    let tocs = async {
-                        for slot in pending {
-                            drop(slot.lock().await);
-                        }
-                    };
-                    let _ = tokio::time::timeout(PREFETCH_AFTER_TOCS_MAX, tocs).await;
-                    // Not for a layer unmounted meanwhile.
-                    if let Some(layer) = layer.upgrade() {
-                        queue_profile(&prefetcher, &p, &layer);
-                    }
-                });
-            }
-        }
+        let mount = tokio::task::spawn_blocking(move || {
+            sluice_puller::fs::mount_pending(&digest, rt, &mp, fs)
+        })
+        .await
+        .map_err(|e| err(format!("mount task: {e}")))?
+        .map_err(|e| err(format!("mounting at {}: {e}", mountpoint.display())))?;
+        let slot = mount.slot();
+        let seq = self
+            .mount_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.mounts.lock().expect("mounts").insert(
             id,
             Mounted {
-                _session: session,
-                layer,
+                mount,
+                seq,
+                layer: None,
             },
         );
-        Ok(usage)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (this, mountpoint) = (self.clone(), mountpoint.to_path_buf());
+        self.runtime.spawn(async move {
+            let opened = tokio::task::spawn_blocking(move || toc.open())
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            let layer = match opened {
+                Ok(layer) => Arc::new(layer),
+                Err(reason) => {
+                    tracing::error!(image = %image, lazy_blob = %slot.digest(), "lazy layer cannot be served (its requests fail with EIO): {reason}");
+                    slot.serve(Err(reason.clone()));
+                    let _ = tx.send(Err(reason));
+                    return;
+                }
+            };
+            // Not for a layer unmounted meanwhile.
+            {
+                let mut mounts = this.mounts.lock().expect("mounts");
+                match mounts.get_mut(&id) {
+                    Some(m) if m.seq == seq => m.layer = Some(layer.clone()),
+                    _ => {
+                        let _ = tx.send(Err("unmounted before the layer was opened".into()));
+                        return;
+                    }
+                }
+            }
+            this.metrics.track(&layer);
+            let served = {
+                let (slot, layer) = (slot.clone(), layer.clone());
+                tokio::task::spawn_blocking(move || slot.serve(Ok(layer)))
+                    .await
+                    .unwrap_or(false)
+            };
+            if !served {
+                let _ = tx.send(Err("unmounted before the layer was opened".into()));
+                return;
+            }
+            if let Some(t) = &this.profiles.tracer {
+                t.layer_mounted(&mountpoint, layer.clone(), image.clone());
+            }
+            let _ = tx.send(Ok(layer_usage(&layer)));
+            let profile = match profile {
+                Some(p) => p.await.ok().flatten(),
+                None => None,
+            };
+            // (A profile is only looked up where there is a prefetcher.)
+            if let (Some(p), Some(_)) = (profile, &this.profiles.prefetcher) {
+                this.queue_profile_after_tocs(p, &layer, &image, (id, seq))
+                    .await;
+            }
+        });
+        Ok(rx)
     }
 
+    /// Queues the layer's part of profile `p` once the TOCs of this image's
+    /// layers above it are fetched: they are on the pull's path and the
+    /// container waits for the pull, so this layer's prefetch goes after them
+    /// rather than share the link with them (python3-large at 100 Mbit/s: a
+    /// 3.5 MB TOC beside four prefetch ranges).
+    async fn queue_profile_after_tocs(
+        &self,
+        p: Arc<Profile>,
+        layer: &Arc<RemoteLayer>,
+        image: &ImageRef,
+        (id, seq): (u64, u64),
+    ) {
+        let Some(prefetcher) = &self.profiles.prefetcher else {
+            return;
+        };
+        let pending: Vec<OpeningLayer> = self
+            .opening
+            .lock()
+            .expect("opening layers")
+            .values()
+            .filter(|(i, _)| i == image)
+            .map(|(_, slot)| slot.clone())
+            .collect();
+        let tocs = async {
+            for slot in pending {
+                drop(slot.lock().await);
+            }
+        };
+        let _ = tokio::time::timeout(PREFETCH_AFTER_TOCS_MAX, tocs).await;
+        // Not for a layer unmounted meanwhile.
+        let mounted = self
+            .mounts
+            .lock()
+            .expect("mounts")
+            .get(&id)
+            .is_some_and(|m| m.seq == seq);
+        if mounted {
+            queue_profile(prefetcher, &p, layer);
+        }
+    }
+
+    /// Whether snapshot `id`'s layer is mounted and served, or still being
+    /// opened. A mount whose layer could not be opened (its requests fail)
+    /// is unmounted here and counts as not mounted.
     pub fn is_mounted(&self, id: u64) -> bool {
-        self.mounts.lock().expect("mounts").contains_key(&id)
+        let failed = match self.mounts.lock().expect("mounts").get(&id) {
+            None => return false,
+            Some(m) => m.mount.failed().is_some(),
+        };
+        if failed {
+            self.unmount(id);
+        }
+        !failed
     }
 
     /// Unmounts snapshot `id`'s layer, if mounted.
     pub fn unmount(&self, id: u64) {
         let m = self.mounts.lock().expect("mounts").remove(&id);
-        if let Some(m) = &m {
+        if let Some(layer) = m.as_ref().and_then(|m| m.layer.as_ref()) {
             if let Some(t) = &self.profiles.tracer {
-                t.layer_unmounted(&m.layer);
+                t.layer_unmounted(layer);
             }
             if let Some(p) = &self.profiles.prefetcher {
-                p.cancel(m.layer.digest());
+                p.cancel(layer.digest());
             }
         }
         drop(m);
@@ -471,8 +597,10 @@ impl RemoteLayers {
     /// containerd removed images). Returns the bytes freed.
     pub fn clean_cache(&self) -> u64 {
         let mounts = self.mounts.lock().expect("mounts");
-        let keep: std::collections::HashSet<&Digest> =
-            mounts.values().flat_map(|m| m.layer.cache_keys()).collect();
+        let keep: std::collections::HashSet<&Digest> = mounts
+            .values()
+            .flat_map(|m| m.layer.iter().flat_map(|l| l.cache_keys()))
+            .collect();
         self.cache.retain(|d| keep.contains(d))
     }
 

@@ -126,8 +126,11 @@ impl SnapshotService {
             })
             .await;
         };
+        // Answered once the TOC is verified; the layer's index is built
+        // while containerd goes on (see `RemoteLayers::mount_early`), and
+        // its usage recorded when known.
         let usage = match remote
-            .mount(record.id, &self.core.fs_dir(record.id), &source, true)
+            .mount_early(record.id, &self.core.fs_dir(record.id), &source, true)
             .await
         {
             Ok(u) => u,
@@ -141,8 +144,17 @@ impl SnapshotService {
         let core = self.core.clone();
         let (k, t) = (key.to_owned(), target.to_owned());
         let src = source.clone();
-        match blocking(move || core.commit(&t, &k, committed_labels, Some((src, usage)))).await {
+        match blocking(move || core.commit(&t, &k, committed_labels, Some((src, (0, 0))))).await {
             Ok(_) => {
+                let (core, t) = (self.core.clone(), target.to_owned());
+                tokio::spawn(async move {
+                    if let Ok(Ok(usage)) = usage.await {
+                        let name = t.clone();
+                        if let Err(e) = blocking(move || core.set_usage(&name, usage)).await {
+                            tracing::debug!(snapshot = %t, "recording the lazy layer's usage: {e}");
+                        }
+                    }
+                });
                 self.metrics.lazy_mounts.set(remote.mounted() as i64);
                 tracing::info!(
                     image = %source.image,
@@ -218,10 +230,12 @@ impl Snapshots for SnapshotService {
         let r = request.into_inner();
         let labels = labels(r.labels);
         if let Some(target) = labels.get(LABEL_TARGET).cloned() {
-            match self
+            let t0 = std::time::Instant::now();
+            let remote = self
                 .prepare_remote(&r.key, &r.parent, &labels, &target)
-                .await
-            {
+                .await;
+            tracing::debug!(key = %r.key, snapshot = %target, ms = t0.elapsed().as_millis() as u64, lazy = ?remote, "prepare of a layer");
+            match remote {
                 Ok(true) => {
                     self.metrics.count_layer("lazy");
                     return Err(Status::already_exists(format!(

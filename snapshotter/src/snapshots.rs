@@ -315,6 +315,16 @@ impl Snapshotter {
         })
     }
 
+    /// Records the usage of committed snapshot `name` (a lazy layer's,
+    /// known once its index is built).
+    pub fn set_usage(&self, name: &str, usage: (i64, i64)) -> Result<(), SnapshotError> {
+        self.store.update(name, |r| {
+            (r.size, r.inodes) = usage;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     /// Updates labels as containerd does: with no paths all labels are
     /// replaced; "labels" replaces all; "labels.K" sets (or, if empty,
     /// deletes) one. Other fields are immutable.

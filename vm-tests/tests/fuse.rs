@@ -1076,3 +1076,138 @@ fn a_pending_profile_stops_fetches_ahead_of_waiting_readers() {
         || local(11..14) == 3,
     );
 }
+
+/// Runs `f` on a thread; its result arrives on the receiver.
+fn asked<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::sync::mpsc::Receiver<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
+}
+
+/// A layer mounted before its index is built (the snapshotter answers a
+/// pull's `Prepare` once the TOC is verified): requests wait for the layer
+/// rather than see an empty tree, then see it whole; a layer that cannot be
+/// opened fails them with EIO; a mount dropped before its layer came
+/// answers the requests waiting on it and unmounts.
+#[test]
+fn requests_to_a_layer_mounted_before_its_index_wait_for_it() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cache = Arc::new(ChunkCache::open(f.dir.path().join("cache"), 1 << 30).unwrap());
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let desc = &f.manifest.layers.as_ref().unwrap()[1];
+    let fetch = || {
+        rt.block_on(RemoteLayer::fetch_toc(
+            client.clone(),
+            f.image.clone(),
+            desc,
+            cache.clone(),
+            LayerOptions::default(),
+        ))
+        .unwrap()
+    };
+    let mount_at = |name: &str| {
+        let path = f.dir.path().join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        let m = sluice_puller::fs::mount_pending(
+            &desc.digest,
+            rt.handle().clone(),
+            &path,
+            FsOptions::default(),
+        )
+        .unwrap();
+        (m, path)
+    };
+    let original = std::fs::read(f.roots[1].join("app/data/small.txt")).unwrap();
+
+    // Served once the index is there.
+    let toc = fetch();
+    let (mount, path) = mount_at("early");
+    let file = path.join("app/data/small.txt");
+    let rx = asked(move || std::fs::read(&file));
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "a read was answered before the layer was handed to the mount"
+    );
+    let layer = Arc::new(toc.open().unwrap());
+    assert!(mount.slot().serve(Ok(layer)));
+    let read = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the read still waits");
+    assert_eq!(read.unwrap(), original);
+    assert!(
+        !mount.slot().serve(Err("too late".into())),
+        "only the first outcome counts"
+    );
+    assert_eq!(mount.failed(), None);
+    let mut listed = Vec::new();
+    walk(&path, Path::new(""), &mut listed);
+    let mut paths = Vec::new();
+    walk(&f.roots[1], Path::new(""), &mut paths);
+    listed.sort();
+    paths.sort();
+    assert_eq!(listed, paths);
+    drop(mount);
+
+    // A layer that cannot be opened: EIO, for the waiting request and after.
+    let (mount, path) = mount_at("failed");
+    let dir = path.join("app");
+    let rx = asked(move || std::fs::symlink_metadata(&dir));
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+    assert!(mount.slot().serve(Err("TOC: not valid JSON".into())));
+    let waited = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("still waits");
+    assert_eq!(waited.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert_eq!(mount.failed(), Some("TOC: not valid JSON"));
+    let later = std::fs::read(path.join("app/data/small.txt")).unwrap_err();
+    assert_eq!(later.raw_os_error(), Some(libc::EIO));
+    drop(mount);
+
+    // Dropped before the layer came: the waiting request is answered, the
+    // drop returns, and what the mount was stacked on (a tmpfs here) is
+    // there again, untouched.
+    let under = f.dir.path().join("dropped");
+    std::fs::create_dir_all(&under).unwrap();
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let under_c = c(under.to_str().unwrap());
+    // SAFETY: valid C strings; a plain tmpfs mount.
+    let rc = unsafe {
+        libc::mount(
+            c("tmpfs").as_ptr(),
+            under_c.as_ptr(),
+            c("tmpfs").as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "mounting a tmpfs: {}",
+        std::io::Error::last_os_error()
+    );
+    std::fs::write(under.join("marker"), b"below").unwrap();
+    let (mount, path) = mount_at("dropped");
+    let dir = path.join("app");
+    let rx = asked(move || std::fs::symlink_metadata(&dir));
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+    asked(move || drop(mount))
+        .recv_timeout(Duration::from_secs(30))
+        .expect("dropping the mount hangs");
+    let waited = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("still waits");
+    assert!(waited.is_err(), "{waited:?}");
+    assert_eq!(std::fs::read(path.join("marker")).unwrap(), b"below");
+    // SAFETY: a valid C string.
+    assert_eq!(
+        unsafe { libc::umount2(under_c.as_ptr(), libc::MNT_DETACH) },
+        0
+    );
+    assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0);
+}

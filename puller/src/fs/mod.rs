@@ -167,14 +167,9 @@ pub struct LayerFs {
     layer: Arc<RemoteLayer>,
     runtime: tokio::runtime::Handle,
     tree: Tree,
-    /// The kernel opens directories itself when `opendir` answers ENOSYS
-    /// (Linux ≥ 5.1 says so at init); older ones would fail the open.
-    kernel_opens_dirs: bool,
-    /// The same for files and `open` (Linux ≥ 3.14).
-    kernel_skips_opens: bool,
+    /// What the kernel agreed to at `INIT`.
+    kernel: Arc<Negotiated>,
     options: FsOptions,
-    /// Passthrough negotiated with the kernel and still working.
-    passthrough: AtomicBool,
     backing: Mutex<Backing>,
     next_fh: AtomicU64,
     streams: Mutex<HashMap<usize, Stream>>,
@@ -186,6 +181,19 @@ pub struct LayerFs {
     directory_misses: Mutex<HashMap<usize, u32>>,
     /// Pushes data into the kernel's page cache (set once mounted).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+}
+
+/// What the kernel agreed to at `INIT`, which comes before any other
+/// request (and possibly before the layer's index is built).
+#[derive(Default)]
+struct Negotiated {
+    /// The kernel opens directories itself when `opendir` answers ENOSYS
+    /// (Linux ≥ 5.1 says so at init); older ones would fail the open.
+    opens_dirs: AtomicBool,
+    /// The same for files and `open` (Linux ≥ 3.14).
+    skips_opens: AtomicBool,
+    /// Passthrough negotiated with the kernel and still working.
+    passthrough: AtomicBool,
 }
 
 fn ino_of(root: usize, node: usize) -> INodeNo {
@@ -202,27 +210,27 @@ fn rdev(major: u32, minor: u32) -> u32 {
 }
 
 impl LayerFs {
-    pub fn new(
+    fn new(
         layer: Arc<RemoteLayer>,
         runtime: tokio::runtime::Handle,
         options: FsOptions,
+        kernel: Arc<Negotiated>,
+        notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     ) -> Self {
         let tree = Tree::build(layer.index());
         LayerFs {
             layer,
             runtime,
             tree,
-            kernel_opens_dirs: false,
-            kernel_skips_opens: false,
+            kernel,
             options,
-            passthrough: AtomicBool::new(false),
             backing: Mutex::new(Backing::default()),
             next_fh: AtomicU64::new(1),
             streams: Mutex::new(HashMap::new()),
             last_streamed: Mutex::new(None),
             making_whole: Arc::new(Mutex::new(HashSet::new())),
             directory_misses: Mutex::new(HashMap::new()),
-            notifier: Arc::default(),
+            notifier,
         }
     }
 
@@ -406,7 +414,7 @@ impl LayerFs {
 
     /// Whether opens are answered with passthrough files.
     pub fn passthrough_active(&self) -> bool {
-        self.passthrough.load(Ordering::Relaxed)
+        self.kernel.passthrough.load(Ordering::Relaxed)
     }
 
     /// Tries to answer an open with a passthrough file; gives the reply back
@@ -492,7 +500,7 @@ impl LayerFs {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "FUSE passthrough refused by the kernel; serving reads through the daemon from now on");
-                    self.passthrough.store(false, Ordering::Relaxed);
+                    self.kernel.passthrough.store(false, Ordering::Relaxed);
                     return Some(reply);
                 }
             },
@@ -679,44 +687,6 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
 }
 
 impl Filesystem for LayerFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_readahead(MAX_READAHEAD);
-        // Listings return attributes too: one request instead of one lookup
-        // per entry when a runtime walks a directory.
-        let _ = config
-            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
-        // Every request is a round trip that a starting program waits for:
-        // symlink targets stay in the page cache, and directories are opened
-        // without asking us (`opendir` answers ENOSYS; the kernel then keeps
-        // their listings cached).
-        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
-        self.kernel_opens_dirs = config
-            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
-            .is_ok();
-        // Without passthrough an open has nothing to hand the kernel, yet
-        // costs two round trips per file (OPEN and RELEASE): with `open`
-        // answering ENOSYS the kernel opens files itself for the rest of the
-        // mount (and keeps their page cache, as FOPEN_KEEP_CACHE would).
-        // Measured on 20,000 small files read warm: 0.35–0.38× → 0.40–0.47×
-        // native (docs/puller.md).
-        self.kernel_skips_opens = config
-            .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
-            .is_ok();
-        if !self.options.passthrough {
-            return Ok(());
-        }
-        match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
-            // Backing files live on a plain filesystem (depth 0), and overlayfs
-            // stacks on top of this mount: depth 1 keeps both within the
-            // kernel's limit of 2.
-            Ok(()) if config.set_max_stack_depth(1).is_ok() => {
-                self.passthrough.store(true, Ordering::Relaxed);
-            }
-            _ => tracing::info!("kernel has no FUSE passthrough; reads are served by the daemon"),
-        }
-        Ok(())
-    }
-
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(dir) = self
             .node_of(parent)
@@ -755,7 +725,7 @@ impl Filesystem for LayerFs {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        if self.kernel_skips_opens && !self.passthrough_active() {
+        if self.kernel.skips_opens.load(Ordering::Relaxed) && !self.passthrough_active() {
             // Nothing to hand the kernel: it opens files itself from now on
             // (see `init`).
             self.layer
@@ -969,7 +939,7 @@ impl Filesystem for LayerFs {
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if self.kernel_opens_dirs {
+        if self.kernel.opens_dirs.load(Ordering::Relaxed) {
             // The kernel opens directories itself from now on (see `init`).
             return reply.error(Errno::ENOSYS);
         }
@@ -1014,21 +984,393 @@ impl Filesystem for LayerFs {
     }
 }
 
-/// Mounts `layer` read-only at `mountpoint`; unmounted when the returned
-/// session is dropped.
-pub fn mount(
-    layer: Arc<RemoteLayer>,
+/// Asks the kernel at `INIT` for what makes a starting container's requests
+/// fewer and cheaper; `kernel` records what it agreed to.
+fn negotiate(config: &mut KernelConfig, options: &FsOptions, kernel: &Negotiated) {
+    let _ = config.set_max_readahead(MAX_READAHEAD);
+    // Listings return attributes too: one request instead of one lookup
+    // per entry when a runtime walks a directory.
+    let _ =
+        config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+    // Every request is a round trip that a starting program waits for:
+    // symlink targets stay in the page cache, and directories are opened
+    // without asking us (`opendir` answers ENOSYS; the kernel then keeps
+    // their listings cached).
+    let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
+    kernel.opens_dirs.store(
+        config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok(),
+        Ordering::Relaxed,
+    );
+    // Without passthrough an open has nothing to hand the kernel, yet
+    // costs two round trips per file (OPEN and RELEASE): with `open`
+    // answering ENOSYS the kernel opens files itself for the rest of the
+    // mount (and keeps their page cache, as FOPEN_KEEP_CACHE would).
+    // Measured on 20,000 small files read warm: 0.35–0.38× → 0.40–0.47×
+    // native (docs/puller.md).
+    kernel.skips_opens.store(
+        config
+            .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
+            .is_ok(),
+        Ordering::Relaxed,
+    );
+    if !options.passthrough {
+        return;
+    }
+    match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+        // Backing files live on a plain filesystem (depth 0), and overlayfs
+        // stacks on top of this mount: depth 1 keeps both within the
+        // kernel's limit of 2.
+        Ok(()) if config.set_max_stack_depth(1).is_ok() => {
+            kernel.passthrough.store(true, Ordering::Relaxed);
+        }
+        _ => tracing::info!("kernel has no FUSE passthrough; reads are served by the daemon"),
+    }
+}
+
+/// The filesystem as mounted: requests wait until the layer is there (see
+/// [`mount_pending`]), then go to its [`LayerFs`].
+struct MountedFs {
+    options: FsOptions,
+    kernel: Arc<Negotiated>,
+    ready: Arc<Ready>,
+}
+
+/// The layer's filesystem once it is built, or why it never will be.
+#[derive(Default)]
+struct Ready {
+    fs: std::sync::OnceLock<Result<LayerFs, String>>,
+    lock: Mutex<()>,
+    built: std::sync::Condvar,
+}
+
+impl Ready {
+    /// Sets the outcome once (later calls change nothing) and wakes every
+    /// request waiting for it; whether this call set it.
+    fn set(&self, fs: Result<LayerFs, String>) -> bool {
+        let _guard = self.lock.lock().expect("ready lock");
+        let first = self.fs.set(fs).is_ok();
+        self.built.notify_all();
+        first
+    }
+
+    /// The layer's filesystem, waiting for it to be built; EIO if it failed.
+    fn wait(&self) -> Result<&LayerFs, Errno> {
+        let outcome = match self.fs.get() {
+            Some(o) => o,
+            None => {
+                let mut guard = self.lock.lock().expect("ready lock");
+                loop {
+                    if let Some(o) = self.fs.get() {
+                        break o;
+                    }
+                    guard = self.built.wait(guard).expect("ready lock");
+                }
+            }
+        };
+        outcome.as_ref().map_err(|_| Errno::EIO)
+    }
+}
+
+impl Filesystem for MountedFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        negotiate(config, &self.options, &self.kernel);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.ready.wait() {
+            Ok(fs) => fs.lookup(req, parent, name, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.ready.wait() {
+            Ok(fs) => fs.getattr(req, ino, fh, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.ready.wait() {
+            Ok(fs) => fs.readlink(req, ino, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.ready.wait() {
+            Ok(fs) => fs.open(req, ino, flags, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match self.ready.wait() {
+            Ok(fs) => fs.flush(req, ino, fh, lock_owner, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.ready.wait() {
+            Ok(fs) => fs.release(req, ino, fh, flags, lock_owner, flush, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.ready.wait() {
+            Ok(fs) => fs.read(req, ino, fh, offset, size, flags, lock_owner, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectory,
+    ) {
+        match self.ready.wait() {
+            Ok(fs) => fs.readdir(req, ino, fh, offset, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        match self.ready.wait() {
+            Ok(fs) => fs.readdirplus(req, ino, fh, offset, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        match self.ready.wait() {
+            Ok(fs) => fs.statfs(req, ino, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.ready.wait() {
+            Ok(fs) => fs.opendir(req, ino, flags, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.ready.wait() {
+            Ok(fs) => fs.getxattr(req, ino, name, size, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.ready.wait() {
+            Ok(fs) => fs.listxattr(req, ino, size, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+/// A mounted layer; unmounted when dropped. Mounted before its index may
+/// be built ([`mount_pending`]): until its [`LayerSlot::serve`], requests
+/// wait.
+pub struct LazyMount {
+    // Dropped after `drop` below has woken any waiting request (the
+    // session's threads are joined when it goes).
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: std::path::PathBuf,
+    slot: LayerSlot,
+}
+
+impl LazyMount {
+    /// Where the layer is handed over; holding it does not keep the mount.
+    pub fn slot(&self) -> LayerSlot {
+        self.slot.clone()
+    }
+
+    /// Why the layer is not served, once that is known (requests get EIO).
+    pub fn failed(&self) -> Option<&str> {
+        self.slot.failed()
+    }
+}
+
+/// Hands a mounted layer's filesystem to the mount ([`LazyMount::slot`]).
+#[derive(Clone)]
+pub struct LayerSlot {
+    digest: sluice_format::Digest,
+    ready: Arc<Ready>,
+    runtime: tokio::runtime::Handle,
+    options: FsOptions,
+    kernel: Arc<Negotiated>,
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+}
+
+impl LayerSlot {
+    /// The blob digest the mount was made for.
+    pub fn digest(&self) -> &sluice_format::Digest {
+        &self.digest
+    }
+
+    /// Serves `layer` from now on (builds its directory tree first: a few
+    /// milliseconds for 40,000 entries, blocking), or answers every request
+    /// with EIO when the layer could not be opened (`Err`: why, logged by
+    /// the caller). Only the first call counts; whether it was this one.
+    pub fn serve(&self, layer: Result<Arc<RemoteLayer>, String>) -> bool {
+        if self.ready.fs.get().is_some() {
+            return false;
+        }
+        let fs = layer.map(|l| {
+            LayerFs::new(
+                l,
+                self.runtime.clone(),
+                self.options.clone(),
+                self.kernel.clone(),
+                self.notifier.clone(),
+            )
+        });
+        self.ready.set(fs)
+    }
+
+    /// Why the layer is not served, once that is known (requests get EIO).
+    pub fn failed(&self) -> Option<&str> {
+        match self.ready.fs.get() {
+            Some(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for LazyMount {
+    fn drop(&mut self) {
+        // Requests still waiting for a layer that will not come now.
+        self.slot
+            .ready
+            .set(Err("unmounted before the layer was opened".into()));
+        drop(self.session.take());
+        // The session's unmount fails while a request is still on its way
+        // out (say, one just answered above): detach the mount then, so
+        // that its directory can go (the kernel ends it when the last user
+        // lets go). Only this mount: whatever it was stacked on stays.
+        let source = fs_name(&self.slot.digest);
+        if top_mount_is(&self.mountpoint, &source) {
+            if let Ok(path) = std::ffi::CString::new(self.mountpoint.as_os_str().as_bytes()) {
+                // SAFETY: a valid NUL-terminated path; umount2 has no other inputs.
+                unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
+/// The source a layer's mount shows in the mount table.
+fn fs_name(digest: &sluice_format::Digest) -> String {
+    format!("sluice:{digest}")
+}
+
+/// Whether the topmost mount at `path` (canonical) has `source`, by
+/// /proc/self/mountinfo: asking the mount itself would be a request to it.
+fn top_mount_is(path: &Path, source: &str) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    // Later lines are mounted later, so on top of earlier ones: the last
+    // line at `path` is the top.
+    table
+        .lines()
+        .rev()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            Some((unescape_mount_field(fields.get(4)?), *fields.get(dash + 2)?))
+        })
+        .find(|(at, _)| Path::new(at) == path)
+        .is_some_and(|(_, s)| unescape_mount_field(s) == source)
+}
+
+/// The mount table writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mount_field(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(o)) => {
+                out.push(o.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mounts the layer of blob `digest` read-only at `mountpoint` before the
+/// layer itself is there: the kernel's requests wait until
+/// [`LayerSlot::serve`] hands it over. A snapshotter can so answer
+/// containerd while the layer's TOC is still being decoded and indexed,
+/// and the container's creation overlaps that work.
+pub fn mount_pending(
+    digest: &sluice_format::Digest,
     runtime: tokio::runtime::Handle,
     mountpoint: &Path,
     options: FsOptions,
-) -> std::io::Result<fuser::BackgroundSession> {
-    let threads = options.threads;
-    let fs = LayerFs::new(layer.clone(), runtime, options);
-    let notifier = fs.notifier.clone();
+) -> std::io::Result<LazyMount> {
+    let kernel = Arc::new(Negotiated::default());
+    let ready = Arc::new(Ready::default());
+    let fs = MountedFs {
+        options: options.clone(),
+        kernel: kernel.clone(),
+        ready: ready.clone(),
+    };
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::RO,
-        MountOption::FSName(format!("sluice:{}", layer.digest())),
+        MountOption::FSName(fs_name(digest)),
         MountOption::Subtype("sluice".into()),
         MountOption::DefaultPermissions,
         MountOption::Dev,
@@ -1036,11 +1378,38 @@ pub fn mount(
         MountOption::Exec,
     ];
     config.acl = fuser::SessionACL::All;
-    config.n_threads = Some(threads.max(1));
+    config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
-    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    // As /proc/self/mountinfo will show it (see `LazyMount`'s drop).
+    let mountpoint = std::fs::canonicalize(mountpoint)?;
+    let session = fuser::spawn_mount(fs, &mountpoint, &config)?;
+    let notifier = Arc::new(std::sync::OnceLock::new());
     let _ = notifier.set(session.notifier());
-    Ok(session)
+    Ok(LazyMount {
+        session: Some(session),
+        mountpoint,
+        slot: LayerSlot {
+            digest: digest.clone(),
+            ready,
+            runtime,
+            options,
+            kernel,
+            notifier,
+        },
+    })
+}
+
+/// Mounts `layer` read-only at `mountpoint`; unmounted when the returned
+/// mount is dropped.
+pub fn mount(
+    layer: Arc<RemoteLayer>,
+    runtime: tokio::runtime::Handle,
+    mountpoint: &Path,
+    options: FsOptions,
+) -> std::io::Result<LazyMount> {
+    let mount = mount_pending(layer.digest(), runtime, mountpoint, options)?;
+    mount.slot.serve(Ok(layer));
+    Ok(mount)
 }
 
 #[cfg(test)]
@@ -1056,6 +1425,17 @@ mod tests {
                 .make_read_only()
                 .unwrap(),
         )
+    }
+
+    #[test]
+    fn mount_table_fields_are_unescaped() {
+        assert_eq!(unescape_mount_field("/a\\040b\\011c"), "/a b\tc");
+        assert_eq!(unescape_mount_field("/x\\134y"), "/x\\y");
+        // Not an escape: left as it is.
+        assert_eq!(unescape_mount_field("/x\\9y\\"), "/x\\9y\\");
+        assert!(!top_mount_is(Path::new("/no/such/mount"), "sluice:x"));
+        // The root is mounted, and not by sluice.
+        assert!(!top_mount_is(Path::new("/"), "sluice:x"));
     }
 
     /// Held mappings stay bounded (without opens nothing else releases

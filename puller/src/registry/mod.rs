@@ -457,7 +457,10 @@ impl RegistryClient {
             let url = format!("{base}/v2/{}/{path}", image.repository);
             let mut delay = self.retry.base_delay;
             for round in 1..=self.retry.attempts.max(1) {
-                match attempt(url.clone()).await {
+                let t0 = std::time::Instant::now();
+                let result = attempt(url.clone()).await;
+                tracing::debug!(%url, ok = result.is_ok(), ms = t0.elapsed().as_millis() as u64, "registry request");
+                match result {
                     Ok(f) => return Ok(f),
                     Err(e) if e.retryable() && round < self.retry.attempts => {
                         tracing::debug!(%url, attempt = round, error = %e, "retrying");

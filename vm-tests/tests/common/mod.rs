@@ -144,7 +144,7 @@ pub fn push_layout(layout: &Path, tag: &str, reference: &str) {
 
 /// A layer of a [`Fixture`] mounted over FUSE (unmounted on drop).
 pub struct Mounted {
-    pub _session: fuser::BackgroundSession,
+    pub _session: sluice_puller::fs::LazyMount,
     pub layer: Arc<RemoteLayer>,
     pub path: PathBuf,
 }

@@ -525,16 +525,32 @@ impl Bench {
         Ok(())
     }
 
-    /// `sluice pull` of `reference` into the node's containerd.
+    /// `sluice pull` of `reference` into the node's containerd. Its log
+    /// (each step's time since the start, each registry request's) goes
+    /// next to the daemons' logs, appended: a node pulls more than once.
     fn sluice_pull(&self, node: &Node, reference: &str, what: &str) -> anyhow::Result<()> {
         let containerd = node.containerd.as_ref().expect("running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path(&node.dir, "pull"))
+            .context("opening the pull's log")?;
         self.must(
             node,
             Command::new(self.bin.join("sluice"))
+                .env(
+                    "RUST_LOG",
+                    "info,sluice_puller::pull=debug,sluice_puller::registry=debug",
+                )
+                .env("NO_COLOR", "1")
+                .stderr(log)
                 .args(["pull", "--address"])
                 .arg(&containerd.socket)
                 .arg(reference),
-            what,
+            &format!(
+                "{what} (its log: {})",
+                log_path(&node.dir, "pull").display()
+            ),
         )
     }
 
