@@ -4,8 +4,10 @@
 //! layer with the image reference, the manifest digest and the layer digest.
 //! The image is resolved once (manifest, lazy twins) and cached for a short
 //! while, since its layers arrive one `Prepare` after another; the layer's
-//! lazy form is opened (TOC fetched and verified) and mounted read-only with
-//! the puller's FUSE filesystem at the snapshot's `fs` directory.
+//! lazy form is mounted read-only with the puller's FUSE filesystem at the
+//! snapshot's `fs` directory once its TOC is fetched and verified, and the
+//! TOC is decoded and indexed in the background while the mount's requests
+//! wait (see [`RemoteLayers::mount_early`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
