@@ -6,7 +6,9 @@
 //! - [`layer`]: chosen by a layer's index, deduplicated and coalesced, then
 //!   decompressed and verified;
 //! - [`cache`]: stored by chunk digest, memory-mapped, bounded, crash-safe;
-//! - [`fs`]: served to the kernel through FUSE.
+//! - [`fs`]: served to the kernel through FUSE;
+//! - [`native`]: once a layer is wholly cached, written as an EROFS image
+//!   that the kernel mounts itself.
 //!
 //! [`prefetch`] fetches ahead of readers by priority; [`metrics`] renders all
 //! of it for Prometheus.
@@ -16,6 +18,7 @@ pub mod fs;
 pub mod image;
 pub mod layer;
 pub mod metrics;
+pub mod native;
 mod oldest_first;
 pub mod prefetch;
 pub mod profile;

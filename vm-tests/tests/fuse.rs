@@ -535,27 +535,7 @@ fn a_file_still_open_from_before_it_was_complete_opens_again() {
 
 #[test]
 fn debian_python3_rootfs_reads_identically_through_the_mount() {
-    let rootfs = sluice_testkit::fixture("python3").join("rootfs");
-    let dir = tempfile::tempdir().unwrap();
-    let layout = dir.path().join("py");
-    sluice_format::layout::build_image(
-        &layout,
-        &sluice_format::layout::ImageSpec {
-            layers: vec![rootfs.clone()],
-            compression: Compression::None,
-            cmd: vec![],
-            env: vec![],
-            tag: "v1".into(),
-        },
-    )
-    .unwrap();
-    let f = common::publish(
-        dir,
-        &layout,
-        "py/python3",
-        &ChunkingOptions::default(),
-        vec![rootfs.clone()],
-    );
+    let (f, rootfs) = common::python3_fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (m, _) = mount_fresh(
         &rt,
@@ -564,45 +544,12 @@ fn debian_python3_rootfs_reads_identically_through_the_mount() {
         &f.dir.path().join("cache"),
         &FsOptions::default(),
     );
-    let (layer, mnt) = (m.layer.clone(), m.path.clone());
-
-    let mut paths = Vec::new();
-    walk(&rootfs, Path::new(""), &mut paths);
-    let (mut files, mut devices) = (0, 0);
-    for rel in &paths {
-        let orig = std::fs::symlink_metadata(rootfs.join(rel)).unwrap();
-        let lazy = std::fs::symlink_metadata(mnt.join(rel))
-            .unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
-        let name = rel.display();
-        assert_eq!(orig.file_type(), lazy.file_type(), "{name}: type");
-        assert_eq!(orig.mode(), lazy.mode(), "{name}: mode");
-        assert_eq!(
-            (orig.uid(), orig.gid(), orig.mtime()),
-            (lazy.uid(), lazy.gid(), lazy.mtime()),
-            "{name}"
-        );
-        if orig.is_file() {
-            assert_eq!(orig.nlink(), lazy.nlink(), "{name}: links");
-            assert!(
-                std::fs::read(rootfs.join(rel)).unwrap() == std::fs::read(mnt.join(rel)).unwrap(),
-                "{name}: content"
-            );
-            files += 1;
-        } else if orig.file_type().is_symlink() {
-            assert_eq!(
-                std::fs::read_link(rootfs.join(rel)).unwrap(),
-                std::fs::read_link(mnt.join(rel)).unwrap()
-            );
-        } else if !orig.is_dir() {
-            assert_eq!(orig.rdev(), lazy.rdev(), "{name}: device");
-            devices += 1;
-        }
-    }
+    let (files, devices) = common::assert_same_tree(&rootfs, &m.path);
     assert!(
         files > 1000 && devices > 0,
         "{files} files, {devices} devices"
     );
-    assert!(layer.stats.passthrough_opens.load(Ordering::Relaxed) > 0);
+    assert!(m.layer.stats.passthrough_opens.load(Ordering::Relaxed) > 0);
 }
 
 /// `getxattr(2)` of `path`: the value, or the errno.
@@ -626,57 +573,7 @@ fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
 /// itself once the daemon has told it so.
 #[test]
 fn extended_attributes_through_the_mount() {
-    use sluice_format::layout::Layout;
-    use sluice_format::oci::OCI_LAYER_TAR;
-
-    let dir = tempfile::tempdir().unwrap();
-    let plain = dir.path().join("plain");
-    std::fs::create_dir_all(plain.join("etc")).unwrap();
-    std::fs::write(plain.join("etc/hostname"), "sluice\n").unwrap();
-    // A layer written as tar by hand: PAX xattrs and an opaque directory.
-    let mut b = tar::Builder::new(Vec::new());
-    let mut dir_header = tar::Header::new_ustar();
-    dir_header.set_entry_type(tar::EntryType::Directory);
-    dir_header.set_mode(0o755);
-    dir_header.set_size(0);
-    for d in ["app/", "etc/"] {
-        b.append_data(&mut dir_header.clone(), d, std::io::empty())
-            .unwrap();
-    }
-    let mut empty = tar::Header::new_ustar();
-    empty.set_mode(0o644);
-    empty.set_size(0);
-    b.append_data(&mut empty, "etc/.wh..wh..opq", std::io::empty())
-        .unwrap();
-    b.append_pax_extensions([("SCHILY.xattr.user.sluice", &b"layer value"[..])])
-        .unwrap();
-    let mut file = tar::Header::new_ustar();
-    file.set_mode(0o755);
-    file.set_size(5);
-    b.append_data(&mut file, "app/tool", &b"tool\n"[..])
-        .unwrap();
-    let with_xattrs = b.into_inner().unwrap();
-
-    let layout_dir = dir.path().join("layout");
-    let layout = Layout::create(&layout_dir).unwrap();
-    let (base, base_diff) = layout.put_layer(&plain, Compression::Gzip).unwrap();
-    let top = layout.put_blob(OCI_LAYER_TAR, &with_xattrs).unwrap();
-    layout
-        .put_image(
-            &[base, top.clone()],
-            &[base_diff, top.digest],
-            &[],
-            &[],
-            "v1",
-        )
-        .unwrap();
-    let f = common::publish(
-        dir,
-        &layout_dir,
-        "fuse/xattrs",
-        &ChunkingOptions::default(),
-        vec![],
-    );
+    let f = common::xattr_fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cache = f.dir.path().join("cache");
 

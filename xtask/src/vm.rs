@@ -7,7 +7,7 @@
 //! 2. The test binaries are built by `cargo test --no-run` for the gnu target
 //!    with `+crt-static`, so that they run in a guest that has no libc.
 //! 3. An initramfs per kernel holds busybox-static, `vm-tests/guest/init`,
-//!    the stripped test binaries and the kernel's FUSE and overlayfs modules,
+//!    the stripped test binaries and the kernel's FUSE, overlayfs and EROFS modules,
 //!    packed by `busybox cpio -H newc` (uncompressed: nothing to inflate
 //!    under emulation).
 //! 4. `qemu-system-x86_64 -accel tcg` (no KVM on these machines) boots it:
@@ -34,13 +34,14 @@ const KERNELS: &[(&str, &str)] = &[
     ("6.12", r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$"),
 ];
 
-/// Modules the tests need, by path under `kernel/` (unless built in): FUSE
-/// and overlayfs, and a virtio disk with ext4 for the guest's /tmp. The
+/// Modules the tests need, by path under `kernel/` (unless built in): FUSE,
+/// overlayfs and EROFS (native layers), and a virtio disk with ext4 for the guest's /tmp. The
 /// tests' caches must sit on a page-cache filesystem as on a node: tmpfs
 /// reads bypass the filemap tracepoints the eBPF tracer follows.
 const MODULES: &[&str] = &[
     "fs/fuse/fuse.ko",
     "fs/overlayfs/overlay.ko",
+    "fs/erofs/erofs.ko",
     "drivers/virtio/virtio_pci.ko",
     "drivers/block/virtio_blk.ko",
     // ext4 asks for a crc32c driver at mount (by name: no modprobe here).

@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use sluice_puller::fs::FsOptions;
 use sluice_puller::metrics::PullerMetrics;
+use sluice_puller::native::{NativeImages, NativeUpgrade};
 use sluice_puller::pull::{LayerPath, PullOptions};
 use sluice_puller::registry::{hosts, RetryPolicy};
 use sluice_puller::{image, ChunkCache, ImageRef, LayerOptions, RegistryClient, RemoteLayer};
@@ -58,31 +59,38 @@ enum Command {
         docker_config: Option<PathBuf>,
     },
     /// Mount an image's layers lazily and serve them until SIGINT/SIGTERM.
-    Mount {
-        /// Image reference, host[:port]/repository[:tag|@digest].
-        image: String,
-        /// Directory to mount under (created).
-        dir: PathBuf,
-        /// Chunk cache directory.
-        #[arg(long, default_value = "/var/lib/sluice/cache")]
-        cache: PathBuf,
-        /// Chunk cache size limit in MiB.
-        #[arg(long, default_value_t = 10240)]
-        cache_mib: u64,
-        /// Mount the image this many times (DIR/copy-N/...), e.g. to measure memory.
-        #[arg(long, default_value_t = 1)]
-        copies: usize,
-        /// Serve every read through the daemon (no FUSE passthrough).
-        #[arg(long)]
-        no_passthrough: bool,
-        /// Local files up to this size are made into one whole file for
-        /// passthrough at open (the open waits); larger ones in the background.
-        #[arg(long, default_value_t = FsOptions::default().whole_at_open_max >> 20)]
-        whole_at_open_mib: u64,
-        /// Seconds a read may wait for the registry.
-        #[arg(long, default_value_t = 60)]
-        read_deadline: u64,
-    },
+    Mount(MountArgs),
+}
+
+#[derive(clap::Args)]
+struct MountArgs {
+    /// Image reference, host[:port]/repository[:tag|@digest].
+    image: String,
+    /// Directory to mount under (created).
+    dir: PathBuf,
+    /// Chunk cache directory.
+    #[arg(long, default_value = "/var/lib/sluice/cache")]
+    cache: PathBuf,
+    /// Chunk cache size limit in MiB.
+    #[arg(long, default_value_t = 10240)]
+    cache_mib: u64,
+    /// Mount the image this many times (DIR/copy-N/...), e.g. to measure memory.
+    #[arg(long, default_value_t = 1)]
+    copies: usize,
+    /// Serve every read through the daemon (no FUSE passthrough).
+    #[arg(long)]
+    no_passthrough: bool,
+    /// Keep complete layers on FUSE (by default a layer whose every
+    /// chunk is cached is written as an EROFS image and mounted on top).
+    #[arg(long)]
+    no_native: bool,
+    /// Local files up to this size are made into one whole file for
+    /// passthrough at open (the open waits); larger ones in the background.
+    #[arg(long, default_value_t = FsOptions::default().whole_at_open_max >> 20)]
+    whole_at_open_mib: u64,
+    /// Seconds a read may wait for the registry.
+    #[arg(long, default_value_t = 60)]
+    read_deadline: u64,
 }
 
 /// Keeps large allocations out of the heap. The FUSE library gives each
@@ -138,28 +146,7 @@ fn run() -> anyhow::Result<()> {
             hosts_dir,
             docker_config,
         ),
-        Command::Mount {
-            image,
-            dir,
-            cache,
-            cache_mib,
-            copies,
-            no_passthrough,
-            whole_at_open_mib,
-            read_deadline,
-        } => mount(
-            image,
-            dir,
-            cache,
-            cache_mib,
-            copies,
-            FsOptions {
-                passthrough: !no_passthrough,
-                whole_at_open_max: whole_at_open_mib << 20,
-                ..FsOptions::default()
-            },
-            read_deadline,
-        ),
+        Command::Mount(args) => mount(args),
     }
 }
 
@@ -228,15 +215,23 @@ fn pull(
     Ok(())
 }
 
-fn mount(
-    image: String,
-    dir: PathBuf,
-    cache_dir: PathBuf,
-    cache_mib: u64,
-    copies: usize,
-    fs_opts: FsOptions,
-    read_deadline: u64,
-) -> anyhow::Result<()> {
+fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let MountArgs {
+        image,
+        dir,
+        cache: cache_dir,
+        cache_mib,
+        copies,
+        no_passthrough,
+        no_native,
+        whole_at_open_mib,
+        read_deadline,
+    } = args;
+    let fs_opts = FsOptions {
+        passthrough: !no_passthrough,
+        whole_at_open_max: whole_at_open_mib << 20,
+        ..FsOptions::default()
+    };
     let image = ImageRef::parse(&image)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -249,7 +244,16 @@ fn mount(
             .with_context(|| format!("opening cache {}", cache_dir.display()))?,
     );
     let metrics = PullerMetrics::new(cache.clone());
+    let images = if no_native {
+        None
+    } else {
+        let images = NativeImages::open(&cache)
+            .with_context(|| format!("preparing {}/erofs", cache_dir.display()))?;
+        Some(Arc::new(images))
+    };
     let resolved = runtime.block_on(image::resolve(&client, &image))?;
+    // Each layer's native upgrade before its FUSE mount: it is dropped
+    // (unmounted) first.
     let mut sessions = Vec::new();
     let mut layers = Vec::new();
     for copy in 0..copies.max(1) {
@@ -277,15 +281,17 @@ fn mount(
             };
             std::fs::create_dir_all(&target)
                 .with_context(|| format!("creating {}", target.display()))?;
-            sessions.push(
-                sluice_puller::fs::mount(
-                    layer.clone(),
-                    runtime.handle().clone(),
-                    &target,
-                    fs_opts.clone(),
-                )
-                .with_context(|| format!("mounting {}", target.display()))?,
-            );
+            let fuse = sluice_puller::fs::mount(
+                layer.clone(),
+                runtime.handle().clone(),
+                &target,
+                fs_opts.clone(),
+            )
+            .with_context(|| format!("mounting {}", target.display()))?;
+            let upgrade = images.as_ref().map(|images| {
+                NativeUpgrade::start(runtime.handle(), images.clone(), layer.clone(), target)
+            });
+            sessions.push((upgrade, fuse));
             layers.push(layer);
         }
     }

@@ -505,6 +505,11 @@ impl ChunkCache {
         (read, corrupt)
     }
 
+    /// The cache's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Bytes stored.
     pub fn size(&self) -> u64 {
         self.state.lock().expect("cache state").total

@@ -39,7 +39,7 @@ use sluice_format::chunked::NodeKind;
 use crate::layer::{ReadData, RemoteLayer};
 use crate::oldest_first::OldestFirst;
 
-mod tree;
+pub(crate) mod tree;
 use tree::shown_name;
 pub use tree::{Dir, Tree};
 
@@ -205,7 +205,7 @@ fn ino_of(root: usize, node: usize) -> INodeNo {
 }
 
 /// Linux's new_encode_dev for a 32-bit rdev.
-fn rdev(major: u32, minor: u32) -> u32 {
+pub(crate) fn rdev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
 }
 
@@ -1293,11 +1293,17 @@ impl Drop for LazyMount {
         // lets go). Only this mount: whatever it was stacked on stays.
         let source = fs_name(&self.slot.digest);
         if top_mount_is(&self.mountpoint, &source) {
-            if let Ok(path) = std::ffi::CString::new(self.mountpoint.as_os_str().as_bytes()) {
-                // SAFETY: a valid NUL-terminated path; umount2 has no other inputs.
-                unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-            }
+            detach(&self.mountpoint);
         }
+    }
+}
+
+/// Detaches the topmost mount at `path` (the kernel ends it when its last
+/// user lets go).
+pub(crate) fn detach(path: &Path) {
+    if let Ok(path) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
+        // SAFETY: a valid NUL-terminated path; umount2 has no other inputs.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     }
 }
 
@@ -1308,7 +1314,7 @@ fn fs_name(digest: &sluice_format::Digest) -> String {
 
 /// Whether the topmost mount at `path` (canonical) has `source`, by
 /// /proc/self/mountinfo: asking the mount itself would be a request to it.
-fn top_mount_is(path: &Path, source: &str) -> bool {
+pub(crate) fn top_mount_is(path: &Path, source: &str) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };

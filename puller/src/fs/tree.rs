@@ -30,7 +30,7 @@ pub struct Dir {
 
 /// The name under which a node is listed in its directory: the last path
 /// component, without the `.wh.` prefix of a whiteout.
-pub(super) fn shown_name(path: &str) -> &OsStr {
+pub(crate) fn shown_name(path: &str) -> &OsStr {
     let name = path.rsplit_once('/').map_or(path, |(_, n)| n);
     OsStr::new(match name.strip_prefix(WHITEOUT_PREFIX) {
         Some(target) if !target.is_empty() => target,

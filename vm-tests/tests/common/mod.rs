@@ -101,6 +101,93 @@ pub fn fixture() -> Fixture {
     )
 }
 
+/// The Debian python3 rootfs fixture as a one-layer image, pushed; with the
+/// rootfs it was built from.
+pub fn python3_fixture() -> (Fixture, PathBuf) {
+    let rootfs = sluice_testkit::fixture("python3").join("rootfs");
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("py");
+    sluice_format::layout::build_image(
+        &layout,
+        &sluice_format::layout::ImageSpec {
+            layers: vec![rootfs.clone()],
+            compression: Compression::None,
+            cmd: vec![],
+            env: vec![],
+            tag: "v1".into(),
+        },
+    )
+    .unwrap();
+    let f = publish(
+        dir,
+        &layout,
+        "py/python3",
+        &ChunkingOptions::default(),
+        vec![rootfs.clone()],
+    );
+    (f, rootfs)
+}
+
+/// A two-layer image: a plain base (`etc/hostname`, `gone`), and a top
+/// layer written as tar by hand with what overlayfs reads from a layer: a
+/// PAX extended attribute (`app/tool`: `user.sluice`), an opaque directory
+/// (`etc/`) and a whiteout (`.wh.gone`).
+pub fn xattr_fixture() -> Fixture {
+    use sluice_format::layout::Layout;
+    use sluice_format::oci::OCI_LAYER_TAR;
+
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    std::fs::create_dir_all(plain.join("etc")).unwrap();
+    std::fs::write(plain.join("etc/hostname"), "sluice\n").unwrap();
+    std::fs::write(plain.join("gone"), "hidden by the top layer\n").unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir_header = tar::Header::new_ustar();
+    dir_header.set_entry_type(tar::EntryType::Directory);
+    dir_header.set_mode(0o755);
+    dir_header.set_size(0);
+    for d in ["app/", "etc/"] {
+        b.append_data(&mut dir_header.clone(), d, std::io::empty())
+            .unwrap();
+    }
+    let mut empty = tar::Header::new_ustar();
+    empty.set_mode(0o644);
+    empty.set_size(0);
+    for marker in ["etc/.wh..wh..opq", ".wh.gone"] {
+        b.append_data(&mut empty.clone(), marker, std::io::empty())
+            .unwrap();
+    }
+    b.append_pax_extensions([("SCHILY.xattr.user.sluice", &b"layer value"[..])])
+        .unwrap();
+    let mut file = tar::Header::new_ustar();
+    file.set_mode(0o755);
+    file.set_size(5);
+    b.append_data(&mut file, "app/tool", &b"tool\n"[..])
+        .unwrap();
+    let with_xattrs = b.into_inner().unwrap();
+
+    let layout_dir = dir.path().join("layout");
+    let layout = Layout::create(&layout_dir).unwrap();
+    let (base, base_diff) = layout.put_layer(&plain, Compression::Gzip).unwrap();
+    let top = layout.put_blob(OCI_LAYER_TAR, &with_xattrs).unwrap();
+    layout
+        .put_image(
+            &[base, top.clone()],
+            &[base_diff, top.digest],
+            &[],
+            &[],
+            "v1",
+        )
+        .unwrap();
+    publish(
+        dir,
+        &layout_dir,
+        "fuse/xattrs",
+        &ChunkingOptions::default(),
+        vec![],
+    )
+}
+
 /// Converts the image tagged `v1` in `layout` to zstd:chunked and pushes it
 /// as `repo:v1` to a fresh in-process registry. `roots` are the
 /// trees its layers were built from, bottom first.
@@ -222,6 +309,49 @@ pub fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
             walk(root, &r, out);
         }
     }
+}
+
+/// Asserts that every entry under `orig` is under `copy` with the same type,
+/// mode, owner, mtime, content, link target, device number and (for files)
+/// link count; returns how many files and devices it compared.
+pub fn assert_same_tree(orig: &Path, copy: &Path) -> (usize, usize) {
+    use std::os::unix::fs::MetadataExt;
+    let mut paths = Vec::new();
+    walk(orig, Path::new(""), &mut paths);
+    let (mut files, mut devices) = (0, 0);
+    for rel in &paths {
+        let o = std::fs::symlink_metadata(orig.join(rel)).unwrap();
+        let c = std::fs::symlink_metadata(copy.join(rel))
+            .unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+        let name = rel.display();
+        assert_eq!(o.file_type(), c.file_type(), "{name}: type");
+        assert_eq!(o.mode(), c.mode(), "{name}: mode");
+        assert_eq!(
+            (o.uid(), o.gid(), o.mtime()),
+            (c.uid(), c.gid(), c.mtime()),
+            "{name}"
+        );
+        if o.is_file() {
+            assert_eq!(o.nlink(), c.nlink(), "{name}: links");
+            assert!(
+                std::fs::read(orig.join(rel)).unwrap() == std::fs::read(copy.join(rel)).unwrap(),
+                "{name}: content"
+            );
+            files += 1;
+        } else if o.file_type().is_symlink() {
+            assert_eq!(
+                std::fs::read_link(orig.join(rel)).unwrap(),
+                std::fs::read_link(copy.join(rel)).unwrap()
+            );
+        } else if !o.is_dir() {
+            assert_eq!(o.rdev(), c.rdev(), "{name}: device");
+            devices += 1;
+        }
+    }
+    let mut listed = Vec::new();
+    walk(copy, Path::new(""), &mut listed);
+    assert_eq!(paths.len(), listed.len(), "entries: {listed:?}");
+    (files, devices)
 }
 
 /// Where the kernel has BTF and the tracepoints, every page-cache hook in

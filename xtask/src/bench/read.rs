@@ -7,7 +7,10 @@
 //! (c) sluice warm with FUSE passthrough, (d) sluice warm without passthrough
 //! (files made whole by the passthrough daemon), (e) sluice warm as a node
 //! without passthrough (Linux < 6.9) has it: the cache holds chunks only and
-//! every read is assembled from them.
+//! every read is assembled from them, (f) sluice warm as it serves a
+//! complete layer by default: an EROFS image the kernel mounts itself
+//! (`puller/src/native`, Linux ≥ 6.12; the row is left out where the kernel
+//! cannot).
 //! The page cache is dropped before every measurement; native and the warm
 //! rows are the median of three. Each warm measurement is paired with a native
 //! one taken just before it, and its ratios to native are the median of the
@@ -76,6 +79,9 @@ struct Report {
     warm_no_passthrough_vs_native_big: f64,
     warm_passthrough_vs_native_small: f64,
     warm_no_passthrough_vs_native_small: f64,
+    /// `None` where the kernel cannot mount an EROFS image from a file.
+    warm_erofs_vs_native_big: Option<f64>,
+    warm_erofs_vs_native_small: Option<f64>,
     cold_big_vs_link: f64,
     daemon_rss_10_layers_kib: u64,
 }
@@ -236,6 +242,43 @@ fn measure_median(
     })
 }
 
+/// Waits until an EROFS image is mounted at each of `dirs` (a daemon makes
+/// complete layers native in the background); `false` if the kernel cannot
+/// (Linux < 6.12), fails after two minutes otherwise.
+fn wait_for_erofs(dirs: &[PathBuf]) -> anyhow::Result<bool> {
+    let (major, minor) = sluice_testkit::kernel::version();
+    if (major, minor) < (6, 12) {
+        return Ok(false);
+    }
+    let started = Instant::now();
+    loop {
+        let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let top_is_erofs = |d: &PathBuf| {
+            table
+                .lines()
+                .rev()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split(' ').collect();
+                    let dash = f.iter().position(|x| *x == "-")?;
+                    Some((*f.get(4)?, *f.get(dash + 1)?))
+                })
+                .find(|(at, _)| Path::new(at) == d)
+                .is_some_and(|(_, fs)| fs == "erofs")
+        };
+        if dirs.iter().all(top_is_erofs) {
+            println!(
+                "    native images mounted after {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(true);
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("the layers were not mounted natively within two minutes");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A running `sluice mount`.
 struct Daemon {
     child: Child,
@@ -366,7 +409,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         idle_rss(&sluice, &image, &work, &cache)?;
         return Ok(());
     }
-    step(&format!("reading: native, then sluice cold ({} MB/s + {} ms link), warm with and without passthrough, warm chunk by chunk", opts.link_mbps, opts.link_ms));
+    step(&format!("reading: native, then sluice cold ({} MB/s + {} ms link), warm with and without passthrough, warm chunk by chunk, warm native (EROFS)", opts.link_mbps, opts.link_ms));
     let native_big = big.join("blob.bin");
     let native = Native {
         big: &native_big,
@@ -387,7 +430,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             &image,
             &mnt,
             &cache,
-            &["--whole-at-open-mib", "4096"],
+            &["--whole-at-open-mib", "4096", "--no-native"],
         )?;
         rows.push(measure(
             "sluice cold",
@@ -406,7 +449,13 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         )?);
     }
     {
-        let _d = Daemon::start(&sluice, &image, &mnt, &cache, &["--no-passthrough"])?;
+        let _d = Daemon::start(
+            &sluice,
+            &image,
+            &mnt,
+            &cache,
+            &["--no-passthrough", "--no-native"],
+        )?;
         rows.push(measure_median(
             "sluice warm, no passthrough",
             &big_in(&mnt),
@@ -420,7 +469,13 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         // filled straight from the registry (not measured), then read warm.
         let chunks_only = work.join("cache-chunks");
         let direct = format!("{}/bench/read:v1", reg.host());
-        let _d = Daemon::start(&sluice, &direct, &mnt, &chunks_only, &["--no-passthrough"])?;
+        let _d = Daemon::start(
+            &sluice,
+            &direct,
+            &mnt,
+            &chunks_only,
+            &["--no-passthrough", "--no-native"],
+        )?;
         measure(
             "(filling a chunk cache, no link)",
             &big_in(&mnt),
@@ -435,6 +490,26 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             Some(&native),
         )?);
     }
+
+    let erofs = {
+        // Every chunk is cached: the daemon writes each layer's image and
+        // mounts it on top of the layer's FUSE mount.
+        let _d = Daemon::start(&sluice, &image, &mnt, &cache, &[])?;
+        if wait_for_erofs(&[mnt.join("layer-0"), mnt.join("layer-1")])? {
+            let row = measure_median(
+                "sluice warm, native (EROFS)",
+                &big_in(&mnt),
+                &small_in(&mnt),
+                &small_files,
+                Some(&native),
+            )?;
+            rows.push(row.clone());
+            Some(row)
+        } else {
+            println!("    (no native row: this kernel cannot mount an EROFS image from a file)");
+            None
+        }
+    };
 
     let rss = idle_rss(&sluice, &image, &work, &cache)?;
 
@@ -455,6 +530,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         warm_chunks_vs_native_big: big_ratio(&rows[4]),
         warm_passthrough_vs_native_small: small_ratio(&rows[2]),
         warm_no_passthrough_vs_native_small: small_ratio(&rows[3]),
+        warm_erofs_vs_native_big: erofs.as_ref().map(big_ratio),
+        warm_erofs_vs_native_small: erofs.as_ref().map(small_ratio),
         cold_big_vs_link: rows[1].big_mb_per_s / opts.link_mbps as f64,
         daemon_rss_10_layers_kib: rss,
         rows: rows.clone(),

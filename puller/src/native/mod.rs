@@ -1,0 +1,325 @@
+//! Native layers: once every chunk of a layer is cached, the layer is written
+//! as an EROFS image ([`erofs`]) and mounted by the kernel itself, on top of
+//! its FUSE mount. Containers created from then on read it as they would a
+//! local filesystem; those already running keep the FUSE mount beneath.
+//!
+//! Why: with every byte local, what is left of FUSE's cost is a round trip
+//! through the daemon for each lookup, open and release (about 20 µs a file
+//! on a 2-core VM): a program that opens thousands of small files pays it
+//! thousands of times (`cargo xtask bench read`'s small files: 0.61× native
+//! through FUSE with passthrough). An EROFS image has no such trips.
+//!
+//! The cost is disk: an image holds the layer's bytes a second time (the
+//! chunks stay cached for the FUSE mount beneath and for other layers).
+//! Images are rebuilt rather than trusted across daemon restarts (a file left
+//! by an earlier process is not verified, and the kernel reads it without
+//! asking us), so a starting daemon removes them.
+
+pub mod erofs;
+
+use std::collections::HashSet;
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice_format::Digest;
+
+use crate::cache::ChunkCache;
+use crate::fs::tree::Tree;
+use crate::layer::RemoteLayer;
+
+pub use erofs::{ErofsError, ImageStats};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NativeError {
+    #[error("layer {layer}: {source}")]
+    Build {
+        layer: Digest,
+        #[source]
+        source: ErofsError,
+    },
+    #[error("layer {layer}: {what}: {source}")]
+    Io {
+        layer: Digest,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mounting {image} at {mountpoint}: {source}")]
+    Mount {
+        image: PathBuf,
+        mountpoint: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("this kernel cannot mount an EROFS image from a file (Linux 6.12 or later with CONFIG_EROFS_FS_BACKED_BY_FILE): {0}")]
+    Unsupported(io::Error),
+}
+
+/// Where a cache keeps its layers' images: `CACHE/erofs/<layer hex>`.
+pub struct NativeImages {
+    dir: PathBuf,
+    /// Layers whose image is being written: one writer per layer (the same
+    /// layer can be mounted several times).
+    building: Mutex<HashSet<Digest>>,
+}
+
+impl NativeImages {
+    /// The images of `cache`; removes any left by an earlier process.
+    pub fn open(cache: &ChunkCache) -> io::Result<Self> {
+        let dir = cache.dir().join("erofs");
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        fs::create_dir_all(&dir)?;
+        Ok(NativeImages {
+            dir,
+            building: Mutex::default(),
+        })
+    }
+
+    /// Where the image of the layer with lazy blob `layer` is written.
+    pub fn path(&self, layer: &Digest) -> PathBuf {
+        self.dir.join(layer.hex())
+    }
+
+    /// The image of `layer`, if one was built.
+    pub fn existing(&self, layer: &Digest) -> Option<PathBuf> {
+        let p = self.path(layer);
+        p.exists().then_some(p)
+    }
+
+    /// Writes the image of `layer`, whose every chunk must be cached.
+    /// Written beside and renamed into place, so that an image is whole or
+    /// absent. CPU and disk work (the layer's bytes are copied): run it off
+    /// any request's path.
+    pub fn build(&self, layer: &RemoteLayer) -> Result<(PathBuf, ImageStats), NativeError> {
+        let started = Instant::now();
+        let digest = layer.digest();
+        let io_err = |what: &str| {
+            let what = what.to_owned();
+            move |source| NativeError::Io {
+                layer: digest.clone(),
+                what,
+                source,
+            }
+        };
+        let path = self.path(digest);
+        let tmp = self.dir.join(format!(".{}.tmp", digest.hex()));
+        let out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_err("creating the image"))?;
+        let tree = Tree::build(layer.index());
+        let written = erofs::write_image(layer.index(), &tree, layer.cache(), &out)
+            .map_err(|source| NativeError::Build {
+                layer: digest.clone(),
+                source,
+            })
+            .and_then(|stats| {
+                out.sync_all().map_err(io_err("syncing the image"))?;
+                fs::rename(&tmp, &path).map_err(io_err("renaming the image"))?;
+                Ok(stats)
+            });
+        match written {
+            Ok(stats) => {
+                tracing::info!(layer = %digest, inodes = stats.inodes, bytes = stats.bytes, ms = started.elapsed().as_millis() as u64, "native image written");
+                Ok((path, stats))
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// The image of `layer`, written unless it exists; a second caller for
+    /// the same layer waits for the first writer.
+    pub fn get_or_build(&self, layer: &RemoteLayer) -> Result<PathBuf, NativeError> {
+        let digest = layer.digest();
+        loop {
+            if let Some(p) = self.existing(digest) {
+                return Ok(p);
+            }
+            if self
+                .building
+                .lock()
+                .expect("building")
+                .insert(digest.clone())
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let built = self.build(layer).map(|(p, _)| p);
+        self.building.lock().expect("building").remove(digest);
+        built
+    }
+
+    /// Removes the images of layers that `keep` does not want. Mounted
+    /// images stay readable: the mount holds the file.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if !name.starts_with('.') && !keep(&name) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// An EROFS image mounted by the kernel; dropping it detaches the mount if it
+/// is still the topmost one at its path.
+#[derive(Debug)]
+pub struct NativeMount {
+    path: PathBuf,
+    image: PathBuf,
+}
+
+impl NativeMount {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Mounts `image` read-only at `mountpoint` (on top of whatever is mounted
+/// there). [`NativeError::Unsupported`] on a kernel that cannot mount an
+/// EROFS image from a regular file.
+pub fn mount(image: &Path, mountpoint: &Path) -> Result<NativeMount, NativeError> {
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (Ok(src), Ok(dst)) = (c(image), c(mountpoint)) else {
+        return Err(NativeError::Unsupported(io::Error::from(
+            io::ErrorKind::InvalidInput,
+        )));
+    };
+    // SAFETY: NUL-terminated strings that outlive the call; no data.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            c"erofs".as_ptr(),
+            libc::MS_RDONLY,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        // ENODEV: no erofs; ENOTBLK: erofs that wants a block device.
+        return Err(match e.raw_os_error() {
+            Some(libc::ENODEV) | Some(libc::ENOTBLK) => NativeError::Unsupported(e),
+            _ => NativeError::Mount {
+                image: image.to_path_buf(),
+                mountpoint: mountpoint.to_path_buf(),
+                source: e,
+            },
+        });
+    }
+    Ok(NativeMount {
+        path: mountpoint.to_path_buf(),
+        image: image.to_path_buf(),
+    })
+}
+
+impl Drop for NativeMount {
+    fn drop(&mut self) {
+        if crate::fs::top_mount_is(&self.path, &self.image.to_string_lossy()) {
+            crate::fs::detach(&self.path);
+        }
+    }
+}
+
+/// Whether every chunk of `layer` is cached.
+pub fn is_complete(layer: &RemoteLayer) -> bool {
+    first_missing(layer, 0).is_none()
+}
+
+/// The first chunk of `layer`, from the `from`th on, that is not cached.
+fn first_missing(layer: &RemoteLayer, from: usize) -> Option<usize> {
+    let chunks = layer.index().chunks();
+    (from..chunks.len()).find(|&i| !chunks[i].zeros && !layer.cache().contains(&chunks[i].digest))
+}
+
+/// How often a mounted layer that is not complete is looked at again (only
+/// when the cache took new chunks meanwhile).
+const COMPLETE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Makes a mounted layer native once it is complete: waits until every
+/// chunk is cached, writes the image, and mounts it on top of the layer's
+/// mount. Dropping it stops that, and unmounts the image if it was mounted.
+pub struct NativeUpgrade {
+    task: tokio::task::JoinHandle<()>,
+    mounted: Arc<Mutex<Option<NativeMount>>>,
+}
+
+impl NativeUpgrade {
+    pub fn start(
+        runtime: &tokio::runtime::Handle,
+        images: Arc<NativeImages>,
+        layer: Arc<RemoteLayer>,
+        mountpoint: PathBuf,
+    ) -> Self {
+        let mounted: Arc<Mutex<Option<NativeMount>>> = Arc::default();
+        let slot = Arc::downgrade(&mounted);
+        let task = runtime.spawn(async move {
+            // Chunks are only looked at again once the cache took new ones,
+            // and from the first one missing last time.
+            let (mut from, mut seen) = (0, u64::MAX);
+            loop {
+                let inserted = layer.cache().stats.inserted_bytes.load(Ordering::Relaxed);
+                if inserted != seen {
+                    seen = inserted;
+                    match first_missing(&layer, from) {
+                        Some(i) => from = i,
+                        None if first_missing(&layer, 0).is_none() => break,
+                        None => from = 0, // evicted meanwhile
+                    }
+                }
+                tokio::time::sleep(COMPLETE_CHECK_EVERY).await;
+            }
+            let digest = layer.digest().clone();
+            let made = tokio::task::spawn_blocking(move || {
+                let image = images.get_or_build(&layer)?;
+                mount(&image, &mountpoint)
+            })
+            .await;
+            match made {
+                Ok(Ok(m)) => {
+                    tracing::info!(layer = %digest, at = %m.path().display(), "layer complete: mounted natively (EROFS) for the containers created from now on");
+                    match slot.upgrade() {
+                        Some(slot) => *slot.lock().expect("native mount") = Some(m),
+                        None => drop(m), // stopped meanwhile
+                    }
+                }
+                Ok(Err(e @ NativeError::Unsupported(_))) => {
+                    tracing::info!(layer = %digest, "layer complete, stays on FUSE: {e}")
+                }
+                Ok(Err(e)) => tracing::warn!("layer complete, stays on FUSE: {e}"),
+                Err(e) => tracing::warn!(layer = %digest, "native image task: {e}"),
+            }
+        });
+        NativeUpgrade { task, mounted }
+    }
+
+    /// Whether the layer's image is mounted.
+    pub fn is_native(&self) -> bool {
+        self.mounted.lock().expect("native mount").is_some()
+    }
+}
+
+impl Drop for NativeUpgrade {
+    fn drop(&mut self) {
+        self.task.abort();
+        drop(self.mounted.lock().expect("native mount").take());
+    }
+}

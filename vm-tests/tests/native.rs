@@ -1,0 +1,206 @@
+//! Native layers: a layer whose every chunk is cached, written as an EROFS
+//! image and mounted by the kernel, shows exactly what its FUSE mount shows
+//! (content, modes, owners, times, hard links, devices, extended attributes,
+//! whiteouts and opaque directories, which overlayfs reads from it).
+//! Kernels that cannot mount an EROFS image from a file (before 6.12) skip,
+//! saying so.
+
+mod common;
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use common::{assert_same_tree, fixture, mount_fresh, mount_layer, Mounted};
+use sluice_puller::fs::FsOptions;
+use sluice_puller::native::{self, NativeError, NativeImages, NativeMount};
+use sluice_puller::LayerOptions;
+use sluice_testkit::kernel;
+
+/// Reads every file of a mounted layer, so that all its chunks are cached.
+fn read_everything(m: &Mounted) {
+    let mut paths = Vec::new();
+    common::walk(&m.path, Path::new(""), &mut paths);
+    for p in paths {
+        let p = m.path.join(p);
+        if std::fs::symlink_metadata(&p).unwrap().is_file() {
+            std::fs::read(&p).unwrap();
+        }
+    }
+}
+
+/// Builds layer `m`'s image and mounts it at a new directory beside it;
+/// `None` (with a line saying why) where the kernel cannot.
+fn build_and_mount(images: &NativeImages, m: &Mounted) -> Option<NativeMount> {
+    assert!(native::is_complete(&m.layer), "every file was read");
+    let (image, stats) = images.build(&m.layer).unwrap();
+    assert!(stats.inodes > 0);
+    let at = m.path.with_extension("native");
+    std::fs::create_dir_all(&at).unwrap();
+    match native::mount(&image, &at) {
+        Ok(mount) => Some(mount),
+        Err(NativeError::Unsupported(e)) => {
+            let (major, minor) = kernel::version();
+            assert!(
+                (major, minor) < (6, 12),
+                "Linux {major}.{minor} should mount EROFS from a file: {e}"
+            );
+            println!("SKIP: Linux {major}.{minor} cannot mount an EROFS image from a file ({e})");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn a_complete_layer_mounted_natively_equals_the_original() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (first, client) = mount_fresh(
+        &rt,
+        &f,
+        0,
+        &f.dir.path().join("cache"),
+        &FsOptions::default(),
+    );
+    let images = NativeImages::open(first.layer.cache()).unwrap();
+    // Nothing read yet: not complete, and no image of it can be written.
+    assert!(!native::is_complete(&first.layer));
+    let err = images.build(&first.layer).unwrap_err().to_string();
+    assert!(err.contains("not complete"), "{err}");
+    assert!(images.existing(first.layer.digest()).is_none());
+
+    let second = mount_layer(
+        &rt,
+        &f,
+        1,
+        client,
+        first.layer.cache().clone(),
+        LayerOptions::default(),
+        &FsOptions::default(),
+    );
+    let mut mounted = Vec::new();
+    for (m, root) in [(&first, &f.roots[0]), (&second, &f.roots[1])] {
+        read_everything(m);
+        let Some(native) = build_and_mount(&images, m) else {
+            return;
+        };
+        let (files, _) = assert_same_tree(root, native.path());
+        assert!(files > 0);
+        assert!(images.existing(m.layer.digest()).is_some());
+        mounted.push(native);
+    }
+    let app = mounted[1].path();
+    let a = std::fs::metadata(app.join("app/data/small.txt")).unwrap();
+    let b = std::fs::metadata(app.join("app/data/small-link.txt")).unwrap();
+    assert_eq!(
+        (a.ino(), a.nlink()),
+        (b.ino(), 2),
+        "hard links are one inode"
+    );
+}
+
+/// `getxattr(2)` of `path`: the value, or the errno.
+fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: both strings are NUL-terminated and `buf` is as long as we say.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
+#[test]
+fn overlayfs_reads_whiteouts_and_opaque_directories_from_a_native_layer() {
+    let f = common::xattr_fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (top, client) = mount_fresh(
+        &rt,
+        &f,
+        1,
+        &f.dir.path().join("cache"),
+        &FsOptions::default(),
+    );
+    let base = mount_layer(
+        &rt,
+        &f,
+        0,
+        client,
+        top.layer.cache().clone(),
+        LayerOptions::default(),
+        &FsOptions::default(),
+    );
+    read_everything(&top);
+    let images = NativeImages::open(top.layer.cache()).unwrap();
+    let Some(native) = build_and_mount(&images, &top) else {
+        return;
+    };
+    let n = native.path();
+    assert_eq!(
+        getxattr(&n.join("app/tool"), "user.sluice").as_deref(),
+        Ok(&b"layer value"[..])
+    );
+    assert_eq!(
+        getxattr(&n.join("etc"), "trusted.overlay.opaque").as_deref(),
+        Ok(&b"y"[..])
+    );
+    assert_eq!(
+        getxattr(&n.join("app"), "trusted.overlay.opaque"),
+        Err(libc::ENODATA)
+    );
+    let gone = std::fs::symlink_metadata(n.join("gone")).unwrap();
+    assert!(gone.file_type().is_char_device() && gone.rdev() == 0);
+    assert_eq!(std::fs::read(n.join("app/tool")).unwrap(), b"tool\n");
+
+    // Stacked as a container's lower layers: the whiteout hides the base's
+    // file, the opaque directory the base's `etc/hostname`.
+    let merged = f.dir.path().join("merged");
+    std::fs::create_dir_all(&merged).unwrap();
+    let opts = format!("lowerdir={}:{}", n.display(), base.path.display());
+    let status = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&merged)
+        .status()
+        .unwrap();
+    assert!(status.success(), "overlay mount: {status}");
+    let seen = (
+        merged.join("gone").exists(),
+        merged.join("etc/hostname").exists(),
+        std::fs::read(merged.join("app/tool")).ok(),
+    );
+    std::process::Command::new("umount")
+        .arg(&merged)
+        .status()
+        .unwrap();
+    assert_eq!(seen, (false, false, Some(b"tool\n".to_vec())));
+}
+
+/// The python3 rootfs (thousands of files, devices, hard links, long
+/// directories) through a native mount; natively only (not packed into
+/// guests).
+#[test]
+fn debian_python3_rootfs_mounted_natively_equals_the_original() {
+    let (f, rootfs) = common::python3_fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (m, _) = mount_fresh(
+        &rt,
+        &f,
+        0,
+        &f.dir.path().join("cache"),
+        &FsOptions::default(),
+    );
+    read_everything(&m);
+    let images = NativeImages::open(m.layer.cache()).unwrap();
+    let Some(native) = build_and_mount(&images, &m) else {
+        return;
+    };
+    let (files, devices) = assert_same_tree(&rootfs, native.path());
+    assert!(
+        files > 1000 && devices > 0,
+        "{files} files, {devices} devices"
+    );
+}
