@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, Weak};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -29,6 +29,10 @@ pub struct PullerMetrics {
     /// Layers mounted with the TOC that was fetched before their mount asked
     /// for it (the daemon opens the layers above the one being prepared).
     pub layers_opened_ahead: Counter,
+    /// EROFS images written of complete layers (`native`).
+    pub native_images_written: Counter,
+    /// Layers mounted natively now (their EROFS image over the FUSE mount).
+    pub native_mounts: Gauge,
     layers: Arc<Mutex<Vec<Weak<RemoteLayer>>>>,
 }
 
@@ -189,6 +193,18 @@ impl PullerMetrics {
             "Lazy layers mounted with a TOC fetched before their Prepare came",
             layers_opened_ahead.clone(),
         );
+        let native_images_written = Counter::default();
+        registry.register(
+            "native_images_written",
+            "EROFS images written of layers whose every chunk is cached",
+            native_images_written.clone(),
+        );
+        let native_mounts = Gauge::default();
+        registry.register(
+            "native_mounts",
+            "Layers mounted natively (their EROFS image over the FUSE mount)",
+            native_mounts.clone(),
+        );
         let layers = Arc::new(Mutex::new(Vec::new()));
         registry.register_collector(Box::new(LayerCollector {
             layers: layers.clone(),
@@ -198,6 +214,8 @@ impl PullerMetrics {
             registry,
             fetch_latency,
             layers_opened_ahead,
+            native_images_written,
+            native_mounts,
             layers,
         })
     }

@@ -16,6 +16,13 @@
 //!                           # much compressed data, in a parallel request; 0 = off
 //! whole_at_open_mib = 64    # a cached file is copied into one piece for passthrough
 //!                           # at open up to this size; larger, in the background
+//! native = true             # a layer whose every chunk is cached is written as an
+//!                           # EROFS image and mounted over its FUSE mount: containers
+//!                           # created from then on read it with no daemon round trip
+//!                           # (Linux >= 6.12; costs the layer's size again on disk)
+//! fill = false              # after a layer is mounted (and its profile prefetched),
+//!                           # fetch the rest of it in the background, at the lowest
+//!                           # priority: with `native`, every layer becomes native
 //!
 //! [cache]
 //! max_mib = 10240           # chunk cache bound; least recently used chunks go first
@@ -106,6 +113,8 @@ pub struct LazyConfig {
     pub fuse_threads: usize,
     pub fetch_ahead_kib: u64,
     pub whole_at_open_mib: u64,
+    pub native: bool,
+    pub fill: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +154,8 @@ impl Default for LazyConfig {
             fuse_threads: 4,
             fetch_ahead_kib: sluice_puller::layer::DEFAULT_FETCH_AHEAD >> 10,
             whole_at_open_mib: sluice_puller::fs::FsOptions::default().whole_at_open_max >> 20,
+            native: true,
+            fill: false,
         }
     }
 }

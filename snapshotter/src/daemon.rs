@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use sluice_puller::fs::FsOptions;
 use sluice_puller::metrics::PullerMetrics;
+use sluice_puller::native::NativeImages;
 use sluice_puller::registry::hosts;
 use sluice_puller::registry::RetryPolicy;
 use sluice_puller::{ChunkCache, RegistryClient};
@@ -112,7 +113,8 @@ impl Daemon {
             } else {
                 None
             };
-            let prefetcher = p.prefetch.then(|| {
+            // The prefetcher also runs a layer's background fill.
+            let prefetcher = (p.prefetch || config.lazy.fill).then(|| {
                 Prefetcher::start(
                     &runtime,
                     PrefetchOptions {
@@ -130,6 +132,16 @@ impl Daemon {
                 },
                 read_deadline: Duration::from_secs(config.lazy.read_deadline_secs.max(1)),
                 fetch_ahead: config.lazy.fetch_ahead_kib << 10,
+                fill: config.lazy.fill,
+            };
+            let native = if config.lazy.native {
+                let at = cache.dir().join("erofs");
+                Some(Arc::new(
+                    NativeImages::open(&cache, puller_metrics.clone())
+                        .map_err(io(format!("preparing {}", at.display())))?,
+                ))
+            } else {
+                None
             };
             Some(Arc::new(RemoteLayers::new(
                 client,
@@ -137,7 +149,12 @@ impl Daemon {
                 puller_metrics,
                 runtime,
                 options,
-                Profiles { tracer, prefetcher },
+                Profiles {
+                    tracer,
+                    prefetcher,
+                    prefetch: p.prefetch,
+                },
+                native,
             )))
         } else {
             tracing::info!("lazy mounts disabled: every layer is pulled in full");

@@ -7,7 +7,10 @@
 //! lazy form is mounted read-only with the puller's FUSE filesystem at the
 //! snapshot's `fs` directory once its TOC is fetched and verified, and the
 //! TOC is decoded and indexed in the background while the mount's requests
-//! wait (see [`RemoteLayers::mount_early`]).
+//! wait (see [`RemoteLayers::mount_early`]). Once every chunk of a layer is
+//! cached, an EROFS image of it is mounted over the FUSE mount
+//! (`sluice_puller::native`): containers created from then on read the layer
+//! without the daemon.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -18,6 +21,7 @@ use sluice_format::Digest;
 use sluice_puller::fs::{FsOptions, LazyMount};
 use sluice_puller::image::{self, ResolvedImage};
 use sluice_puller::metrics::PullerMetrics;
+use sluice_puller::native::{NativeImages, NativeUpgrade};
 use sluice_puller::prefetch::Prefetcher;
 use sluice_puller::profile::{self, Profile};
 use sluice_puller::trace::AccessTracer;
@@ -95,6 +99,9 @@ pub enum Lookup {
 }
 
 struct Mounted {
+    /// The layer's EROFS image over the FUSE mount, once the layer is
+    /// complete. Declared first: it is unmounted before the FUSE mount.
+    native: Option<NativeUpgrade>,
     // Dropping it unmounts.
     mount: LazyMount,
     /// Which mount of the snapshot this is (a failed one is mounted again).
@@ -115,14 +122,18 @@ pub struct RemoteOptions {
     pub read_deadline: Duration,
     /// See [`LayerOptions::fetch_ahead`].
     pub fetch_ahead: u64,
+    /// Fetch the rest of each layer in the background (lowest priority).
+    pub fill: bool,
 }
 
 /// What the daemon does with prefetch profiles.
 pub struct Profiles {
     /// Records accesses of mounted layers (`None`: not recording).
     pub tracer: Option<Arc<AccessTracer>>,
-    /// Prefetches from the newest profile of an image (`None`: off).
+    /// Runs profile prefetches and background fills (`None`: neither).
     pub prefetcher: Option<Prefetcher>,
+    /// Whether images' profiles are looked up and prefetched.
+    pub prefetch: bool,
 }
 
 /// When a profile was looked up, and what was found.
@@ -153,6 +164,8 @@ pub struct RemoteLayers {
     opening: Arc<Mutex<HashMap<Digest, (ImageRef, OpeningLayer)>>>,
     mounts: Mutex<HashMap<u64, Mounted>>,
     mount_seq: std::sync::atomic::AtomicU64,
+    /// Where complete layers' EROFS images go (`None`: layers stay on FUSE).
+    native: Option<Arc<NativeImages>>,
 }
 
 impl RemoteLayers {
@@ -163,6 +176,7 @@ impl RemoteLayers {
         runtime: tokio::runtime::Handle,
         mut options: RemoteOptions,
         profiles: Profiles,
+        native: Option<Arc<NativeImages>>,
     ) -> Self {
         if let Some(t) = &profiles.tracer {
             options.fs.observer = Some(t.observer());
@@ -179,6 +193,7 @@ impl RemoteLayers {
             opening: Arc::default(),
             mounts: Mutex::new(HashMap::new()),
             mount_seq: Default::default(),
+            native,
         }
     }
 
@@ -189,6 +204,9 @@ impl RemoteLayers {
     /// The newest profile of the image `image` (pinned by digest), fetched
     /// once a minute at most.
     async fn profile_of(&self, image: &ImageRef) -> Option<Arc<Profile>> {
+        if !self.profiles.prefetch {
+            return None;
+        }
         self.profiles.prefetcher.as_ref()?;
         let manifest = image.reference.parse::<Digest>().ok()?;
         let mut known = self.known_profiles.lock().await;
@@ -460,6 +478,7 @@ impl RemoteLayers {
         self.mounts.lock().expect("mounts").insert(
             id,
             Mounted {
+                native: None,
                 mount,
                 seq,
                 layer: None,
@@ -506,6 +525,20 @@ impl RemoteLayers {
             if let Some(t) = &this.profiles.tracer {
                 t.layer_mounted(&mountpoint, layer.clone(), image.clone());
             }
+            if let Some(images) = &this.native {
+                let upgrade = NativeUpgrade::start(
+                    &this.runtime,
+                    images.clone(),
+                    layer.clone(),
+                    mountpoint.clone(),
+                );
+                // (Dropped, so stopped, if the layer was unmounted meanwhile.)
+                if let Some(m) = this.mounts.lock().expect("mounts").get_mut(&id) {
+                    if m.seq == seq {
+                        m.native = Some(upgrade);
+                    }
+                }
+            }
             let _ = tx.send(Ok(layer_usage(&layer)));
             let profile = match profile {
                 Some(p) => p.await.ok().flatten(),
@@ -515,6 +548,12 @@ impl RemoteLayers {
             if let (Some(p), Some(_)) = (profile, &this.profiles.prefetcher) {
                 this.queue_profile_after_tocs(p, &layer, &image, (id, seq))
                     .await;
+            }
+            // Below the profile's work in the prefetcher's queue.
+            if let (true, Some(prefetcher)) = (this.options.fill, &this.profiles.prefetcher) {
+                if this.is_current(id, seq) {
+                    prefetcher.fill_layer(&layer);
+                }
             }
         });
         Ok(rx)
@@ -550,15 +589,28 @@ impl RemoteLayers {
         };
         let _ = tokio::time::timeout(PREFETCH_AFTER_TOCS_MAX, tocs).await;
         // Not for a layer unmounted meanwhile.
-        let mounted = self
-            .mounts
+        if self.is_current(id, seq) {
+            queue_profile(prefetcher, &p, layer);
+        }
+    }
+
+    /// Whether snapshot `id` is still mounted by its mount number `seq`.
+    fn is_current(&self, id: u64, seq: u64) -> bool {
+        self.mounts
             .lock()
             .expect("mounts")
             .get(&id)
-            .is_some_and(|m| m.seq == seq);
-        if mounted {
-            queue_profile(prefetcher, &p, layer);
-        }
+            .is_some_and(|m| m.seq == seq)
+    }
+
+    /// Whether snapshot `id`'s layer is mounted natively (its EROFS image).
+    pub fn is_native(&self, id: u64) -> bool {
+        self.mounts
+            .lock()
+            .expect("mounts")
+            .get(&id)
+            .and_then(|m| m.native.as_ref())
+            .is_some_and(NativeUpgrade::is_native)
     }
 
     /// Whether snapshot `id`'s layer is mounted and served, or still being
@@ -595,14 +647,22 @@ impl RemoteLayers {
         drop(all);
     }
 
-    /// Drops cached chunks and TOCs that no mounted layer uses (after
-    /// containerd removed images). Returns the bytes freed.
+    /// Drops cached chunks, TOCs and native images that no mounted layer
+    /// uses (after containerd removed images). Returns the bytes freed
+    /// from the chunk cache.
     pub fn clean_cache(&self) -> u64 {
         let mounts = self.mounts.lock().expect("mounts");
         let keep: std::collections::HashSet<&Digest> = mounts
             .values()
             .flat_map(|m| m.layer.iter().flat_map(|l| l.cache_keys()))
             .collect();
+        if let Some(images) = &self.native {
+            let layers: std::collections::HashSet<String> = mounts
+                .values()
+                .filter_map(|m| m.layer.as_ref().map(|l| l.digest().hex()))
+                .collect();
+            images.retain(|hex| layers.contains(hex));
+        }
         self.cache.retain(|d| keep.contains(d))
     }
 

@@ -162,6 +162,136 @@ async fn busybox_runs_lazily_survives_kill9_and_cleans_up() {
     }
 }
 
+/// EROFS mounts of complete layers under the daemon rooted at `root`.
+fn native_mounts_under(root: &std::path::Path) -> usize {
+    let root = root.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&root) && l.contains(" - erofs "))
+        .count()
+}
+
+/// What the daemon served to readers (bytes, and opens it answered).
+async fn served_by_daemon(node: &Node) -> f64 {
+    let mut sum = 0.0;
+    for m in [
+        "sluice_puller_layer_served_bytes_total",
+        "sluice_puller_layer_passthrough_opens_total",
+        "sluice_puller_layer_stored_opens_total",
+    ] {
+        sum += node.snapshotter.metric(m).await;
+    }
+    sum
+}
+
+async fn wait_for_native_mounts(node: &Node, n: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while node.snapshotter.metric("sluice_puller_native_mounts").await != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} native mounts within 60 s\nsnapshotter log:\n{}",
+            node.snapshotter.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// With `fill`, each layer is fetched whole in the background and then
+/// mounted natively (EROFS over its FUSE mount): containers created from
+/// then on read it without the daemon. Again after a restart; and nothing is
+/// left once the image is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filled_layers_are_mounted_natively_for_new_containers() {
+    if !needs_root() {
+        return;
+    }
+    let (major, minor) = sluice_testkit::kernel::version();
+    if (major, minor) < (6, 12) {
+        eprintln!("SKIP: Linux {major}.{minor} cannot mount an EROFS image from a file (6.12+)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(&dir.path().join("image"), Compression::Gzip);
+    let reg = SluiceRegistry::start(
+        &workspace_binary("sluice-registry"),
+        &dir.path().join("registry"),
+        &[],
+    );
+    let reference = format!("{}/test/busybox:v1", reg.host());
+    push_layout(dir.path(), &image.layout, &image.tag, &reference);
+    reg.wait_for_twin("test/busybox", &image.manifest.digest.to_string())
+        .await;
+    let config = dir.path().join("snapshotter.toml");
+    std::fs::write(&config, "[lazy]\nfill = true\n").unwrap();
+    let node = node_with(
+        &dir.path().join("node"),
+        &["--config", config.to_str().unwrap()],
+    );
+    node.pull(&reference);
+    wait_for_native_mounts(&node, 2.0).await;
+    assert_eq!(native_mounts_under(&node.snapshotter.root), 2);
+
+    // Page cache dropped: a container reading through FUSE would make the
+    // daemon serve it; through the native mounts it does not.
+    let before = served_by_daemon(&node).await;
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let rootfs = dir.path().join("image/rootfs");
+    let out = node.run(
+        &reference,
+        "n1",
+        &[
+            "sha256sum",
+            "/app/data/blob.bin",
+            "/app/data/small.txt",
+            "/bin/busybox",
+        ],
+    );
+    let sums: Vec<&str> = out
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    let expected = [
+        sha256_file(&rootfs.join("app/app/data/blob.bin")),
+        sha256_file(&rootfs.join("app/app/data/small.txt")),
+        sha256_file(&rootfs.join("base/bin/busybox")),
+    ];
+    assert_eq!(
+        sums,
+        expected.iter().map(String::as_str).collect::<Vec<_>>(),
+        "{out}"
+    );
+    assert_eq!(
+        served_by_daemon(&node).await,
+        before,
+        "the daemon served the container"
+    );
+
+    // A restart finds the chunks cached: native again, from images written
+    // anew (an image left by another process is not trusted).
+    let node = node.restart_daemon_kill9();
+    wait_for_native_mounts(&node, 2.0).await;
+    assert_eq!(native_mounts_under(&node.snapshotter.root), 2);
+    let out = node.run(&reference, "n2", &["cat", "/app/data/small-link.txt"]);
+    assert_eq!(out, "hello from a lazy layer\n");
+
+    run(node
+        .containerd
+        .ctr()
+        .args(["image", "rm", "--sync", &reference]));
+    assert_eq!(native_mounts_under(&node.snapshotter.root), 0);
+    assert!(lazy_mounts_under(&node.snapshotter.root).is_empty());
+    let images = node.snapshotter.root.join("cache/erofs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while walk_files(&images) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "native images not removed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_images_fall_back_to_a_full_pull() {
     if !needs_root() {

@@ -16,6 +16,11 @@ use sluice_puller::native::{self, NativeError, NativeImages, NativeMount};
 use sluice_puller::LayerOptions;
 use sluice_testkit::kernel;
 
+fn open_images(cache: &std::sync::Arc<sluice_puller::ChunkCache>) -> NativeImages {
+    let metrics = sluice_puller::metrics::PullerMetrics::new(cache.clone());
+    NativeImages::open(cache, metrics).unwrap()
+}
+
 /// Reads every file of a mounted layer, so that all its chunks are cached.
 fn read_everything(m: &Mounted) {
     let mut paths = Vec::new();
@@ -62,7 +67,7 @@ fn a_complete_layer_mounted_natively_equals_the_original() {
         &f.dir.path().join("cache"),
         &FsOptions::default(),
     );
-    let images = NativeImages::open(first.layer.cache()).unwrap();
+    let images = open_images(first.layer.cache());
     // Nothing read yet: not complete, and no image of it can be written.
     assert!(!native::is_complete(&first.layer));
     let err = images.build(&first.layer).unwrap_err().to_string();
@@ -135,7 +140,7 @@ fn overlayfs_reads_whiteouts_and_opaque_directories_from_a_native_layer() {
         &FsOptions::default(),
     );
     read_everything(&top);
-    let images = NativeImages::open(top.layer.cache()).unwrap();
+    let images = open_images(top.layer.cache());
     let Some(native) = build_and_mount(&images, &top) else {
         return;
     };
@@ -194,7 +199,7 @@ fn debian_python3_rootfs_mounted_natively_equals_the_original() {
         &FsOptions::default(),
     );
     read_everything(&m);
-    let images = NativeImages::open(m.layer.cache()).unwrap();
+    let images = open_images(m.layer.cache());
     let Some(native) = build_and_mount(&images, &m) else {
         return;
     };

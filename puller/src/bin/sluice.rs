@@ -247,7 +247,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     let images = if no_native {
         None
     } else {
-        let images = NativeImages::open(&cache)
+        let images = NativeImages::open(&cache, metrics.clone())
             .with_context(|| format!("preparing {}/erofs", cache_dir.display()))?;
         Some(Arc::new(images))
     };

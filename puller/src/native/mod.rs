@@ -31,6 +31,7 @@ use sluice_format::Digest;
 use crate::cache::ChunkCache;
 use crate::fs::tree::Tree;
 use crate::layer::RemoteLayer;
+use crate::metrics::PullerMetrics;
 
 pub use erofs::{ErofsError, ImageStats};
 
@@ -66,11 +67,12 @@ pub struct NativeImages {
     /// Layers whose image is being written: one writer per layer (the same
     /// layer can be mounted several times).
     building: Mutex<HashSet<Digest>>,
+    metrics: Arc<PullerMetrics>,
 }
 
 impl NativeImages {
     /// The images of `cache`; removes any left by an earlier process.
-    pub fn open(cache: &ChunkCache) -> io::Result<Self> {
+    pub fn open(cache: &ChunkCache, metrics: Arc<PullerMetrics>) -> io::Result<Self> {
         let dir = cache.dir().join("erofs");
         match fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -80,6 +82,7 @@ impl NativeImages {
         Ok(NativeImages {
             dir,
             building: Mutex::default(),
+            metrics,
         })
     }
 
@@ -130,6 +133,7 @@ impl NativeImages {
             });
         match written {
             Ok(stats) => {
+                self.metrics.native_images_written.inc();
                 tracing::info!(layer = %digest, inodes = stats.inodes, bytes = stats.bytes, ms = started.elapsed().as_millis() as u64, "native image written");
                 Ok((path, stats))
             }
@@ -260,6 +264,7 @@ const COMPLETE_CHECK_EVERY: Duration = Duration::from_secs(1);
 pub struct NativeUpgrade {
     task: tokio::task::JoinHandle<()>,
     mounted: Arc<Mutex<Option<NativeMount>>>,
+    metrics: Arc<PullerMetrics>,
 }
 
 impl NativeUpgrade {
@@ -270,6 +275,7 @@ impl NativeUpgrade {
         mountpoint: PathBuf,
     ) -> Self {
         let mounted: Arc<Mutex<Option<NativeMount>>> = Arc::default();
+        let metrics = images.metrics.clone();
         let slot = Arc::downgrade(&mounted);
         let task = runtime.spawn(async move {
             // Chunks are only looked at again once the cache took new ones,
@@ -288,6 +294,7 @@ impl NativeUpgrade {
                 tokio::time::sleep(COMPLETE_CHECK_EVERY).await;
             }
             let digest = layer.digest().clone();
+            let counted = images.metrics.clone();
             let made = tokio::task::spawn_blocking(move || {
                 let image = images.get_or_build(&layer)?;
                 mount(&image, &mountpoint)
@@ -297,7 +304,10 @@ impl NativeUpgrade {
                 Ok(Ok(m)) => {
                     tracing::info!(layer = %digest, at = %m.path().display(), "layer complete: mounted natively (EROFS) for the containers created from now on");
                     match slot.upgrade() {
-                        Some(slot) => *slot.lock().expect("native mount") = Some(m),
+                        Some(slot) => {
+                            counted.native_mounts.inc();
+                            *slot.lock().expect("native mount") = Some(m);
+                        }
                         None => drop(m), // stopped meanwhile
                     }
                 }
@@ -308,7 +318,11 @@ impl NativeUpgrade {
                 Err(e) => tracing::warn!(layer = %digest, "native image task: {e}"),
             }
         });
-        NativeUpgrade { task, mounted }
+        NativeUpgrade {
+            task,
+            mounted,
+            metrics,
+        }
     }
 
     /// Whether the layer's image is mounted.
@@ -320,6 +334,9 @@ impl NativeUpgrade {
 impl Drop for NativeUpgrade {
     fn drop(&mut self) {
         self.task.abort();
-        drop(self.mounted.lock().expect("native mount").take());
+        if let Some(mount) = self.mounted.lock().expect("native mount").take() {
+            drop(mount);
+            self.metrics.native_mounts.dec();
+        }
     }
 }
