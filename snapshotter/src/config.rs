@@ -19,7 +19,7 @@
 //! native = true             # a layer whose every chunk is cached is written as an
 //!                           # EROFS image and mounted over its FUSE mount: containers
 //!                           # created from then on read it with no daemon round trip
-//!                           # (Linux >= 6.12; costs the layer's size again on disk)
+//!                           # (costs the layer's size again on disk)
 //! fill = false              # after a layer is mounted (and its profile prefetched),
 //!                           # fetch the rest of it in the background, at the lowest
 //!                           # priority: with `native`, every layer becomes native

@@ -206,11 +206,6 @@ async fn filled_layers_are_mounted_natively_for_new_containers() {
     if !needs_root() {
         return;
     }
-    let (major, minor) = sluice_testkit::kernel::version();
-    if (major, minor) < (6, 12) {
-        eprintln!("SKIP: Linux {major}.{minor} cannot mount an EROFS image from a file (6.12+)");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let image = busybox_image(&dir.path().join("image"), Compression::Gzip);
     let reg = SluiceRegistry::start(

@@ -42,6 +42,8 @@ const MODULES: &[&str] = &[
     "fs/fuse/fuse.ko",
     "fs/overlayfs/overlay.ko",
     "fs/erofs/erofs.ko",
+    // EROFS before 6.12 mounts images through loop devices.
+    "drivers/block/loop.ko",
     "drivers/virtio/virtio_pci.ko",
     "drivers/block/virtio_blk.ko",
     // ext4 asks for a crc32c driver at mount (by name: no modprobe here).

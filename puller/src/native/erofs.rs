@@ -1,6 +1,6 @@
 //! Writes a layer as an EROFS image: the kernel's own read-only filesystem,
 //! uncompressed, so that a layer whose every chunk is cached can be mounted
-//! without FUSE (file-backed, Linux ≥ 6.12) and read at the speed of a local
+//! without FUSE and read at the speed of a local
 //! filesystem: no daemon round trip for a lookup, an open or a read.
 //!
 //! The image shows exactly what the layer's FUSE mount shows (`fs/tree.rs`:

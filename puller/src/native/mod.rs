@@ -1,6 +1,7 @@
 //! Native layers: once every chunk of a layer is cached, the layer is written
 //! as an EROFS image ([`erofs`]) and mounted by the kernel itself, on top of
-//! its FUSE mount. Containers created from then on read it as they would a
+//! its FUSE mount (from the file on Linux 6.12 and later, through a loop
+//! device before). Containers created from then on read it as they would a
 //! local filesystem; those already running keep the FUSE mount beneath.
 //!
 //! Why: with every byte local, what is left of FUSE's cost is a round trip
@@ -16,6 +17,7 @@
 //! asking us), so a starting daemon removes them.
 
 pub mod erofs;
+mod loop_device;
 
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
@@ -57,7 +59,7 @@ pub enum NativeError {
         #[source]
         source: io::Error,
     },
-    #[error("this kernel cannot mount an EROFS image from a file (Linux 6.12 or later with CONFIG_EROFS_FS_BACKED_BY_FILE): {0}")]
+    #[error("this kernel cannot mount an EROFS image: {0}")]
     Unsupported(io::Error),
 }
 
@@ -188,7 +190,9 @@ impl NativeImages {
 #[derive(Debug)]
 pub struct NativeMount {
     path: PathBuf,
-    image: PathBuf,
+    /// What the mount table shows as its source: the image, or the loop
+    /// device it sits on.
+    source: PathBuf,
 }
 
 impl NativeMount {
@@ -197,15 +201,11 @@ impl NativeMount {
     }
 }
 
-/// Mounts `image` read-only at `mountpoint` (on top of whatever is mounted
-/// there). [`NativeError::Unsupported`] on a kernel that cannot mount an
-/// EROFS image from a regular file.
-pub fn mount(image: &Path, mountpoint: &Path) -> Result<NativeMount, NativeError> {
+/// `mount -t erofs -o ro SOURCE MOUNTPOINT`.
+fn mount_erofs(source: &Path, mountpoint: &Path) -> io::Result<()> {
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
-    let (Ok(src), Ok(dst)) = (c(image), c(mountpoint)) else {
-        return Err(NativeError::Unsupported(io::Error::from(
-            io::ErrorKind::InvalidInput,
-        )));
+    let (Ok(src), Ok(dst)) = (c(source), c(mountpoint)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
     };
     // SAFETY: NUL-terminated strings that outlive the call; no data.
     let r = unsafe {
@@ -217,27 +217,65 @@ pub fn mount(image: &Path, mountpoint: &Path) -> Result<NativeMount, NativeError
             std::ptr::null(),
         )
     };
-    if r != 0 {
-        let e = io::Error::last_os_error();
-        // ENODEV: no erofs; ENOTBLK: erofs that wants a block device.
-        return Err(match e.raw_os_error() {
-            Some(libc::ENODEV) | Some(libc::ENOTBLK) => NativeError::Unsupported(e),
-            _ => NativeError::Mount {
-                image: image.to_path_buf(),
-                mountpoint: mountpoint.to_path_buf(),
-                source: e,
-            },
-        });
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
+}
+
+/// Mounts `image` read-only at `mountpoint` (on top of whatever is mounted
+/// there): from the file itself (Linux 6.12 and later), else through a loop
+/// device. [`NativeError::Unsupported`] on a kernel without EROFS, or
+/// without loop devices where it needs one.
+pub fn mount(image: &Path, mountpoint: &Path) -> Result<NativeMount, NativeError> {
+    let failed = |source: io::Error| NativeError::Mount {
+        image: image.to_path_buf(),
+        mountpoint: mountpoint.to_path_buf(),
+        source,
+    };
+    match mount_erofs(image, mountpoint) {
+        Ok(()) => {
+            return Ok(NativeMount {
+                path: mountpoint.to_path_buf(),
+                source: image.to_path_buf(),
+            })
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+            return Err(NativeError::Unsupported(e))
+        }
+        // An EROFS that mounts block devices only.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTBLK) => {}
+        Err(e) => return Err(failed(e)),
+    }
+    mount_on_loop_device(image, mountpoint)
+}
+
+/// Mounts `image` at `mountpoint` through a loop device, as [`mount`] does
+/// on kernels before 6.12.
+pub fn mount_on_loop_device(image: &Path, mountpoint: &Path) -> Result<NativeMount, NativeError> {
+    let failed = |source: io::Error| NativeError::Mount {
+        image: image.to_path_buf(),
+        mountpoint: mountpoint.to_path_buf(),
+        source,
+    };
+    let device = loop_device::attach(image).map_err(|e| {
+        NativeError::Unsupported(io::Error::new(
+            e.kind(),
+            format!("EROFS needs a block device here, and no loop device could be attached: {e}"),
+        ))
+    })?;
+    // The device clears itself once the mount (which holds it) goes.
+    mount_erofs(device.path(), mountpoint).map_err(failed)?;
     Ok(NativeMount {
         path: mountpoint.to_path_buf(),
-        image: image.to_path_buf(),
+        source: device.path().to_path_buf(),
     })
 }
 
 impl Drop for NativeMount {
     fn drop(&mut self) {
-        if crate::fs::top_mount_is(&self.path, &self.image.to_string_lossy()) {
+        if crate::fs::top_mount_is(&self.path, &self.source.to_string_lossy()) {
             crate::fs::detach(&self.path);
         }
     }
