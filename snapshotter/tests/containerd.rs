@@ -17,23 +17,30 @@ use sluice_testkit::process::{
 };
 use sluice_testkit::{push_layout, run, skopeo, workspace_binary};
 
+/// The busybox test image (under `dir/image`), plain gzip, pushed to a
+/// sluice-registry (under `dir/registry`), which converts it on push into a
+/// lazy twin; returns once the twin is there.
+async fn busybox_on_sluice_registry(dir: &std::path::Path) -> (SluiceRegistry, String) {
+    let image = busybox_image(&dir.join("image"), Compression::Gzip);
+    let reg = SluiceRegistry::start(
+        &workspace_binary("sluice-registry"),
+        &dir.join("registry"),
+        &[],
+    );
+    let reference = format!("{}/test/busybox:v1", reg.host());
+    push_layout(dir, &image.layout, &image.tag, &reference);
+    reg.wait_for_twin("test/busybox", &image.manifest.digest.to_string())
+        .await;
+    (reg, reference)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busybox_runs_lazily_survives_kill9_and_cleans_up() {
     if !needs_root() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // A plain gzip image; the registry converts it on push into a lazy twin.
-    let image = busybox_image(&dir.path().join("image"), Compression::Gzip);
-    let reg = SluiceRegistry::start(
-        &workspace_binary("sluice-registry"),
-        &dir.path().join("registry"),
-        &[],
-    );
-    let reference = format!("{}/test/busybox:v1", reg.host());
-    push_layout(dir.path(), &image.layout, &image.tag, &reference);
-    reg.wait_for_twin("test/busybox", &image.manifest.digest.to_string())
-        .await;
+    let (reg, reference) = busybox_on_sluice_registry(dir.path()).await;
 
     let node = node(&dir.path().join("node"));
     let out = node.pull(&reference);
@@ -207,16 +214,7 @@ async fn filled_layers_are_mounted_natively_for_new_containers() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let image = busybox_image(&dir.path().join("image"), Compression::Gzip);
-    let reg = SluiceRegistry::start(
-        &workspace_binary("sluice-registry"),
-        &dir.path().join("registry"),
-        &[],
-    );
-    let reference = format!("{}/test/busybox:v1", reg.host());
-    push_layout(dir.path(), &image.layout, &image.tag, &reference);
-    reg.wait_for_twin("test/busybox", &image.manifest.digest.to_string())
-        .await;
+    let (_registry, reference) = busybox_on_sluice_registry(dir.path()).await;
     let config = dir.path().join("snapshotter.toml");
     std::fs::write(&config, "[lazy]\nfill = true\n").unwrap();
     let node = node_with(

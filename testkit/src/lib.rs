@@ -7,6 +7,7 @@
 pub mod http;
 pub mod images;
 pub mod kernel;
+pub mod mounts;
 pub mod process;
 pub mod proxy;
 

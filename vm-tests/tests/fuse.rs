@@ -13,7 +13,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{fixture, mount_fresh, mount_layer, walk, Fixture, InProcessRegistry, Mounted};
+use common::{
+    fixture, getxattr, mount_fresh, mount_layer, walk, Fixture, InProcessRegistry, Mounted,
+};
 use sluice_format::chunked::ChunkingOptions;
 use sluice_format::layout::Compression;
 use sluice_puller::fs::FsOptions;
@@ -550,21 +552,6 @@ fn debian_python3_rootfs_reads_identically_through_the_mount() {
         "{files} files, {devices} devices"
     );
     assert!(m.layer.stats.passthrough_opens.load(Ordering::Relaxed) > 0);
-}
-
-/// `getxattr(2)` of `path`: the value, or the errno.
-fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
-    use std::os::unix::ffi::OsStrExt;
-    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    let mut buf = vec![0u8; 256];
-    // SAFETY: both strings are NUL-terminated and `buf` is as long as we say.
-    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if len < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
-    }
-    buf.truncate(len as usize);
-    Ok(buf)
 }
 
 /// Extended attributes through the mount: a layer that has them serves each

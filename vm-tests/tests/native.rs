@@ -10,11 +10,12 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use common::{assert_same_tree, fixture, mount_fresh, mount_layer, Mounted};
+use common::{assert_same_tree, fixture, getxattr, mount_fresh, mount_layer, Mounted};
 use sluice_puller::fs::FsOptions;
 use sluice_puller::native::{self, NativeImages, NativeMount};
 use sluice_puller::LayerOptions;
 use sluice_testkit::kernel;
+use sluice_testkit::mounts::top_mount;
 
 fn open_images(cache: &std::sync::Arc<sluice_puller::ChunkCache>) -> NativeImages {
     let metrics = sluice_puller::metrics::PullerMetrics::new(cache.clone());
@@ -87,10 +88,16 @@ fn a_complete_layer_mounted_natively_equals_the_original() {
         std::fs::create_dir_all(&on_loop).unwrap();
         let looped = native::mount_on_loop_device(&image, &on_loop).unwrap();
         assert_same_tree(root, looped.path());
-        let source = mount_source(looped.path());
+        let source = top_mount(looped.path())
+            .map(|m| m.source)
+            .unwrap_or_default();
         assert!(source.starts_with("/dev/loop"), "{source}");
         drop(looped);
-        assert_ne!(mount_source(&on_loop), source, "unmounted when dropped");
+        assert_ne!(
+            top_mount(&on_loop).map(|m| m.source).unwrap_or_default(),
+            source,
+            "unmounted when dropped"
+        );
     }
     let app = mounted[1].path();
     let a = std::fs::metadata(app.join("app/data/small.txt")).unwrap();
@@ -100,37 +107,6 @@ fn a_complete_layer_mounted_natively_equals_the_original() {
         (b.ino(), 2),
         "hard links are one inode"
     );
-}
-
-/// The source of the topmost mount at `path` ("" if none).
-fn mount_source(path: &Path) -> String {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .rev()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let dash = f.iter().position(|x| *x == "-")?;
-            Some((f[4].to_owned(), f.get(dash + 2)?.to_string()))
-        })
-        .find(|(at, _)| Path::new(at) == path)
-        .map(|(_, s)| s)
-        .unwrap_or_default()
-}
-
-/// `getxattr(2)` of `path`: the value, or the errno.
-fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
-    use std::os::unix::ffi::OsStrExt;
-    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    let mut buf = vec![0u8; 256];
-    // SAFETY: both strings are NUL-terminated and `buf` is as long as we say.
-    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if len < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
-    }
-    buf.truncate(len as usize);
-    Ok(buf)
 }
 
 #[test]

@@ -39,6 +39,9 @@ const KERNELS: &[(&str, &str)] = &[
 /// tests' caches must sit on a page-cache filesystem as on a node: tmpfs
 /// reads bypass the filemap tracepoints the eBPF tracer follows.
 const MODULES: &[&str] = &[
+    // First: libcrc32c (for EROFS and ext4) asks for a crc32c driver by name
+    // when it loads, and there is no modprobe here to find one.
+    "crypto/crc32c_generic.ko",
     "fs/fuse/fuse.ko",
     "fs/overlayfs/overlay.ko",
     "fs/erofs/erofs.ko",
@@ -46,8 +49,6 @@ const MODULES: &[&str] = &[
     "drivers/block/loop.ko",
     "drivers/virtio/virtio_pci.ko",
     "drivers/block/virtio_blk.ko",
-    // ext4 asks for a crc32c driver at mount (by name: no modprobe here).
-    "crypto/crc32c_generic.ko",
     "fs/ext4/ext4.ko",
 ];
 

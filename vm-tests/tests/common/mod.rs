@@ -354,6 +354,21 @@ pub fn assert_same_tree(orig: &Path, copy: &Path) -> (usize, usize) {
     (files, devices)
 }
 
+/// `getxattr(2)` of `path`: the value, or the errno.
+pub fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: both strings are NUL-terminated and `buf` is as long as we say.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
 /// Where the kernel has BTF and the tracepoints, every page-cache hook in
 /// `tracepoints` is of the kind `suffix` names.
 pub fn assert_hooks_where_btf(tracepoints: &[String], suffix: &str) {

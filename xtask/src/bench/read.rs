@@ -251,19 +251,8 @@ fn wait_for_erofs(dirs: &[PathBuf]) -> anyhow::Result<bool> {
     }
     let started = Instant::now();
     loop {
-        let table = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let top_is_erofs = |d: &PathBuf| {
-            table
-                .lines()
-                .rev()
-                .filter_map(|l| {
-                    let f: Vec<&str> = l.split(' ').collect();
-                    let dash = f.iter().position(|x| *x == "-")?;
-                    Some((*f.get(4)?, *f.get(dash + 1)?))
-                })
-                .find(|(at, _)| Path::new(at) == d)
-                .is_some_and(|(_, fs)| fs == "erofs")
-        };
+        let top_is_erofs =
+            |d: &PathBuf| sluice_testkit::mounts::top_mount(d).is_some_and(|m| m.fstype == "erofs");
         if dirs.iter().all(top_is_erofs) {
             println!(
                 "    native images mounted after {:.1} s",
