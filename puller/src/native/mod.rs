@@ -19,7 +19,6 @@
 pub mod erofs;
 mod loop_device;
 
-use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -66,9 +65,10 @@ pub enum NativeError {
 /// Where a cache keeps its layers' images: `CACHE/erofs/<layer hex>`.
 pub struct NativeImages {
     dir: PathBuf,
-    /// Layers whose image is being written: one writer per layer (the same
-    /// layer can be mounted several times).
-    building: Mutex<HashSet<Digest>>,
+    /// Held while an image is written: one at a time, so that layers that
+    /// complete together do not write gigabytes to the disk at once, and
+    /// a layer mounted twice is written once.
+    writing: Mutex<()>,
     metrics: Arc<PullerMetrics>,
 }
 
@@ -83,7 +83,7 @@ impl NativeImages {
         fs::create_dir_all(&dir)?;
         Ok(NativeImages {
             dir,
-            building: Mutex::default(),
+            writing: Mutex::default(),
             metrics,
         })
     }
@@ -146,27 +146,14 @@ impl NativeImages {
         }
     }
 
-    /// The image of `layer`, written unless it exists; a second caller for
-    /// the same layer waits for the first writer.
+    /// The image of `layer`, written unless it exists (after the image
+    /// being written, if any).
     pub fn get_or_build(&self, layer: &RemoteLayer) -> Result<PathBuf, NativeError> {
-        let digest = layer.digest();
-        loop {
-            if let Some(p) = self.existing(digest) {
-                return Ok(p);
-            }
-            if self
-                .building
-                .lock()
-                .expect("building")
-                .insert(digest.clone())
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let _writing = self.writing.lock().expect("image writer");
+        match self.existing(layer.digest()) {
+            Some(p) => Ok(p),
+            None => self.build(layer).map(|(p, _)| p),
         }
-        let built = self.build(layer).map(|(p, _)| p);
-        self.building.lock().expect("building").remove(digest);
-        built
     }
 
     /// Removes the images of layers that `keep` does not want. Mounted

@@ -48,7 +48,7 @@ pub struct Options {
     #[arg(long, value_delimiter = ',')]
     images: Vec<String>,
     /// Systems to run (default: all): overlay-gzip, overlay-zstd, sluice,
-    /// sluice-profile, sluice-warm, warm.
+    /// sluice-profile, sluice-warm, sluice-native, warm.
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
     /// Refuse to measure while other processes keep more than this share of
@@ -94,15 +94,17 @@ enum System {
     Sluice,
     SluiceProfile,
     SluiceWarm,
+    SluiceNative,
     Warm,
 }
 
-const SYSTEMS: [System; 6] = [
+const SYSTEMS: [System; 7] = [
     System::OverlayGzip,
     System::OverlayZstd,
     System::Sluice,
     System::SluiceProfile,
     System::SluiceWarm,
+    System::SluiceNative,
     System::Warm,
 ];
 
@@ -114,6 +116,7 @@ impl System {
             System::Sluice => "sluice",
             System::SluiceProfile => "sluice-profile",
             System::SluiceWarm => "sluice-warm",
+            System::SluiceNative => "sluice-native",
             System::Warm => "warm",
         }
     }
@@ -413,7 +416,7 @@ fn snapshotter_config(
 ) -> anyhow::Result<PathBuf> {
     let path = work.join(format!("snapshotter-{mode}.toml"));
     let mut profiles = match mode {
-        "off" => "record = false\nprefetch = false\n",
+        "off" | "fill" => "record = false\nprefetch = false\n",
         "prefetch" => "record = false\nprefetch = true\n",
         "record" => "record = true\npublish = true\nprefetch = false\nwindow_secs = 15\n",
         _ => unreachable!("known modes"),
@@ -422,7 +425,14 @@ fn snapshotter_config(
     if let (Some(n), "prefetch") = (prefetch_concurrency, mode) {
         profiles += &format!("prefetch_concurrency = {n}\n");
     }
-    std::fs::write(&path, format!("{lazy_section}[profiles]\n{profiles}"))?;
+    // A node that fetches each layer whole after its mount, so that it goes
+    // native (EROFS) once complete.
+    let lazy = match (mode, lazy_section.is_empty()) {
+        ("fill", true) => "[lazy]\nfill = true\n".to_owned(),
+        ("fill", false) => format!("{lazy_section}fill = true\n"),
+        _ => lazy_section.to_owned(),
+    };
+    std::fs::write(&path, format!("{lazy}[profiles]\n{profiles}"))?;
     Ok(path)
 }
 
@@ -439,6 +449,25 @@ fn daemon_counters(node: &Node) -> anyhow::Result<BTreeMap<String, u64>> {
         }
     }
     Ok(counters)
+}
+
+/// Waits until the node's daemon has mounted `layers` layers natively.
+fn wait_for_native_mounts(node: &Node, layers: usize) -> anyhow::Result<()> {
+    let s = node.snapshotter.as_ref().context("a sluice node")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    while rt.block_on(s.metric("sluice_puller_native_mounts")) < layers as f64 {
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!(
+                "{layers} layers were not mounted natively within 5 minutes (fill, then EROFS): see {}",
+                log_path(&node.dir, "sluice").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 /// A fresh node: containerd, plus the sluice daemon for lazy systems.
@@ -601,6 +630,7 @@ impl Bench {
         let node = self.node(match system {
             System::Sluice | System::SluiceWarm => Some("off"),
             System::SluiceProfile => Some("prefetch"),
+            System::SluiceNative => Some("fill"),
             _ => None,
         })?;
         let containerd = node.containerd.as_ref().expect("running");
@@ -617,6 +647,12 @@ impl Bench {
             System::SluiceWarm => {
                 self.sluice_pull(&node, &p.gzip_direct, "sluice pull (warm-up)")?;
                 self.run_until_ready(&node, &p.gzip_direct, f, "sluice")?;
+            }
+            // Every layer fetched whole in the background and mounted
+            // natively: a node that has had the image for a while.
+            System::SluiceNative => {
+                self.sluice_pull(&node, &p.gzip_direct, "sluice pull (warm-up)")?;
+                wait_for_native_mounts(&node, f.layers.len())?;
             }
             _ => {}
         }
@@ -642,7 +678,7 @@ impl Bench {
                 self.sluice_pull(&node, &p.gzip, "sluice pull")?;
                 (p.gzip.as_str(), "sluice")
             }
-            System::SluiceWarm => (p.gzip_direct.as_str(), "sluice"),
+            System::SluiceWarm | System::SluiceNative => (p.gzip_direct.as_str(), "sluice"),
             System::Warm => (p.gzip_direct.as_str(), "overlayfs"),
         };
         let pull_seconds = t.elapsed().as_secs_f64();
