@@ -603,16 +603,6 @@ impl RemoteLayers {
             .is_some_and(|m| m.seq == seq)
     }
 
-    /// Whether snapshot `id`'s layer is mounted natively (its EROFS image).
-    pub fn is_native(&self, id: u64) -> bool {
-        self.mounts
-            .lock()
-            .expect("mounts")
-            .get(&id)
-            .and_then(|m| m.native.as_ref())
-            .is_some_and(NativeUpgrade::is_native)
-    }
-
     /// Whether snapshot `id`'s layer is mounted and served, or still being
     /// opened. A mount whose layer could not be opened (its requests fail)
     /// is unmounted here and counts as not mounted.

@@ -283,13 +283,36 @@ fn first_missing(layer: &RemoteLayer, from: usize) -> Option<usize> {
 /// when the cache took new chunks meanwhile).
 const COMPLETE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// A native mount counted in `sluice_puller_native_mounts` while it lives.
+struct CountedMount {
+    _mount: NativeMount,
+    metrics: Arc<PullerMetrics>,
+}
+
+impl CountedMount {
+    fn new(mount: NativeMount, metrics: Arc<PullerMetrics>) -> Self {
+        metrics.native_mounts.inc();
+        CountedMount {
+            _mount: mount,
+            metrics,
+        }
+    }
+}
+
+impl Drop for CountedMount {
+    fn drop(&mut self) {
+        self.metrics.native_mounts.dec();
+    }
+}
+
 /// Makes a mounted layer native once it is complete: waits until every
 /// chunk is cached, writes the image, and mounts it on top of the layer's
 /// mount. Dropping it stops that, and unmounts the image if it was mounted.
 pub struct NativeUpgrade {
     task: tokio::task::JoinHandle<()>,
-    mounted: Arc<Mutex<Option<NativeMount>>>,
-    metrics: Arc<PullerMetrics>,
+    /// The mount, once made. The task holds it only weakly: a mount made
+    /// after this was dropped goes with the task's last reference.
+    mounted: Arc<Mutex<Option<CountedMount>>>,
 }
 
 impl NativeUpgrade {
@@ -299,8 +322,7 @@ impl NativeUpgrade {
         layer: Arc<RemoteLayer>,
         mountpoint: PathBuf,
     ) -> Self {
-        let mounted: Arc<Mutex<Option<NativeMount>>> = Arc::default();
-        let metrics = images.metrics.clone();
+        let mounted: Arc<Mutex<Option<CountedMount>>> = Arc::default();
         let slot = Arc::downgrade(&mounted);
         let task = runtime.spawn(async move {
             // Chunks are only looked at again once the cache took new ones,
@@ -319,7 +341,7 @@ impl NativeUpgrade {
                 tokio::time::sleep(COMPLETE_CHECK_EVERY).await;
             }
             let digest = layer.digest().clone();
-            let counted = images.metrics.clone();
+            let metrics = images.metrics.clone();
             let made = tokio::task::spawn_blocking(move || {
                 let image = images.get_or_build(&layer)?;
                 mount(&image, &mountpoint)
@@ -328,13 +350,10 @@ impl NativeUpgrade {
             match made {
                 Ok(Ok(m)) => {
                     tracing::info!(layer = %digest, at = %m.path().display(), "layer complete: mounted natively (EROFS) for the containers created from now on");
-                    match slot.upgrade() {
-                        Some(slot) => {
-                            counted.native_mounts.inc();
-                            *slot.lock().expect("native mount") = Some(m);
-                        }
-                        None => drop(m), // stopped meanwhile
-                    }
+                    if let Some(slot) = slot.upgrade() {
+                        *slot.lock().expect("native mount") = Some(CountedMount::new(m, metrics));
+                    } // else: stopped meanwhile, and `m` unmounts here
+
                 }
                 Ok(Err(e @ NativeError::Unsupported(_))) => {
                     tracing::info!(layer = %digest, "layer complete, stays on FUSE: {e}")
@@ -343,25 +362,14 @@ impl NativeUpgrade {
                 Err(e) => tracing::warn!(layer = %digest, "native image task: {e}"),
             }
         });
-        NativeUpgrade {
-            task,
-            mounted,
-            metrics,
-        }
-    }
-
-    /// Whether the layer's image is mounted.
-    pub fn is_native(&self) -> bool {
-        self.mounted.lock().expect("native mount").is_some()
+        NativeUpgrade { task, mounted }
     }
 }
 
 impl Drop for NativeUpgrade {
     fn drop(&mut self) {
         self.task.abort();
-        if let Some(mount) = self.mounted.lock().expect("native mount").take() {
-            drop(mount);
-            self.metrics.native_mounts.dec();
-        }
+        // Unmounted now, not when the task lets go of its reference.
+        drop(self.mounted.lock().expect("native mount").take());
     }
 }
