@@ -72,16 +72,11 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), SnapshotError> 
 /// Unmounts everything mounted at `path` (lazily, so a busy mount cannot
 /// block), ignoring "not mounted".
 pub fn detach_mount(path: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return;
-    };
     // A layer's mount can have its native (EROFS) mount on top: detach
     // every mount stacked there (a bound keeps a misbehaving kernel from
     // looping forever).
     for _ in 0..8 {
-        // SAFETY: umount2 with a valid C string; failure is reported by errno.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        if !sluice_puller::fs::detach(path) {
             break;
         }
     }

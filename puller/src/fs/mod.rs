@@ -1299,12 +1299,13 @@ impl Drop for LazyMount {
 }
 
 /// Detaches the topmost mount at `path` (the kernel ends it when its last
-/// user lets go).
-pub(crate) fn detach(path: &Path) {
-    if let Ok(path) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
-        // SAFETY: a valid NUL-terminated path; umount2 has no other inputs.
-        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-    }
+/// user lets go); false if nothing was mounted there (or it failed).
+pub fn detach(path: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated path; umount2 has no other inputs.
+    unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) == 0 }
 }
 
 /// The source a layer's mount shows in the mount table.

@@ -452,35 +452,29 @@ fn write_inode(meta: &mut [u8], ino: &Inode, slot: usize, index: &LayerIndex, tr
     let n = index.node(ino.node);
     let at = (ino.nid * SLOT) as usize;
     let layout = if ino.inline { FLAT_INLINE } else { FLAT_PLAIN };
-    let (mode, nlink, u) = match &ino.content {
-        Content::File { .. } => (
-            S_IFREG | (n.mode & 0o7777) as u16,
-            tree.links(ino.node).max(1),
-            ino.blkaddr as u32,
-        ),
+    let links = tree.links(ino.node).max(1);
+    let (kind, nlink, u) = match &ino.content {
+        Content::File { .. } => (S_IFREG, links, ino.blkaddr as u32),
         Content::Dir => (
-            S_IFDIR | (n.mode & 0o7777) as u16,
+            S_IFDIR,
             2 + tree.dir(ino.node).map_or(0, |d| d.subdirs),
             ino.blkaddr as u32,
         ),
-        Content::Symlink => (
-            S_IFLNK | (n.mode & 0o7777) as u16,
-            tree.links(ino.node).max(1),
-            ino.blkaddr as u32,
-        ),
-        Content::Device { rdev, block } => (
-            if *block { S_IFBLK } else { S_IFCHR } | (n.mode & 0o7777) as u16,
-            tree.links(ino.node).max(1),
-            *rdev,
-        ),
-        Content::Fifo => (
-            S_IFIFO | (n.mode & 0o7777) as u16,
-            tree.links(ino.node).max(1),
-            0,
-        ),
+        Content::Symlink => (S_IFLNK, links, ino.blkaddr as u32),
+        Content::Device { rdev, block: true } => (S_IFBLK, links, *rdev),
+        Content::Device { rdev, block: false } => (S_IFCHR, links, *rdev),
+        Content::Fifo => (S_IFIFO, links, 0),
         // overlayfs's whiteout: a character device 0/0.
         Content::Whiteout => (S_IFCHR, 1, 0),
     };
+    // A whiteout has no permissions or owner of its own.
+    let whiteout = matches!(ino.content, Content::Whiteout);
+    let (perm, uid, gid) = if whiteout {
+        (0, 0, 0)
+    } else {
+        ((n.mode & 0o7777) as u16, n.uid, n.gid)
+    };
+    let mode = kind | perm;
     let i = &mut meta[at..at + INODE_SIZE as usize];
     i[0..2].copy_from_slice(&(EXTENDED | layout << 1).to_le_bytes());
     i[2..4].copy_from_slice(&xattr_icount(&ino.xattrs).to_le_bytes());
@@ -488,8 +482,6 @@ fn write_inode(meta: &mut [u8], ino: &Inode, slot: usize, index: &LayerIndex, tr
     i[8..16].copy_from_slice(&ino.size.to_le_bytes());
     i[16..20].copy_from_slice(&u.to_le_bytes());
     i[20..24].copy_from_slice(&(slot as u32 + 1).to_le_bytes());
-    let whiteout = matches!(ino.content, Content::Whiteout);
-    let (uid, gid) = if whiteout { (0, 0) } else { (n.uid, n.gid) };
     i[24..28].copy_from_slice(&uid.to_le_bytes());
     i[28..32].copy_from_slice(&gid.to_le_bytes());
     let (secs, nanos) = n.mtime;

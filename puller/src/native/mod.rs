@@ -211,16 +211,19 @@ fn mount_erofs(source: &Path, mountpoint: &Path) -> io::Result<()> {
     }
 }
 
+fn mount_failed(image: &Path, mountpoint: &Path, source: io::Error) -> NativeError {
+    NativeError::Mount {
+        image: image.to_path_buf(),
+        mountpoint: mountpoint.to_path_buf(),
+        source,
+    }
+}
+
 /// Mounts `image` read-only at `mountpoint` (on top of whatever is mounted
 /// there): from the file itself (Linux 6.12 and later), else through a loop
 /// device. [`NativeError::Unsupported`] on a kernel without EROFS, or
 /// without loop devices where it needs one.
 pub fn mount(image: &Path, mountpoint: &Path) -> Result<NativeMount, NativeError> {
-    let failed = |source: io::Error| NativeError::Mount {
-        image: image.to_path_buf(),
-        mountpoint: mountpoint.to_path_buf(),
-        source,
-    };
     match mount_erofs(image, mountpoint) {
         Ok(()) => {
             return Ok(NativeMount {
@@ -233,7 +236,7 @@ pub fn mount(image: &Path, mountpoint: &Path) -> Result<NativeMount, NativeError
         }
         // An EROFS that mounts block devices only.
         Err(e) if e.raw_os_error() == Some(libc::ENOTBLK) => {}
-        Err(e) => return Err(failed(e)),
+        Err(e) => return Err(mount_failed(image, mountpoint, e)),
     }
     mount_on_loop_device(image, mountpoint)
 }
@@ -241,11 +244,6 @@ pub fn mount(image: &Path, mountpoint: &Path) -> Result<NativeMount, NativeError
 /// Mounts `image` at `mountpoint` through a loop device, as [`mount`] does
 /// on kernels before 6.12.
 pub fn mount_on_loop_device(image: &Path, mountpoint: &Path) -> Result<NativeMount, NativeError> {
-    let failed = |source: io::Error| NativeError::Mount {
-        image: image.to_path_buf(),
-        mountpoint: mountpoint.to_path_buf(),
-        source,
-    };
     let device = loop_device::attach(image).map_err(|e| {
         NativeError::Unsupported(io::Error::new(
             e.kind(),
@@ -253,7 +251,7 @@ pub fn mount_on_loop_device(image: &Path, mountpoint: &Path) -> Result<NativeMou
         ))
     })?;
     // The device clears itself once the mount (which holds it) goes.
-    mount_erofs(device.path(), mountpoint).map_err(failed)?;
+    mount_erofs(device.path(), mountpoint).map_err(|e| mount_failed(image, mountpoint, e))?;
     Ok(NativeMount {
         path: mountpoint.to_path_buf(),
         source: device.path().to_path_buf(),
