@@ -78,7 +78,7 @@ struct Report {
     warm_no_passthrough_vs_native_big: f64,
     warm_passthrough_vs_native_small: f64,
     warm_no_passthrough_vs_native_small: f64,
-    /// `None` where the kernel cannot mount an EROFS image from a file.
+    /// `None` on a kernel without EROFS.
     warm_erofs_vs_native_big: Option<f64>,
     warm_erofs_vs_native_small: Option<f64>,
     cold_big_vs_link: f64,
