@@ -31,6 +31,9 @@ pub struct PullerMetrics {
     pub layers_opened_ahead: Counter,
     /// EROFS images written of complete layers (`native`).
     pub native_images_written: Counter,
+    /// Images left by an earlier process, verified against their seal and
+    /// used instead of written again (`native`).
+    pub native_images_reused: Counter,
     /// Layers mounted natively now (their EROFS image over the FUSE mount).
     pub native_mounts: Gauge,
     layers: Arc<Mutex<Vec<Weak<RemoteLayer>>>>,
@@ -199,6 +202,12 @@ impl PullerMetrics {
             "EROFS images written of layers whose every chunk is cached",
             native_images_written.clone(),
         );
+        let native_images_reused = Counter::default();
+        registry.register(
+            "native_images_reused",
+            "EROFS images left by an earlier process, verified and used instead of written again",
+            native_images_reused.clone(),
+        );
         let native_mounts = Gauge::default();
         registry.register(
             "native_mounts",
@@ -215,6 +224,7 @@ impl PullerMetrics {
             fetch_latency,
             layers_opened_ahead,
             native_images_written,
+            native_images_reused,
             native_mounts,
             layers,
         })

@@ -260,11 +260,24 @@ async fn filled_layers_are_mounted_natively_for_new_containers() {
         "the daemon served the container"
     );
 
-    // A restart finds the chunks cached: native again, from images written
-    // anew (an image left by another process is not trusted).
+    // A restart finds the chunks cached and the images sealed: native
+    // again, from the same images, verified, not written again.
     let node = node.restart_daemon_kill9();
     wait_for_native_mounts(&node, 2.0).await;
     assert_eq!(native_mounts_under(&node.snapshotter.root), 2);
+    assert_eq!(
+        (
+            node.snapshotter
+                .metric("sluice_puller_native_images_written_total")
+                .await,
+            node.snapshotter
+                .metric("sluice_puller_native_images_reused_total")
+                .await
+        ),
+        (0.0, 2.0),
+        "{}",
+        node.snapshotter.log()
+    );
     let out = node.run(&reference, "n2", &["cat", "/app/data/small-link.txt"]);
     assert_eq!(out, "hello from a lazy layer\n");
 

@@ -12,14 +12,22 @@ use std::path::Path;
 
 use common::{assert_same_tree, fixture, getxattr, mount_fresh, mount_layer, Mounted};
 use sluice_puller::fs::FsOptions;
+use sluice_puller::metrics::PullerMetrics;
 use sluice_puller::native::{self, NativeImages, NativeMount};
 use sluice_puller::LayerOptions;
 use sluice_testkit::kernel;
 use sluice_testkit::mounts::top_mount;
 
 fn open_images(cache: &std::sync::Arc<sluice_puller::ChunkCache>) -> NativeImages {
-    let metrics = sluice_puller::metrics::PullerMetrics::new(cache.clone());
-    NativeImages::open(cache, metrics).unwrap()
+    open_images_counted(cache).0
+}
+
+/// The images, and the metrics that count what they write and reuse.
+fn open_images_counted(
+    cache: &std::sync::Arc<sluice_puller::ChunkCache>,
+) -> (NativeImages, std::sync::Arc<PullerMetrics>) {
+    let metrics = PullerMetrics::new(cache.clone());
+    (NativeImages::open(cache, metrics.clone()).unwrap(), metrics)
 }
 
 /// Reads every file of a mounted layer, so that all its chunks are cached.
@@ -193,5 +201,129 @@ fn debian_python3_rootfs_mounted_natively_equals_the_original() {
     assert!(
         files > 1000 && devices > 0,
         "{files} files, {devices} devices"
+    );
+}
+
+/// Images outlive the process that wrote them, sealed: the next one uses an
+/// image that matches its seal, and writes anew one whose bytes changed, one
+/// of another format version, and one without a seal.
+#[test]
+fn an_image_left_by_an_earlier_process_is_verified_before_use() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (m, _) = mount_fresh(
+        &rt,
+        &f,
+        1,
+        &f.dir.path().join("cache"),
+        &FsOptions::default(),
+    );
+    read_everything(&m);
+    let cache = m.layer.cache();
+    let hex = m.layer.digest().hex();
+    let dir = cache.dir().join("erofs");
+    let image = dir.join(&hex);
+    let seal = dir.join(format!("{hex}.seal"));
+    let (first, metrics) = open_images_counted(cache);
+    assert_eq!(first.get_or_build(&m.layer).unwrap(), image);
+    assert_eq!(metrics.native_images_written.get(), 1);
+    let sealed = std::fs::read_to_string(&seal).unwrap();
+    let original = std::fs::read(&image).unwrap();
+    assert_eq!(
+        sealed,
+        format!(
+            "sluice-erofs-image {} {} {}\n",
+            sluice_puller::native::erofs::FORMAT_VERSION,
+            original.len(),
+            sluice_format::Digest::sha256(&original)
+        )
+    );
+    drop(first);
+
+    // What a process leaves half done goes at the next open.
+    std::fs::write(dir.join(".half-written.tmp"), b"x").unwrap();
+    std::fs::write(dir.join("0123abcd"), b"an image without a seal").unwrap();
+    std::fs::write(dir.join("4567cdef.seal"), b"a seal without an image").unwrap();
+    // Intact: used, not written.
+    let (next, metrics) = open_images_counted(cache);
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, [hex.clone(), format!("{hex}.seal")]);
+    assert_eq!(next.get_or_build(&m.layer).unwrap(), image);
+    assert_eq!(
+        (
+            metrics.native_images_written.get(),
+            metrics.native_images_reused.get()
+        ),
+        (0, 1)
+    );
+    let at = m.path.with_extension("reused");
+    std::fs::create_dir_all(&at).unwrap();
+    let mounted = native::mount(&image, &at).unwrap();
+    assert_same_tree(&f.roots[1], mounted.path());
+    drop((mounted, next));
+
+    // One byte changed (in the data of the last file), an older format
+    // version, no seal at all: each written anew, byte for byte as before.
+    for what in ["flipped", "older", "unsealed"] {
+        match what {
+            "flipped" => {
+                let mut bytes = std::fs::read(&image).unwrap();
+                let last = bytes.iter().rposition(|&b| b != 0).unwrap();
+                bytes[last] ^= 1;
+                std::fs::write(&image, bytes).unwrap();
+            }
+            "older" => {
+                let version = sluice_puller::native::erofs::FORMAT_VERSION;
+                let line = sealed.replacen(&format!(" {version} "), " 0 ", 1);
+                std::fs::write(&seal, line).unwrap();
+            }
+            _ => std::fs::remove_file(&seal).unwrap(),
+        }
+        let (images, metrics) = open_images_counted(cache);
+        assert_eq!(images.get_or_build(&m.layer).unwrap(), image, "{what}");
+        assert_eq!(
+            (
+                metrics.native_images_written.get(),
+                metrics.native_images_reused.get()
+            ),
+            (1, 0),
+            "{what}"
+        );
+        assert!(std::fs::read(&image).unwrap() == original, "{what}");
+        assert_eq!(std::fs::read_to_string(&seal).unwrap(), sealed, "{what}");
+    }
+}
+
+/// What the writer puts out for a fixed layer (whiteout, opaque directory,
+/// extended attributes, a file; fixed times), pinned: a change of the image
+/// layout must come with a new `erofs::FORMAT_VERSION` (images kept from
+/// an older daemon are then written anew) and a new digest here.
+#[test]
+fn an_image_has_the_bytes_of_its_format_version() {
+    let f = common::xattr_fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (m, _) = mount_fresh(
+        &rt,
+        &f,
+        1,
+        &f.dir.path().join("cache"),
+        &FsOptions::default(),
+    );
+    read_everything(&m);
+    let (image, _) = open_images(m.layer.cache()).build(&m.layer).unwrap();
+    let digest = sluice_format::Digest::sha256(&std::fs::read(image).unwrap());
+    assert_eq!(
+        (
+            sluice_puller::native::erofs::FORMAT_VERSION,
+            digest.to_string()
+        ),
+        (
+            1,
+            "sha256:0d03229f90acfb55f8dc8feac8e8fb7f28acfd24f12da45566a85dff92fbdd7c".to_owned()
+        )
     );
 }

@@ -25,6 +25,14 @@ use sluice_format::chunked::{LayerIndex, NodeKind};
 use crate::cache::ChunkCache;
 use crate::fs::tree::{shown_name, Tree};
 
+/// Version of what [`write_image`] writes for a layer. An image kept from
+/// an earlier process is used only if it was written by this version (see
+/// `native/mod.rs`): change it whenever the bytes written for the same layer
+/// change, or a daemon would mount images of the old layout after an
+/// upgrade. `an_image_has_the_bytes_of_its_format_version` (vm-tests) pins
+/// it to a digest.
+pub const FORMAT_VERSION: u32 = 1;
+
 const BLOCK: u64 = 4096;
 const BLOCK_BITS: u8 = 12;
 const SUPERBLOCK_OFFSET: usize = 1024;

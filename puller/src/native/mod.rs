@@ -12,22 +12,29 @@
 //!
 //! The cost is disk: an image holds the layer's bytes a second time (the
 //! chunks stay cached for the FUSE mount beneath and for other layers).
-//! Images are rebuilt rather than trusted across daemon restarts (a file left
-//! by an earlier process is not verified, and the kernel reads it without
-//! asking us), so a starting daemon removes them.
+//!
+//! Images outlive the daemon: a restart (an upgrade of the DaemonSet) would
+//! otherwise copy every complete layer again. The kernel reads an image
+//! without asking us, so one left by an earlier process is verified before
+//! its first mount, as cached chunks are before their first read: each image
+//! has a seal beside it (`<layer hex>.seal`: the writer's
+//! [`erofs::FORMAT_VERSION`], the image's size and SHA-256), written after
+//! the image is synced. An image without a seal, of another format version,
+//! or whose bytes do not hash to its seal is removed and written anew.
 
 pub mod erofs;
 mod loop_device;
 
-use std::fs::{self, OpenOptions};
-use std::io;
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_format::Digest;
+use sluice_format::{Algorithm, Digest};
 
 use crate::cache::ChunkCache;
 use crate::fs::tree::Tree;
@@ -62,28 +69,90 @@ pub enum NativeError {
     Unsupported(io::Error),
 }
 
-/// Where a cache keeps its layers' images: `CACHE/erofs/<layer hex>`.
+/// What a seal says about the image beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seal {
+    version: u32,
+    size: u64,
+    digest: Digest,
+}
+
+const SEAL_MAGIC: &str = "sluice-erofs-image";
+const SEAL_SUFFIX: &str = ".seal";
+
+impl Seal {
+    /// `sluice-erofs-image <version> <size> <digest>`, one line.
+    fn to_line(&self) -> String {
+        format!(
+            "{SEAL_MAGIC} {} {} {}\n",
+            self.version, self.size, self.digest
+        )
+    }
+
+    fn parse(line: &str) -> Option<Seal> {
+        let mut words = line.split_whitespace();
+        if words.next()? != SEAL_MAGIC {
+            return None;
+        }
+        let seal = Seal {
+            version: words.next()?.parse().ok()?,
+            size: words.next()?.parse().ok()?,
+            digest: words.next()?.parse().ok()?,
+        };
+        words.next().is_none().then_some(seal)
+    }
+
+    /// The seal of the image at `path`: its size and SHA-256 (read whole).
+    fn of(path: &Path) -> io::Result<Seal> {
+        let mut file = File::open(path)?;
+        let mut hasher = Algorithm::Sha256.hasher();
+        let size = io::copy(&mut file, &mut hasher)?;
+        Ok(Seal {
+            version: erofs::FORMAT_VERSION,
+            size,
+            digest: hasher.finish(),
+        })
+    }
+}
+
+/// Where a cache keeps its layers' images: `CACHE/erofs/<layer hex>`, each
+/// with its seal, `<layer hex>.seal`.
 pub struct NativeImages {
     dir: PathBuf,
-    /// Held while an image is written: one at a time, so that layers that
-    /// complete together do not write gigabytes to the disk at once, and
-    /// a layer mounted twice is written once.
+    /// Held while an image is written or verified: one at a time, so that
+    /// layers that complete together do not write gigabytes to the disk at
+    /// once, and a layer mounted twice is written once.
     writing: Mutex<()>,
+    /// Images this process wrote or verified (by layer hex): trusted from
+    /// then on.
+    trusted: Mutex<HashSet<String>>,
     metrics: Arc<PullerMetrics>,
 }
 
 impl NativeImages {
-    /// The images of `cache`; removes any left by an earlier process.
+    /// The images of `cache`. What an earlier process left half done (a
+    /// temporary file, an image without its seal or a seal without its
+    /// image) is removed; sealed images stay, to be verified on first use.
     pub fn open(cache: &ChunkCache, metrics: Arc<PullerMetrics>) -> io::Result<Self> {
         let dir = cache.dir().join("erofs");
-        match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
         fs::create_dir_all(&dir)?;
+        let names: HashSet<String> = fs::read_dir(&dir)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        for name in &names {
+            let whole = match name.strip_suffix(SEAL_SUFFIX) {
+                _ if name.starts_with('.') => false,
+                Some(image) => names.contains(image),
+                None => names.contains(&format!("{name}{SEAL_SUFFIX}")),
+            };
+            if !whole {
+                fs::remove_file(dir.join(name))?;
+            }
+        }
         Ok(NativeImages {
             dir,
             writing: Mutex::default(),
+            trusted: Mutex::default(),
             metrics,
         })
     }
@@ -93,10 +162,71 @@ impl NativeImages {
         self.dir.join(layer.hex())
     }
 
-    /// The image of `layer`, if one was built.
+    fn seal_path(&self, layer: &Digest) -> PathBuf {
+        self.dir.join(format!("{}{SEAL_SUFFIX}", layer.hex()))
+    }
+
+    /// The image of `layer`, if one was written (not verified: see
+    /// [`NativeImages::get_or_build`]).
     pub fn existing(&self, layer: &Digest) -> Option<PathBuf> {
         let p = self.path(layer);
         p.exists().then_some(p)
+    }
+
+    /// The image of `layer` if it can be trusted: written by this process,
+    /// or sealed by an earlier one and matching its seal. An image that does
+    /// not is removed, with a warning saying why.
+    fn verified(&self, layer: &Digest) -> Option<PathBuf> {
+        let hex = layer.hex();
+        let path = self.path(layer);
+        if self.trusted.lock().expect("trusted images").contains(&hex) {
+            return path.exists().then_some(path);
+        }
+        let seal = match fs::read_to_string(self.seal_path(layer)) {
+            Ok(line) => line,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                return self.reject(layer, &format!("reading its seal: {e}"));
+            }
+        };
+        let Some(seal) = Seal::parse(&seal) else {
+            return self.reject(layer, "its seal is not readable");
+        };
+        if seal.version != erofs::FORMAT_VERSION {
+            return self.reject(
+                layer,
+                &format!(
+                    "written in format version {} (this sluice writes {})",
+                    seal.version,
+                    erofs::FORMAT_VERSION
+                ),
+            );
+        }
+        let started = Instant::now();
+        match Seal::of(&path) {
+            Ok(found) if found == seal => {}
+            Ok(found) => {
+                return self.reject(
+                    layer,
+                    &format!(
+                        "its bytes changed: {} bytes with {}, sealed as {} bytes with {}",
+                        found.size, found.digest, seal.size, seal.digest
+                    ),
+                );
+            }
+            Err(e) => return self.reject(layer, &format!("reading it: {e}")),
+        }
+        self.metrics.native_images_reused.inc();
+        tracing::info!(layer = %layer, bytes = seal.size, ms = started.elapsed().as_millis() as u64, "native image of an earlier process verified");
+        self.trusted.lock().expect("trusted images").insert(hex);
+        Some(path)
+    }
+
+    fn reject(&self, layer: &Digest, why: &str) -> Option<PathBuf> {
+        tracing::warn!(layer = %layer, "native image left by an earlier process is written anew: {why}");
+        let _ = fs::remove_file(self.seal_path(layer));
+        let _ = fs::remove_file(self.path(layer));
+        None
     }
 
     /// Writes the image of `layer`, whose every chunk must be cached.
@@ -130,11 +260,20 @@ impl NativeImages {
             })
             .and_then(|stats| {
                 out.sync_all().map_err(io_err("syncing the image"))?;
+                // Sealed once it is on disk: a seal vouches for synced bytes.
+                let seal = Seal::of(&tmp).map_err(io_err("hashing the image"))?;
+                let _ = fs::remove_file(self.seal_path(digest));
                 fs::rename(&tmp, &path).map_err(io_err("renaming the image"))?;
+                self.write_seal(digest, &seal)
+                    .map_err(io_err("writing the image's seal"))?;
                 Ok(stats)
             });
         match written {
             Ok(stats) => {
+                self.trusted
+                    .lock()
+                    .expect("trusted images")
+                    .insert(digest.hex());
                 self.metrics.native_images_written.inc();
                 tracing::info!(layer = %digest, inodes = stats.inodes, bytes = stats.bytes, ms = started.elapsed().as_millis() as u64, "native image written");
                 Ok((path, stats))
@@ -148,12 +287,25 @@ impl NativeImages {
 
     /// The image of `layer`, written unless it exists (after the image
     /// being written, if any).
+    /// An image left by an earlier process is used if it matches its seal.
     pub fn get_or_build(&self, layer: &RemoteLayer) -> Result<PathBuf, NativeError> {
         let _writing = self.writing.lock().expect("image writer");
-        match self.existing(layer.digest()) {
+        match self.verified(layer.digest()) {
             Some(p) => Ok(p),
             None => self.build(layer).map(|(p, _)| p),
         }
+    }
+
+    /// Writes `seal` beside `layer`'s image: beside, synced, renamed, and
+    /// the directory synced, so that a seal is whole or absent after a
+    /// power loss.
+    fn write_seal(&self, layer: &Digest, seal: &Seal) -> io::Result<()> {
+        let tmp = self.dir.join(format!(".{}{SEAL_SUFFIX}.tmp", layer.hex()));
+        let mut f = File::create(&tmp)?;
+        f.write_all(seal.to_line().as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, self.seal_path(layer))?;
+        File::open(&self.dir)?.sync_all()
     }
 
     /// Removes the images of layers that `keep` does not want. Mounted
@@ -165,7 +317,9 @@ impl NativeImages {
         for e in entries.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if !name.starts_with('.') && !keep(&name) {
+            let layer = name.strip_suffix(SEAL_SUFFIX).unwrap_or(&name);
+            if !name.starts_with('.') && !keep(layer) {
+                self.trusted.lock().expect("trusted images").remove(layer);
                 let _ = fs::remove_file(e.path());
             }
         }
