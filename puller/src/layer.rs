@@ -527,7 +527,7 @@ impl RemoteLayer {
             .filter(|c| !self.cache.contains(&c.digest))
             .cloned()
             .collect();
-        self.ensure(&missing).await?;
+        self.fetch_missing(&missing).await?;
         let mut p = self.prefetched.lock().expect("prefetched");
         for c in &missing {
             p.insert(c.digest.clone(), c.blob_len);
@@ -563,10 +563,21 @@ impl RemoteLayer {
         }
     }
 
-    /// Makes sure `chunks` are in the cache, fetching what is missing.
-    /// Whoever waits for one of the chunks this call fetches is told as soon
-    /// as that chunk is cached, not when the whole fetch is done.
+    /// Makes sure `chunks` are in the cache for a reader (or ahead of one),
+    /// fetching what is missing. Whoever waits for one of the chunks this
+    /// call fetches is told as soon as that chunk is cached, not when the
+    /// whole fetch is done.
     pub async fn ensure(&self, chunks: &[ChunkRef]) -> Result<(), LayerError> {
+        // The link is wanted in the foreground: background fill yields.
+        if chunks.iter().any(|c| !self.cache.contains(&c.digest)) {
+            self.cache.stats.foreground.touch();
+        }
+        self.fetch_missing(chunks).await
+    }
+
+    /// [`RemoteLayer::ensure`] without telling the foreground clock
+    /// (prefetch).
+    async fn fetch_missing(&self, chunks: &[ChunkRef]) -> Result<(), LayerError> {
         // Chunks whose fetch by another reader failed are tried again here,
         // in a loop. (It was a recursion: with the registry gone, readers
         // kept failing each other's waits, each level a frame more on a FUSE

@@ -8,13 +8,21 @@
 //! bandwidth cap, so that reads in the foreground keep most of the link. Work
 //! for a layer is cancelled when the layer is dropped or [`Prefetcher::cancel`]
 //! is called for it.
+//!
+//! Background fill also stays out of the foreground's way in time: it runs
+//! only once no reader has had to fetch (and no layer was mounted) for
+//! [`PrefetchOptions::fill_quiet`] (the node's
+//! [`ForegroundClock`](crate::cache::ForegroundClock)), with at
+//! most [`FILL_IN_FLIGHT`] fetches at once, so that a container starting
+//! meanwhile finds the link almost free (as SOCI's background fetcher
+//! pauses after on-demand fetches).
 
 use std::collections::{BinaryHeap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use sluice_format::chunked::{ChunkRef, NodeKind};
+use sluice_format::chunked::ChunkRef;
 use sluice_format::Digest;
 use tokio::sync::Notify;
 
@@ -54,9 +62,8 @@ struct Job {
 }
 
 enum Work {
-    /// A range of one file (background fill).
-    Range { node: usize, offset: u64, len: u64 },
-    /// A batch of a profile's chunks, fetched together.
+    /// A batch of chunks (a profile's, or a stretch of a layer to fill),
+    /// fetched together.
     Chunks(Vec<ChunkRef>),
 }
 
@@ -100,6 +107,9 @@ pub struct PrefetchOptions {
     pub concurrency: usize,
     /// Cap on prefetch bandwidth in bytes per second (compressed); none if 0.
     pub bytes_per_second: u64,
+    /// Background fill waits until the node's foreground has not needed the
+    /// link for this long (see [`crate::cache::ForegroundClock`]).
+    pub fill_quiet: Duration,
 }
 
 impl Default for PrefetchOptions {
@@ -107,9 +117,20 @@ impl Default for PrefetchOptions {
         PrefetchOptions {
             concurrency: 4,
             bytes_per_second: 0,
+            fill_quiet: DEFAULT_FILL_QUIET,
         }
     }
 }
+
+/// Ten seconds: most starts read what they need within that (a profile's
+/// recording window is as long), and an application that reads on after
+/// its start keeps fill waiting as long as its reads fetch.
+pub const DEFAULT_FILL_QUIET: Duration = Duration::from_secs(10);
+
+/// Background fetches running at once: two batches keep a 100 Mbit/s link
+/// with 20 ms of latency busy, and a reader that comes meanwhile shares the
+/// link with at most these two.
+pub const FILL_IN_FLIGHT: u64 = 2;
 
 struct Shared {
     queue: Mutex<BinaryHeap<Job>>,
@@ -118,6 +139,8 @@ struct Shared {
     idle: Notify,
     seq: AtomicU64,
     running: AtomicU64,
+    /// Background jobs running (at most [`FILL_IN_FLIGHT`]).
+    background_running: AtomicU64,
     /// Token bucket: when the next byte may be sent.
     next_send: Mutex<Instant>,
     opts: PrefetchOptions,
@@ -140,6 +163,7 @@ impl Prefetcher {
             idle: Notify::new(),
             seq: AtomicU64::new(0),
             running: AtomicU64::new(0),
+            background_running: AtomicU64::new(0),
             next_send: Mutex::new(Instant::now()),
             opts: opts.clone(),
             done_bytes: AtomicU64::new(0),
@@ -219,34 +243,38 @@ impl Prefetcher {
         queued
     }
 
-    /// Queues every file of a layer, in blob order, below profile work.
-    pub fn fill_layer(&self, layer: &Arc<RemoteLayer>) {
+    /// Queues the chunks of a layer that are not cached, in blob order and
+    /// in batches of [`PIECE`], below profile work; they run once the
+    /// foreground is quiet (see the module's documentation). Not for a
+    /// layer larger than half the cache: filling it would evict what other
+    /// layers' readers use. Returns how many batches were queued.
+    pub fn fill_layer(&self, layer: &Arc<RemoteLayer>) -> usize {
         self.shared
             .cancelled
             .lock()
             .expect("cancelled")
             .remove(layer.digest());
-        let index = layer.index();
-        let mut files: Vec<(u64, usize, u64)> = index
-            .nodes()
-            .iter()
-            .enumerate()
-            .filter_map(|(i, n)| match n.kind {
-                NodeKind::File { size, .. } if size > 0 => {
-                    Some((index.file_chunks_of(i).first()?.blob_offset, i, size))
-                }
-                _ => None,
-            })
-            .collect();
-        files.sort_unstable();
-        for (_, node, size) in files {
-            let work = Work::Range {
-                node,
-                offset: 0,
-                len: size,
-            };
-            self.push(Priority::Background, 0, layer, work);
+        // A layer was just mounted: a container is about to start.
+        layer.cache().stats.foreground.touch();
+        let chunks = layer.index().chunks();
+        let content: u64 = chunks.iter().filter(|c| !c.zeros).map(|c| c.size).sum();
+        let room = layer.cache().max_bytes();
+        if content > room / 2 {
+            tracing::info!(layer = %layer.digest(), content, cache_bytes = room, "layer not filled in the background: it holds more than half of the cache");
+            return 0;
         }
+        let mut order: Vec<&ChunkRef> = chunks
+            .iter()
+            .filter(|c| !c.zeros && !layer.has_chunk(&c.digest))
+            .collect();
+        order.sort_by_key(|c| c.blob_offset);
+        order.dedup_by(|a, b| a.digest == b.digest);
+        let mut queued = 0;
+        for batch in pieces(order.into_iter().cloned(), PIECE) {
+            self.push(Priority::Background, 0, layer, Work::Chunks(batch));
+            queued += 1;
+        }
+        queued
     }
 
     /// Drops queued work of a layer; fetches already running finish.
@@ -285,9 +313,39 @@ impl Prefetcher {
     }
 }
 
-/// Prefetch work is cut into pieces of at most this many compressed bytes, so
-/// that the bandwidth cap is smooth and cancellation quick.
+/// Background fill is cut into pieces of at most this many compressed bytes
+/// (one range request each, mostly), so that the bandwidth cap is smooth,
+/// cancellation quick, and a reader waits behind little.
 const PIECE: u64 = 256 * 1024;
+
+/// Consecutive runs of `chunks` of at least `bytes` compressed bytes each
+/// (the last one less).
+fn pieces(chunks: impl Iterator<Item = ChunkRef>, bytes: u64) -> Vec<Vec<ChunkRef>> {
+    let (mut out, mut piece, mut size) = (Vec::new(), Vec::new(), 0);
+    for c in chunks {
+        size += c.blob_len;
+        piece.push(c);
+        if size >= bytes {
+            out.push(std::mem::take(&mut piece));
+            size = 0;
+        }
+    }
+    if !piece.is_empty() {
+        out.push(piece);
+    }
+    out
+}
+
+/// How long a background job must still wait before it may run: `None` if
+/// it may run now. `quiet_for` is how long the foreground has been quiet.
+fn background_wait(quiet_for: Duration, fill_quiet: Duration, running: u64) -> Option<Duration> {
+    if running >= FILL_IN_FLIGHT {
+        // Until one of them is done (the worker is woken then) or a while.
+        Some(Duration::from_millis(200))
+    } else {
+        fill_quiet.checked_sub(quiet_for).filter(|d| !d.is_zero())
+    }
+}
 /// Compressed bytes of profile chunks fetched as one batch. The batches in
 /// flight (`PrefetchOptions::concurrency`) share the link, so the first one
 /// is in after all of them: smaller batches keep the profile's order
@@ -352,7 +410,33 @@ async fn worker(shared: Arc<Shared>) {
             shared.notify.notified().await;
             continue;
         };
-        run(&shared, job).await;
+        if job.priority == Priority::Background {
+            let quiet_for = job
+                .layer
+                .upgrade()
+                .map(|l| l.cache().stats.foreground.quiet_for())
+                .unwrap_or(Duration::MAX);
+            let running = shared.background_running.load(Ordering::SeqCst);
+            if let Some(wait) = background_wait(quiet_for, shared.opts.fill_quiet, running) {
+                // Back in the queue (work of a higher priority still goes
+                // first), and this worker waits for the foreground to be
+                // quiet, or for new work.
+                shared.queue.lock().expect("queue").push(job);
+                shared.running.fetch_sub(1, Ordering::SeqCst);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shared.notify.notified() => {}
+                }
+                continue;
+            }
+            shared.background_running.fetch_add(1, Ordering::SeqCst);
+            run(&shared, job).await;
+            shared.background_running.fetch_sub(1, Ordering::SeqCst);
+            // A worker may be waiting for a background slot.
+            shared.notify.notify_one();
+        } else {
+            run(&shared, job).await;
+        }
         shared.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -369,48 +453,14 @@ async fn run(shared: &Shared, job: Job) {
     let Some(layer) = job.layer.upgrade() else {
         return;
     };
-    let (node, offset, len) = match &job.work {
-        Work::Range { node, offset, len } => (*node, *offset, *len),
-        Work::Chunks(chunks) => {
-            let missing: Vec<ChunkRef> = chunks
-                .iter()
-                .filter(|c| !layer.has_chunk(&c.digest))
-                .cloned()
-                .collect();
-            let bytes = missing.iter().map(|c| c.blob_len).sum();
-            fetch_piece(shared, &layer, &missing, bytes).await;
-            return;
-        }
-    };
-    let chunks: Vec<_> = layer
-        .index()
-        .chunks_for_range(node, offset, len)
+    let Work::Chunks(chunks) = &job.work;
+    let missing: Vec<ChunkRef> = chunks
         .iter()
         .filter(|c| !layer.has_chunk(&c.digest))
         .cloned()
         .collect();
-    let mut piece = Vec::new();
-    let mut piece_bytes = 0;
-    for (k, c) in chunks.iter().enumerate() {
-        piece_bytes += c.blob_len;
-        piece.push(c.clone());
-        if piece_bytes < PIECE && k + 1 < chunks.len() {
-            continue;
-        }
-        if shared
-            .cancelled
-            .lock()
-            .expect("cancelled")
-            .contains(&job.layer_digest)
-        {
-            return;
-        }
-        if !fetch_piece(shared, &layer, &piece, piece_bytes).await {
-            return;
-        }
-        piece.clear();
-        piece_bytes = 0;
-    }
+    let bytes = missing.iter().map(|c| c.blob_len).sum();
+    fetch_piece(shared, &layer, &missing, bytes).await;
 }
 
 #[cfg(test)]
@@ -456,5 +506,40 @@ mod tests {
         }
         let order: Vec<u64> = std::iter::from_fn(|| q.pop()).map(|j| j.seq).collect();
         assert_eq!(order, [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn background_work_waits_for_quiet_and_a_free_slot() {
+        let quiet = Duration::from_secs(10);
+        assert_eq!(
+            background_wait(Duration::from_secs(3), quiet, 0),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(background_wait(Duration::from_secs(10), quiet, 0), None);
+        assert_eq!(background_wait(Duration::from_secs(60), quiet, 1), None);
+        assert!(background_wait(Duration::from_secs(60), quiet, FILL_IN_FLIGHT).is_some());
+        assert_eq!(background_wait(Duration::ZERO, Duration::ZERO, 0), None);
+    }
+
+    #[test]
+    fn fill_pieces_are_consecutive_runs_of_at_least_the_piece_size() {
+        let chunk = |n: u8, len: u64| ChunkRef {
+            file_offset: 0,
+            size: len,
+            blob_offset: u64::from(n) * 1000,
+            blob_len: len,
+            digest: Digest::of(Algorithm::Sha256, &[n]),
+            zeros: false,
+        };
+        let runs = pieces(
+            [chunk(1, 100), chunk(2, 200), chunk(3, 50)].into_iter(),
+            250,
+        );
+        let lens: Vec<Vec<u64>> = runs
+            .iter()
+            .map(|p| p.iter().map(|c| c.blob_len).collect())
+            .collect();
+        assert_eq!(lens, vec![vec![100, 200], vec![50]]);
+        assert!(pieces(std::iter::empty(), 250).is_empty());
     }
 }

@@ -20,9 +20,12 @@
 //!                           # EROFS image and mounted over its FUSE mount: containers
 //!                           # created from then on read it with no daemon round trip
 //!                           # (costs the layer's size again on disk)
-//! fill = false              # after a layer is mounted (and its profile prefetched),
+//! fill = true               # after a layer is mounted (and its profile prefetched),
 //!                           # fetch the rest of it in the background, at the lowest
-//!                           # priority: with `native`, every layer becomes native
+//!                           # priority, two requests at a time: with `native`, every
+//!                           # layer becomes native (not layers over half the cache)
+//! fill_quiet_secs = 10      # fill runs only once no read had to fetch and no layer
+//!                           # was mounted for this long: starts keep the link
 //!
 //! [cache]
 //! max_mib = 10240           # chunk cache bound; least recently used chunks go first
@@ -115,6 +118,7 @@ pub struct LazyConfig {
     pub whole_at_open_mib: u64,
     pub native: bool,
     pub fill: bool,
+    pub fill_quiet_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,7 +159,8 @@ impl Default for LazyConfig {
             fetch_ahead_kib: sluice_puller::layer::DEFAULT_FETCH_AHEAD >> 10,
             whole_at_open_mib: sluice_puller::fs::FsOptions::default().whole_at_open_max >> 20,
             native: true,
-            fill: false,
+            fill: true,
+            fill_quiet_secs: sluice_puller::prefetch::DEFAULT_FILL_QUIET.as_secs(),
         }
     }
 }

@@ -119,6 +119,7 @@ impl Daemon {
                     &runtime,
                     PrefetchOptions {
                         concurrency: p.prefetch_concurrency.max(1),
+                        fill_quiet: Duration::from_secs(config.lazy.fill_quiet_secs),
                         ..PrefetchOptions::default()
                     },
                 )

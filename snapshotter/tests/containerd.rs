@@ -216,7 +216,7 @@ async fn filled_layers_are_mounted_natively_for_new_containers() {
     let dir = tempfile::tempdir().unwrap();
     let (_registry, reference) = busybox_on_sluice_registry(dir.path()).await;
     let config = dir.path().join("snapshotter.toml");
-    std::fs::write(&config, "[lazy]\nfill = true\n").unwrap();
+    std::fs::write(&config, "[lazy]\nfill = true\nfill_quiet_secs = 0\n").unwrap();
     let node = node_with(
         &dir.path().join("node"),
         &["--config", config.to_str().unwrap()],

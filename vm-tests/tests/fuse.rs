@@ -931,6 +931,7 @@ fn a_pending_profile_stops_fetches_ahead_of_waiting_readers() {
         PrefetchOptions {
             concurrency: 1,
             bytes_per_second: 20_000,
+            ..PrefetchOptions::default()
         },
     );
     let entry = PrefetchEntry {

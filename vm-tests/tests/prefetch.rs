@@ -1,6 +1,7 @@
 //! Prefetch against a real registry: a profile makes later reads local, a
-//! bandwidth cap is honoured, cancellation stops queued work, and profile work
-//! goes before background fill.
+//! bandwidth cap is honoured, cancellation stops queued work, profile work
+//! goes before background fill, and background fill waits until readers
+//! have left the link alone for a while.
 
 mod common;
 
@@ -93,6 +94,7 @@ fn bandwidth_cap_and_cancellation() {
         PrefetchOptions {
             concurrency: 2,
             bytes_per_second: rate,
+            ..PrefetchOptions::default()
         },
     );
     let started = Instant::now();
@@ -121,6 +123,7 @@ fn bandwidth_cap_and_cancellation() {
         PrefetchOptions {
             concurrency: 1,
             bytes_per_second: 50_000,
+            fill_quiet: Duration::ZERO,
         },
     );
     slow.fill_layer(&layer2);
@@ -151,6 +154,7 @@ fn profile_work_goes_before_background_fill() {
         PrefetchOptions {
             concurrency: 1,
             bytes_per_second: 200_000,
+            fill_quiet: Duration::ZERO,
         },
     );
     p.fill_layer(&layer);
@@ -178,4 +182,45 @@ fn profile_work_goes_before_background_fill() {
         "the profile entry should have overtaken queued fill work"
     );
     p.cancel(layer.digest());
+}
+
+/// Background fill starts only once the foreground has been quiet for
+/// `fill_quiet`: after the layer's mount (the fill's queueing stands for it)
+/// and after each read that had to fetch. Then it makes the layer complete.
+#[test]
+fn background_fill_waits_until_readers_leave_the_link_alone() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let layer = open_layer(&f, &rt, "cache");
+    let quiet = Duration::from_millis(1500);
+    let p = Prefetcher::start(
+        rt.handle(),
+        PrefetchOptions {
+            fill_quiet: quiet,
+            ..PrefetchOptions::default()
+        },
+    );
+    let queued_at = Instant::now();
+    assert!(p.fill_layer(&layer) > 0);
+    let prefetched = || layer.stats.prefetched_bytes.load(Ordering::Relaxed);
+    // A reader fetches half way through the quiet time.
+    std::thread::sleep(quiet / 2);
+    let node = layer.index().lookup("app/data/blob.bin").unwrap();
+    let read_at = Instant::now();
+    rt.block_on(layer.read(node, 0, 4096)).unwrap();
+    assert_eq!(prefetched(), 0, "fill ran while the reader fetched");
+    // Nothing before `quiet` after that read; then everything.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while prefetched() == 0 {
+        assert!(Instant::now() < deadline, "fill never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = read_at.elapsed();
+    assert!(
+        started >= quiet,
+        "fill started {started:?} after the read, before {quiet:?} of quiet ({:?} after it was queued)",
+        queued_at.elapsed()
+    );
+    rt.block_on(p.wait_idle());
+    assert!(sluice_puller::native::is_complete(&layer));
 }

@@ -197,7 +197,7 @@ fn chunk_path(dir: &Path, d: &Digest) -> PathBuf {
     dir.join("chunks").join(&d.hex()[..2]).join(d.hex())
 }
 
-/// Counters for metrics.
+/// Counters for metrics, and the node's [`ForegroundClock`].
 #[derive(Debug, Default)]
 pub struct CacheStats {
     pub hits: AtomicU64,
@@ -205,6 +205,43 @@ pub struct CacheStats {
     pub inserted_bytes: AtomicU64,
     pub evicted_bytes: AtomicU64,
     pub torn: AtomicU64,
+    /// Kept here because every layer of a node shares its cache, as they
+    /// share the node's link.
+    pub foreground: ForegroundClock,
+}
+
+/// When the node's foreground last needed the link: a reader had to fetch
+/// (a read or open that found chunks missing, and what is fetched ahead of
+/// it), or a layer was mounted (a container is about to start). Background
+/// fill runs only once this has been quiet for a while
+/// ([`crate::prefetch::PrefetchOptions::fill_quiet`]).
+#[derive(Debug)]
+pub struct ForegroundClock {
+    origin: Instant,
+    /// Milliseconds from `origin` to the last touch, plus one; 0 = never.
+    last: AtomicU64,
+}
+
+impl Default for ForegroundClock {
+    fn default() -> Self {
+        ForegroundClock {
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ForegroundClock {
+    pub fn touch(&self) {
+        let now = self.origin.elapsed().as_millis() as u64 + 1;
+        self.last.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// How long since the last touch (since the clock began if never).
+    pub fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed).saturating_sub(1));
+        self.origin.elapsed().saturating_sub(last)
+    }
 }
 
 pub struct ChunkCache {
@@ -249,6 +286,11 @@ fn fill_verified(
 }
 
 impl ChunkCache {
+    /// The bound given at open.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     /// Opens (or creates) a cache directory bounded to `max_bytes`. Another
     /// cache holding it (a daemon still shutting down while its successor
     /// starts, as in a rolling update) is waited for up to [`LOCK_WAIT`];

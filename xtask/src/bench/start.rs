@@ -427,10 +427,16 @@ fn snapshotter_config(
     }
     // A node that fetches each layer whole after its mount, so that it goes
     // native (EROFS) once complete.
-    let lazy = match (mode, lazy_section.is_empty()) {
-        ("fill", true) => "[lazy]\nfill = true\n".to_owned(),
-        ("fill", false) => format!("{lazy_section}fill = true\n"),
-        _ => lazy_section.to_owned(),
+    // The other nodes measure lazy loading alone: no fill, whatever the
+    // daemon's default.
+    let fill = match mode {
+        "fill" => "fill = true\nfill_quiet_secs = 0\n",
+        _ => "fill = false\n",
+    };
+    let lazy = if lazy_section.is_empty() {
+        format!("[lazy]\n{fill}")
+    } else {
+        format!("{lazy_section}{fill}")
     };
     std::fs::write(&path, format!("{lazy}[profiles]\n{profiles}"))?;
     Ok(path)
