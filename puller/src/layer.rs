@@ -109,6 +109,9 @@ pub struct LayerStats {
     /// page cache before the open was answered (`FUSE_NOTIFY_STORE`): their
     /// reads do not come to the daemon.
     pub stored_opens: AtomicU64,
+    /// `LOOKUP`s answered: a round trip each, for names present and missing
+    /// alike (the kernel caches both, so a name costs one per mount).
+    pub lookups: AtomicU64,
     /// Compressed bytes fetched by prefetch.
     pub prefetched_bytes: AtomicU64,
     /// Compressed bytes fetched ahead of a read (neighbouring chunks, and

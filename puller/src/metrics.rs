@@ -116,6 +116,12 @@ impl Collector for LayerCollector {
         )?;
         counter(
             &mut encoder,
+            "layer_lookups",
+            "Name lookups answered (FUSE LOOKUP: the kernel caches the answer, found or not)",
+            &rows(&|l| l.stats.lookups.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
             "layer_prefetched_bytes",
             "Compressed bytes fetched by prefetch (profiles, background fill)",
             &rows(&|l| l.stats.prefetched_bytes.load(Ordering::Relaxed)),

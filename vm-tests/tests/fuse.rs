@@ -494,6 +494,36 @@ fn without_passthrough_the_kernel_opens_files_itself() {
     assert_eq!(write.raw_os_error(), Some(libc::EROFS), "{write}");
 }
 
+/// A layer never changes, so the kernel may keep its answers to lookups:
+/// a name that is there and a name that is not each cost one `LOOKUP` per
+/// mount (overlayfs looks every path up in each layer above the one that
+/// has it, for every new container).
+#[test]
+fn lookups_found_or_not_are_answered_once() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (m, _) = mount_fresh(
+        &rt,
+        &f,
+        1,
+        &f.dir.path().join("cache"),
+        &FsOptions::default(),
+    );
+    let lookups = || m.layer.stats.lookups.load(Ordering::Relaxed);
+    let before = lookups();
+    for _ in 0..3 {
+        let missing = m
+            .path
+            .join("app/no-such-file")
+            .symlink_metadata()
+            .unwrap_err();
+        assert_eq!(missing.raw_os_error(), Some(libc::ENOENT), "{missing}");
+        assert!(m.path.join("app").symlink_metadata().unwrap().is_dir());
+    }
+    // `app` and `app/no-such-file`, once each.
+    assert_eq!(lookups() - before, 2);
+}
+
 /// The kernel refuses (EIO) a passthrough open of an inode that still has an
 /// open served through the page cache. A file still open (or mapped, as a
 /// running program is) from before it was complete must open again normally,

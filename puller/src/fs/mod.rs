@@ -695,12 +695,23 @@ impl Filesystem for LayerFs {
             return reply.error(Errno::ENOENT);
         };
         let index = self.layer.index();
+        self.layer.stats.lookups.fetch_add(1, Ordering::Relaxed);
         match dir
             .entries
             .binary_search_by(|&n| shown_name(&index.node(n as usize).path).cmp(name))
         {
             Ok(k) => reply.entry(&TTL, &self.attr(dir.entries[k] as usize), Generation(0)),
-            Err(_) => reply.error(Errno::ENOENT),
+            // A layer never changes, so a name it lacks stays missing: a
+            // node id of 0 is the kernel's "no such entry" with a lifetime
+            // (a bare ENOENT is asked again at every lookup). Each new
+            // container's overlayfs looks every path up in every layer
+            // above the one that has it: those lookups are answered by the
+            // kernel from then on.
+            Err(_) => {
+                let mut missing = self.attr(self.tree.root());
+                missing.ino = INodeNo(0);
+                reply.entry(&TTL, &missing, Generation(0))
+            }
         }
     }
 
