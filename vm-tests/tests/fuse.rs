@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    fixture, getxattr, mount_fresh, mount_layer, walk, Fixture, InProcessRegistry, Mounted,
+    fixture, getxattr, mount_default, mount_fresh, mount_layer, walk, Fixture, InProcessRegistry,
+    Mounted,
 };
 use sluice_format::chunked::ChunkingOptions;
 use sluice_format::layout::Compression;
@@ -502,13 +503,7 @@ fn without_passthrough_the_kernel_opens_files_itself() {
 fn lookups_found_or_not_are_answered_once() {
     let f = fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (m, _) = mount_fresh(
-        &rt,
-        &f,
-        1,
-        &f.dir.path().join("cache"),
-        &FsOptions::default(),
-    );
+    let m = mount_default(&rt, &f, 1);
     let lookups = || m.layer.stats.lookups.load(Ordering::Relaxed);
     let before = lookups();
     for _ in 0..3 {
@@ -569,13 +564,7 @@ fn a_file_still_open_from_before_it_was_complete_opens_again() {
 fn debian_python3_rootfs_reads_identically_through_the_mount() {
     let (f, rootfs) = common::python3_fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (m, _) = mount_fresh(
-        &rt,
-        &f,
-        0,
-        &f.dir.path().join("cache"),
-        &FsOptions::default(),
-    );
+    let m = mount_default(&rt, &f, 0);
     let (files, devices) = common::assert_same_tree(&rootfs, &m.path);
     assert!(
         files > 1000 && devices > 0,
@@ -663,13 +652,7 @@ fn publish_one_layer_and_mount(
         vec![root],
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (m, _) = mount_fresh(
-        &rt,
-        &f,
-        0,
-        &f.dir.path().join("cache"),
-        &FsOptions::default(),
-    );
+    let m = mount_default(&rt, &f, 0);
     (f, rt, m)
 }
 

@@ -10,7 +10,9 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use common::{assert_same_tree, fixture, getxattr, mount_fresh, mount_layer, Mounted};
+use common::{
+    assert_same_tree, fixture, getxattr, mount_default, mount_fresh, mount_layer, Mounted,
+};
 use sluice_puller::fs::FsOptions;
 use sluice_puller::metrics::PullerMetrics;
 use sluice_puller::native::{self, NativeImages, NativeMount};
@@ -187,13 +189,7 @@ fn overlayfs_reads_whiteouts_and_opaque_directories_from_a_native_layer() {
 fn debian_python3_rootfs_mounted_natively_equals_the_original() {
     let (f, rootfs) = common::python3_fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (m, _) = mount_fresh(
-        &rt,
-        &f,
-        0,
-        &f.dir.path().join("cache"),
-        &FsOptions::default(),
-    );
+    let m = mount_default(&rt, &f, 0);
     read_everything(&m);
     let images = open_images(m.layer.cache());
     let native = build_and_mount(&images, &m);
@@ -211,13 +207,7 @@ fn debian_python3_rootfs_mounted_natively_equals_the_original() {
 fn an_image_left_by_an_earlier_process_is_verified_before_use() {
     let f = fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (m, _) = mount_fresh(
-        &rt,
-        &f,
-        1,
-        &f.dir.path().join("cache"),
-        &FsOptions::default(),
-    );
+    let m = mount_default(&rt, &f, 1);
     read_everything(&m);
     let cache = m.layer.cache();
     let hex = m.layer.digest().hex();
@@ -306,13 +296,7 @@ fn an_image_left_by_an_earlier_process_is_verified_before_use() {
 fn an_image_has_the_bytes_of_its_format_version() {
     let f = common::xattr_fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (m, _) = mount_fresh(
-        &rt,
-        &f,
-        1,
-        &f.dir.path().join("cache"),
-        &FsOptions::default(),
-    );
+    let m = mount_default(&rt, &f, 1);
     read_everything(&m);
     let (image, _) = open_images(m.layer.cache()).build(&m.layer).unwrap();
     let digest = sluice_format::Digest::sha256(&std::fs::read(image).unwrap());

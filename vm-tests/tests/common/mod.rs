@@ -293,6 +293,19 @@ pub fn mount_fresh(
     (m, client)
 }
 
+/// Layer `which` of `f`, mounted with the default options over a fresh
+/// cache in the fixture's directory.
+pub fn mount_default(rt: &tokio::runtime::Runtime, f: &Fixture, which: usize) -> Mounted {
+    mount_fresh(
+        rt,
+        f,
+        which,
+        &f.dir.path().join("cache"),
+        &FsOptions::default(),
+    )
+    .0
+}
+
 pub fn rand_suffix() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
