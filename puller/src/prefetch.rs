@@ -268,7 +268,9 @@ impl Prefetcher {
             .filter(|c| !c.zeros && !layer.has_chunk(&c.digest))
             .collect();
         order.sort_by_key(|c| c.blob_offset);
-        order.dedup_by(|a, b| a.digest == b.digest);
+        // Content that occurs twice is fetched once.
+        let mut seen = HashSet::new();
+        order.retain(|c| seen.insert(&c.digest));
         let mut queued = 0;
         for batch in pieces(order.into_iter().cloned(), PIECE) {
             self.push(Priority::Background, 0, layer, Work::Chunks(batch));
@@ -313,7 +315,7 @@ impl Prefetcher {
     }
 }
 
-/// Background fill is cut into pieces of at most this many compressed bytes
+/// Background fill is cut into pieces of about this many compressed bytes
 /// (one range request each, mostly), so that the bandwidth cap is smooth,
 /// cancellation quick, and a reader waits behind little.
 const PIECE: u64 = 256 * 1024;
@@ -346,6 +348,7 @@ fn background_wait(quiet_for: Duration, fill_quiet: Duration, running: u64) -> O
         fill_quiet.checked_sub(quiet_for).filter(|d| !d.is_zero())
     }
 }
+
 /// Compressed bytes of profile chunks fetched as one batch. The batches in
 /// flight (`PrefetchOptions::concurrency`) share the link, so the first one
 /// is in after all of them: smaller batches keep the profile's order
@@ -416,8 +419,11 @@ async fn worker(shared: Arc<Shared>) {
                 .upgrade()
                 .map(|l| l.cache().stats.foreground.quiet_for())
                 .unwrap_or(Duration::MAX);
-            let running = shared.background_running.load(Ordering::SeqCst);
+            // Taken before the check, so that two workers never both see
+            // the last free slot.
+            let running = shared.background_running.fetch_add(1, Ordering::SeqCst);
             if let Some(wait) = background_wait(quiet_for, shared.opts.fill_quiet, running) {
+                shared.background_running.fetch_sub(1, Ordering::SeqCst);
                 // Back in the queue (work of a higher priority still goes
                 // first), and this worker waits for the foreground to be
                 // quiet, or for new work.
@@ -429,7 +435,6 @@ async fn worker(shared: Arc<Shared>) {
                 }
                 continue;
             }
-            shared.background_running.fetch_add(1, Ordering::SeqCst);
             run(&shared, job).await;
             shared.background_running.fetch_sub(1, Ordering::SeqCst);
             // A worker may be waiting for a background slot.

@@ -286,8 +286,8 @@ impl NativeImages {
     }
 
     /// The image of `layer`, written unless it exists (after the image
-    /// being written, if any).
-    /// An image left by an earlier process is used if it matches its seal.
+    /// being written, if any). An image left by an earlier process is used
+    /// if it matches its seal.
     pub fn get_or_build(&self, layer: &RemoteLayer) -> Result<PathBuf, NativeError> {
         let _writing = self.writing.lock().expect("image writer");
         match self.verified(layer.digest()) {
