@@ -199,6 +199,10 @@ mod tests {
         assert_eq!(c.root, PathBuf::from("/x"));
         assert!(!c.lazy.passthrough);
         assert_eq!(c.lazy.read_deadline_secs, 60);
+        assert!(c.lazy.fill && c.lazy.native);
+        assert_eq!(c.lazy.fill_quiet_secs, 10);
+        let c = Config::parse("[lazy]\nfill_quiet_secs = 0\n").unwrap();
+        assert_eq!((c.lazy.fill, c.lazy.fill_quiet_secs), (true, 0));
         let e = Config::parse("[lazy]\npasthrough = false\n").unwrap_err();
         assert!(e.to_string().contains("pasthrough"), "{e}");
     }
