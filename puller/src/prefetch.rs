@@ -58,13 +58,9 @@ struct Job {
     seq: u64,
     layer: Weak<RemoteLayer>,
     layer_digest: Digest,
-    work: Work,
-}
-
-enum Work {
     /// A batch of chunks (a profile's, or a stretch of a layer to fill),
     /// fetched together.
-    Chunks(Vec<ChunkRef>),
+    chunks: Vec<ChunkRef>,
 }
 
 impl Drop for Job {
@@ -175,7 +171,7 @@ impl Prefetcher {
         Prefetcher { shared }
     }
 
-    fn push(&self, priority: Priority, rank: u64, layer: &Arc<RemoteLayer>, work: Work) {
+    fn push(&self, priority: Priority, rank: u64, layer: &Arc<RemoteLayer>, chunks: Vec<ChunkRef>) {
         if priority == Priority::Profile {
             layer.count_profile_batch(true);
         }
@@ -185,7 +181,7 @@ impl Prefetcher {
             seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
             layer: Arc::downgrade(layer),
             layer_digest: layer.digest().clone(),
-            work,
+            chunks,
         };
         self.shared.queue.lock().expect("queue").push(job);
         self.shared.notify.notify_one();
@@ -215,30 +211,24 @@ impl Prefetcher {
         let index = layer.index();
         let mut queued = 0;
         let mut seen = HashSet::new();
-        let (mut batch, mut batch_bytes, mut rank) = (Vec::new(), 0, 0);
+        // Each chunk with the order of the entry that wants it first.
+        let mut wanted = Vec::new();
         for e in entries {
             let Some(node) = index.lookup(e.path.trim_start_matches('/')) else {
                 continue;
             };
             queued += 1;
             for c in index.chunks_for_range(node, e.offset, e.len.max(1)) {
-                if c.zeros || !seen.insert(c.digest.clone()) {
-                    continue;
-                }
-                if batch.is_empty() {
-                    rank = e.order;
-                }
-                batch_bytes += c.blob_len;
-                batch.push(c.clone());
-                if batch_bytes >= PROFILE_BATCH {
-                    let work = Work::Chunks(std::mem::take(&mut batch));
-                    self.push(Priority::Profile, rank, layer, work);
-                    batch_bytes = 0;
+                if !c.zeros && seen.insert(c.digest.clone()) {
+                    wanted.push((e.order, c.clone()));
                 }
             }
         }
-        if !batch.is_empty() {
-            self.push(Priority::Profile, rank, layer, Work::Chunks(batch));
+        // A batch ranks by its first entry.
+        for batch in pieces(wanted, PROFILE_BATCH, |(_, c)| c.blob_len) {
+            let rank = batch[0].0;
+            let chunks = batch.into_iter().map(|(_, c)| c).collect();
+            self.push(Priority::Profile, rank, layer, chunks);
         }
         queued
     }
@@ -272,8 +262,8 @@ impl Prefetcher {
         let mut seen = HashSet::new();
         order.retain(|c| seen.insert(&c.digest));
         let mut queued = 0;
-        for batch in pieces(order.into_iter().cloned(), PIECE) {
-            self.push(Priority::Background, 0, layer, Work::Chunks(batch));
+        for batch in pieces(order.into_iter().cloned(), PIECE, |c| c.blob_len) {
+            self.push(Priority::Background, 0, layer, batch);
             queued += 1;
         }
         queued
@@ -320,13 +310,18 @@ impl Prefetcher {
 /// cancellation quick, and a reader waits behind little.
 const PIECE: u64 = 256 * 1024;
 
-/// Consecutive runs of `chunks` of at least `bytes` compressed bytes each
-/// (the last one less).
-fn pieces(chunks: impl Iterator<Item = ChunkRef>, bytes: u64) -> Vec<Vec<ChunkRef>> {
+/// Consecutive runs of `items` of at least `bytes` compressed bytes each
+/// (the last one less), `len` giving an item's bytes: fill pieces and
+/// profile batches.
+fn pieces<T>(
+    items: impl IntoIterator<Item = T>,
+    bytes: u64,
+    len: impl Fn(&T) -> u64,
+) -> Vec<Vec<T>> {
     let (mut out, mut piece, mut size) = (Vec::new(), Vec::new(), 0);
-    for c in chunks {
-        size += c.blob_len;
-        piece.push(c);
+    for item in items {
+        size += len(&item);
+        piece.push(item);
         if size >= bytes {
             out.push(std::mem::take(&mut piece));
             size = 0;
@@ -458,8 +453,8 @@ async fn run(shared: &Shared, job: Job) {
     let Some(layer) = job.layer.upgrade() else {
         return;
     };
-    let Work::Chunks(chunks) = &job.work;
-    let missing: Vec<ChunkRef> = chunks
+    let missing: Vec<ChunkRef> = job
+        .chunks
         .iter()
         .filter(|c| !layer.has_chunk(&c.digest))
         .cloned()
@@ -480,7 +475,7 @@ mod tests {
             seq,
             layer: Weak::new(),
             layer_digest: Digest::of(Algorithm::Sha256, layer.as_bytes()),
-            work: Work::Chunks(Vec::new()),
+            chunks: Vec::new(),
         }
     }
 
@@ -536,15 +531,14 @@ mod tests {
             digest: Digest::of(Algorithm::Sha256, &[n]),
             zeros: false,
         };
-        let runs = pieces(
-            [chunk(1, 100), chunk(2, 200), chunk(3, 50)].into_iter(),
-            250,
-        );
+        let runs = pieces([chunk(1, 100), chunk(2, 200), chunk(3, 50)], 250, |c| {
+            c.blob_len
+        });
         let lens: Vec<Vec<u64>> = runs
             .iter()
             .map(|p| p.iter().map(|c| c.blob_len).collect())
             .collect();
         assert_eq!(lens, vec![vec![100, 200], vec![50]]);
-        assert!(pieces(std::iter::empty(), 250).is_empty());
+        assert!(pieces(Vec::<ChunkRef>::new(), 250, |c| c.blob_len).is_empty());
     }
 }

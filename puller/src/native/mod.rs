@@ -166,13 +166,6 @@ impl NativeImages {
         self.dir.join(format!("{}{SEAL_SUFFIX}", layer.hex()))
     }
 
-    /// The image of `layer`, if one was written (not verified: see
-    /// [`NativeImages::get_or_build`]).
-    pub fn existing(&self, layer: &Digest) -> Option<PathBuf> {
-        let p = self.path(layer);
-        p.exists().then_some(p)
-    }
-
     /// The image of `layer` if it can be trusted: written by this process,
     /// or sealed by an earlier one and matching its seal. An image that does
     /// not is removed, with a warning saying why.
