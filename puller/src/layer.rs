@@ -530,7 +530,7 @@ impl RemoteLayer {
             .filter(|c| !self.cache.contains(&c.digest))
             .cloned()
             .collect();
-        self.fetch_missing(&missing).await?;
+        self.fetch_missing(&missing, false).await?;
         let mut p = self.prefetched.lock().expect("prefetched");
         for c in &missing {
             p.insert(c.digest.clone(), c.blob_len);
@@ -571,16 +571,13 @@ impl RemoteLayer {
     /// call fetches is told as soon as that chunk is cached, not when the
     /// whole fetch is done.
     pub async fn ensure(&self, chunks: &[ChunkRef]) -> Result<(), LayerError> {
-        // The link is wanted in the foreground: background fill yields.
-        if chunks.iter().any(|c| !self.cache.contains(&c.digest)) {
-            self.cache.stats.foreground.touch();
-        }
-        self.fetch_missing(chunks).await
+        self.fetch_missing(chunks, true).await
     }
 
-    /// [`RemoteLayer::ensure`] without telling the foreground clock
-    /// (prefetch).
-    async fn fetch_missing(&self, chunks: &[ChunkRef]) -> Result<(), LayerError> {
+    /// [`RemoteLayer::ensure`]; `foreground`: for a reader (or ahead of one),
+    /// so that a missing chunk tells the node's foreground clock (background
+    /// fill yields to it); prefetch does not.
+    async fn fetch_missing(&self, chunks: &[ChunkRef], foreground: bool) -> Result<(), LayerError> {
         // Chunks whose fetch by another reader failed are tried again here,
         // in a loop. (It was a recursion: with the registry gone, readers
         // kept failing each other's waits, each level a frame more on a FUSE
@@ -606,6 +603,9 @@ impl RemoteLayer {
                         mine.push(c.clone());
                     }
                 }
+            }
+            if foreground && !(mine.is_empty() && theirs.is_empty()) {
+                self.cache.stats.foreground.touch();
             }
             let guard = InflightGuard {
                 layer: self,
