@@ -203,7 +203,8 @@ fn debian_python3_rootfs_mounted_natively_equals_the_original() {
 
 /// Images outlive the process that wrote them, sealed: the next one uses an
 /// image that matches its seal, and writes anew one whose bytes changed, one
-/// of another format version, and one without a seal.
+/// of another format version, one whose seal is unreadable, and one without
+/// a seal.
 #[test]
 fn an_image_left_by_an_earlier_process_is_verified_before_use() {
     let f = fixture();
@@ -258,8 +259,9 @@ fn an_image_left_by_an_earlier_process_is_verified_before_use() {
     drop((mounted, next));
 
     // One byte changed (in the data of the last file), an older format
-    // version, no seal at all: each written anew, byte for byte as before.
-    for what in ["flipped", "older", "unsealed"] {
+    // version, a seal that is not one, no seal at all: each written anew,
+    // byte for byte as before.
+    for what in ["flipped", "older", "garbled", "unsealed"] {
         match what {
             "flipped" => {
                 let mut bytes = std::fs::read(&image).unwrap();
@@ -272,6 +274,7 @@ fn an_image_left_by_an_earlier_process_is_verified_before_use() {
                 let line = sealed.replacen(&format!(" {version} "), " 0 ", 1);
                 std::fs::write(&seal, line).unwrap();
             }
+            "garbled" => std::fs::write(&seal, "not a seal\n").unwrap(),
             _ => std::fs::remove_file(&seal).unwrap(),
         }
         let (images, metrics) = open_images_counted(cache);

@@ -19,7 +19,17 @@ fn open_layer(
     rt: &tokio::runtime::Runtime,
     cache_name: &str,
 ) -> Arc<RemoteLayer> {
-    let cache = Arc::new(ChunkCache::open(f.dir.path().join(cache_name), 1 << 30).unwrap());
+    open_layer_in(f, rt, cache_name, 1 << 30)
+}
+
+/// The fixture's app layer over a cache bounded to `cache_bytes`.
+fn open_layer_in(
+    f: &common::Fixture,
+    rt: &tokio::runtime::Runtime,
+    cache_name: &str,
+    cache_bytes: u64,
+) -> Arc<RemoteLayer> {
+    let cache = Arc::new(ChunkCache::open(f.dir.path().join(cache_name), cache_bytes).unwrap());
     let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
     let desc = &f.manifest.layers.as_ref().unwrap()[1];
     Arc::new(
@@ -223,4 +233,26 @@ fn background_fill_waits_until_readers_leave_the_link_alone() {
     );
     rt.block_on(p.wait_idle());
     assert!(sluice_puller::native::is_complete(&layer));
+}
+
+/// A layer holding more than half of the cache is not filled: it would
+/// evict what other layers' readers use.
+#[test]
+fn a_layer_over_half_the_cache_is_not_filled() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let big = open_layer(&f, &rt, "cache");
+    let content: u64 = big
+        .index()
+        .chunks()
+        .iter()
+        .filter(|c| !c.zeros)
+        .map(|c| c.size)
+        .sum();
+    let p = Prefetcher::start(rt.handle(), PrefetchOptions::default());
+    assert!(p.fill_layer(&big) > 0, "a cache of 1 GiB takes it");
+    p.cancel(big.digest());
+    let layer = open_layer_in(&f, &rt, "small-cache", content * 2 - 1);
+    assert_eq!(p.fill_layer(&layer), 0);
+    assert_eq!(p.pending(), 0);
 }
