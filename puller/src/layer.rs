@@ -122,6 +122,9 @@ pub struct LayerStats {
     /// Compressed bytes of the distinct chunks readers needed (the base of
     /// the prefetch hit share).
     pub demanded_bytes: AtomicU64,
+    /// Files fetched ahead because a Python module that was opened imports
+    /// them (see [`crate::python`]; their bytes count as fetched ahead).
+    pub python_import_files: AtomicU64,
 }
 
 type Outcome = Option<Result<(), String>>;
@@ -964,6 +967,22 @@ impl RemoteLayer {
             } => self.cache.contains(d),
             _ => false,
         }
+    }
+
+    /// A file's bytes, if all of them are cached (nothing is fetched, and
+    /// this is not a read: not counted as demanded or served).
+    pub fn cached_file(&self, node: usize) -> Option<Vec<u8>> {
+        let chunks = self.index.file_chunks_of(node);
+        let mut out = Vec::with_capacity(chunks.iter().map(|c| c.size as usize).sum());
+        for c in chunks {
+            if !self
+                .cache
+                .read_into(&c.digest, 0..c.size as usize, &mut out)
+            {
+                return None;
+            }
+        }
+        Some(out)
     }
 
     /// Whether every chunk of a file is cached.

@@ -23,6 +23,7 @@ mod oldest_first;
 pub mod prefetch;
 pub mod profile;
 pub mod pull;
+pub mod python;
 pub mod registry;
 pub mod trace;
 

@@ -134,6 +134,12 @@ impl Collector for LayerCollector {
         )?;
         counter(
             &mut encoder,
+            "layer_python_import_files",
+            "Files fetched ahead because an opened Python module imports them",
+            &rows(&|l| l.stats.python_import_files.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
             "layer_demanded_bytes",
             "Compressed bytes of the distinct chunks readers needed",
             &rows(&|l| l.stats.demanded_bytes.load(Ordering::Relaxed)),

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_format::Digest;
-use sluice_puller::fs::{FsOptions, LazyMount};
+use sluice_puller::fs::{FsOptions, LayerSlot, LazyMount};
 use sluice_puller::image::{self, ResolvedImage};
 use sluice_puller::metrics::PullerMetrics;
 use sluice_puller::native::{NativeImages, NativeUpgrade};
@@ -591,6 +591,23 @@ impl RemoteLayers {
         // Not for a layer unmounted meanwhile.
         if self.is_current(id, seq) {
             queue_profile(prefetcher, &p, layer);
+        }
+    }
+
+    /// Tells the mounted lazy layers `ids` (an image's, the top one first)
+    /// which layers are below each (see `LayerSlot::set_lowers`).
+    pub fn stack(&self, ids: &[u64]) {
+        let mounts = self.mounts.lock().expect("mounts");
+        let slots: Vec<Option<LayerSlot>> = ids
+            .iter()
+            .map(|id| mounts.get(id).map(|m| m.mount.slot()))
+            .collect();
+        drop(mounts);
+        for (k, slot) in slots.iter().enumerate() {
+            if let Some(slot) = slot {
+                let lowers: Vec<LayerSlot> = slots[k + 1..].iter().flatten().cloned().collect();
+                slot.set_lowers(&lowers);
+            }
         }
     }
 

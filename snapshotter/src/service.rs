@@ -199,6 +199,13 @@ impl SnapshotService {
         let core = self.core.clone();
         let p = parent.to_owned();
         let chain = blocking(move || core.ancestors(Some(&p))).await?;
+        // The lazy layers of the chain, the top one first: each is told the
+        // ones below it (a Python module's imports are looked for there).
+        let lazy: Vec<u64> = chain
+            .iter()
+            .filter(|(_, r)| r.remote.is_some())
+            .map(|(_, r)| r.id)
+            .collect();
         for (name, record) in chain {
             let Some(src) = &record.remote else { continue };
             if remote.is_mounted(record.id) {
@@ -215,6 +222,7 @@ impl SnapshotService {
             self.metrics.lazy_mounts.set(remote.mounted() as i64);
             tracing::info!(snapshot = %name, "lazy layer mounted on demand");
         }
+        remote.stack(&lazy);
         Ok(())
     }
 }

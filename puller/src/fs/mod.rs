@@ -39,6 +39,7 @@ use sluice_format::chunked::NodeKind;
 use crate::layer::{ReadData, RemoteLayer};
 use crate::oldest_first::OldestFirst;
 
+mod imports;
 pub(crate) mod tree;
 use tree::shown_name;
 pub use tree::{Dir, Tree};
@@ -64,6 +65,9 @@ pub struct FsOptions {
     pub whole_at_open_max: u64,
     /// Threads serving requests.
     pub threads: usize,
+    /// Fetch the modules a Python module imports when its `.pyc` is opened
+    /// (see [`crate::python`]).
+    pub python_imports: bool,
     /// Told about reads and passthrough backing files (access recording).
     pub observer: Option<Arc<dyn crate::trace::AccessObserver>>,
 }
@@ -75,6 +79,7 @@ impl std::fmt::Debug for FsOptions {
             .field("open_fetch_max", &self.open_fetch_max)
             .field("whole_at_open_max", &self.whole_at_open_max)
             .field("threads", &self.threads)
+            .field("python_imports", &self.python_imports)
             .field("observer", &self.observer.is_some())
             .finish()
     }
@@ -87,6 +92,7 @@ impl Default for FsOptions {
             open_fetch_max: 1 << 20,
             whole_at_open_max: 64 << 20,
             threads: 4,
+            python_imports: true,
             observer: None,
         }
     }
@@ -166,7 +172,7 @@ impl Backing {
 pub struct LayerFs {
     layer: Arc<RemoteLayer>,
     runtime: tokio::runtime::Handle,
-    tree: Tree,
+    tree: Arc<Tree>,
     /// What the kernel agreed to at `INIT`.
     kernel: Arc<Negotiated>,
     options: FsOptions,
@@ -181,6 +187,8 @@ pub struct LayerFs {
     directory_misses: Mutex<HashMap<usize, u32>>,
     /// Pushes data into the kernel's page cache (set once mounted).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// Fetches what opened Python modules import (if on).
+    imports: Option<Arc<imports::ImportLookahead>>,
 }
 
 /// What the kernel agreed to at `INIT`, which comes before any other
@@ -216,8 +224,12 @@ impl LayerFs {
         options: FsOptions,
         kernel: Arc<Negotiated>,
         notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+        lowers: imports::Lowers,
     ) -> Self {
-        let tree = Tree::build(layer.index());
+        let tree = Arc::new(Tree::build(layer.index()));
+        let imports = options.python_imports.then(|| {
+            imports::ImportLookahead::new(layer.clone(), tree.clone(), lowers, runtime.clone())
+        });
         LayerFs {
             layer,
             runtime,
@@ -231,6 +243,7 @@ impl LayerFs {
             making_whole: Arc::new(Mutex::new(HashSet::new())),
             directory_misses: Mutex::new(HashMap::new()),
             notifier,
+            imports,
         }
     }
 
@@ -747,6 +760,9 @@ impl Filesystem for LayerFs {
         }
         match self.layer.index().node(self.layer.index().resolve(i)).kind {
             NodeKind::File { size, .. } => {
+                if let Some(imports) = &self.imports {
+                    imports.opened(i);
+                }
                 if let Some(reply) = self.open_passthrough(i, size, req.pid(), reply) {
                     self.reply_cached(self.layer.index().resolve(i) as u64, reply);
                 }
@@ -815,6 +831,9 @@ impl Filesystem for LayerFs {
         };
         if offset != 0 {
             self.read_ahead(i, offset, size);
+        } else if let Some(imports) = &self.imports {
+            // Without opens (no passthrough), a file's first read.
+            imports.opened(i);
         }
         self.fetch_neighbours(i, offset, u64::from(size));
         if let Some(o) = &self.options.observer {
@@ -1254,6 +1273,7 @@ pub struct LayerSlot {
     options: FsOptions,
     kernel: Arc<Negotiated>,
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    lowers: imports::Lowers,
 }
 
 impl LayerSlot {
@@ -1277,9 +1297,20 @@ impl LayerSlot {
                 self.options.clone(),
                 self.kernel.clone(),
                 self.notifier.clone(),
+                self.lowers.clone(),
             )
         });
         self.ready.set(fs)
+    }
+
+    /// The layers below this one in an image, the nearest first: a Python
+    /// module of this layer may import modules of theirs (see
+    /// `imports`). Replaces what an earlier call said (a layer's lowers are
+    /// the same in every image that has it: its snapshot is keyed by its
+    /// chain of parents).
+    pub fn set_lowers(&self, lowers: &[LayerSlot]) {
+        *self.lowers.lock().expect("lowers") =
+            lowers.iter().map(|l| Arc::downgrade(&l.ready)).collect();
     }
 
     /// Why the layer is not served, once that is known (requests get EIO).
@@ -1413,6 +1444,7 @@ pub fn mount_pending(
             options,
             kernel,
             notifier,
+            lowers: Arc::default(),
         },
     })
 }

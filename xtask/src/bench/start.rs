@@ -62,6 +62,10 @@ pub struct Options {
     /// without FUSE passthrough (Linux < 6.9) gets.
     #[arg(long)]
     no_passthrough: bool,
+    /// The daemon's `[lazy] python_imports = false`: no fetching of what an
+    /// opened Python module imports.
+    #[arg(long)]
+    no_python_imports: bool,
     /// The prefetching daemons' `[profiles] prefetch_concurrency` (default:
     /// the daemon's default).
     #[arg(long)]
@@ -78,6 +82,9 @@ impl Options {
         }
         if self.no_passthrough {
             lines += "passthrough = false\n";
+        }
+        if self.no_python_imports {
+            lines += "python_imports = false\n";
         }
         if lines.is_empty() {
             lines

@@ -1,0 +1,170 @@
+//! A Python module opened through a lazy mount has the modules it imports
+//! fetched before anyone reads them: in its own layer and in the layer below
+//! it, and theirs in turn (see `sluice_puller::python`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{mount_layer, Fixture, Mounted};
+use sluice_format::chunked::ChunkingOptions;
+use sluice_format::layout::{Compression, ImageSpec};
+use sluice_puller::fs::FsOptions;
+use sluice_puller::registry::RetryPolicy;
+use sluice_puller::{ChunkCache, LayerOptions, RegistryClient};
+
+const SITE: &str = "usr/lib/python3/dist-packages";
+const STDLIB: &str = "usr/lib/python3.11";
+
+/// Debian's python3 root filesystem as the base layer, and on top a package
+/// `app` that is the standard library's `json` under another name (its
+/// `.pyc` files copied): `app/__init__` imports `.decoder`, `.encoder` (this
+/// layer) and `codecs` (the base); `decoder` imports `re`, `json` and the
+/// extension module `_json` (the base).
+fn two_layer_fixture() -> Fixture {
+    let rootfs = sluice_testkit::fixture("python3").join("rootfs");
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path().join("top");
+    let json = rootfs.join(STDLIB).join("json");
+    let app = top.join(SITE).join("app");
+    std::fs::create_dir_all(app.join("__pycache__")).unwrap();
+    for m in ["__init__", "decoder", "encoder", "scanner"] {
+        std::fs::copy(json.join(format!("{m}.py")), app.join(format!("{m}.py"))).unwrap();
+        let pyc = format!("__pycache__/{m}.cpython-311.pyc");
+        std::fs::copy(json.join(&pyc), app.join(&pyc)).unwrap();
+    }
+    let layout = dir.path().join("layout");
+    sluice_format::layout::build_image(
+        &layout,
+        &ImageSpec {
+            layers: vec![rootfs.clone(), top.clone()],
+            compression: Compression::None,
+            cmd: vec![],
+            env: vec![],
+            tag: "v1".into(),
+        },
+    )
+    .unwrap();
+    common::publish(
+        dir,
+        &layout,
+        "py/app",
+        &ChunkingOptions::default(),
+        vec![rootfs, top],
+    )
+}
+
+/// Both layers mounted over one fresh cache, the top one told the base is
+/// below it.
+fn mount_both(f: &Fixture, rt: &tokio::runtime::Runtime, fs: &FsOptions) -> (Mounted, Mounted) {
+    let cache = Arc::new(
+        ChunkCache::open(
+            f.dir
+                .path()
+                .join(format!("cache-{}", common::rand_suffix())),
+            1 << 30,
+        )
+        .unwrap(),
+    );
+    let client = Arc::new(RegistryClient::new(RetryPolicy::default()));
+    let mount = |which| {
+        mount_layer(
+            rt,
+            f,
+            which,
+            client.clone(),
+            cache.clone(),
+            LayerOptions::default(),
+            fs,
+        )
+    };
+    let (base, top) = (mount(0), mount(1));
+    top._session.slot().set_lowers(&[base._session.slot()]);
+    (base, top)
+}
+
+fn is_local(m: &Mounted, path: &str) -> bool {
+    let node = m
+        .layer
+        .index()
+        .lookup(path)
+        .unwrap_or_else(|| panic!("{path} is not in the layer"));
+    m.layer.is_local(node)
+}
+
+fn read_app_init(top: &Mounted) -> PathBuf {
+    let init = Path::new(SITE).join("app/__pycache__/__init__.cpython-311.pyc");
+    let bytes = std::fs::read(top.path.join(&init)).unwrap();
+    assert!(bytes.len() > 16);
+    init
+}
+
+#[test]
+fn an_opened_module_has_its_imports_fetched_in_its_layer_and_below() {
+    let f = two_layer_fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (base, top) = mount_both(&f, &rt, &FsOptions::default());
+    read_app_init(&top);
+    let in_top = [
+        format!("{SITE}/app/__pycache__/decoder.cpython-311.pyc"),
+        format!("{SITE}/app/__pycache__/encoder.cpython-311.pyc"),
+    ];
+    let in_base = [
+        // Imported by app/__init__.
+        format!("{STDLIB}/__pycache__/codecs.cpython-311.pyc"),
+        // Imported by app/decoder, fetched for app/__init__: followed.
+        format!("{STDLIB}/re/__pycache__/__init__.cpython-311.pyc"),
+        format!("{STDLIB}/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so"),
+        // Imported by re: followed in the base layer as well.
+        format!("{STDLIB}/re/__pycache__/_compiler.cpython-311.pyc"),
+    ];
+    // Generous: the guest kernels of `cargo xtask vm-test` run emulated.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing: Vec<&String> = in_top
+            .iter()
+            .filter(|p| !is_local(&top, p))
+            .chain(in_base.iter().filter(|p| !is_local(&base, p)))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "imported modules never fetched: {missing:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Only what is imported: a module nothing here imports stays remote.
+    assert!(!is_local(
+        &base,
+        &format!("{STDLIB}/__pycache__/tarfile.cpython-311.pyc")
+    ));
+    for m in [&top, &base] {
+        assert!(m.layer.stats.python_import_files.load(Ordering::Relaxed) > 0);
+    }
+    // Nothing was read from the base layer: all of it was fetched ahead.
+    assert_eq!(base.layer.stats.served_bytes.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn without_python_imports_nothing_below_is_fetched() {
+    let f = two_layer_fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fs = FsOptions {
+        python_imports: false,
+        ..FsOptions::default()
+    };
+    let (base, top) = mount_both(&f, &rt, &fs);
+    read_app_init(&top);
+    // What the open of a `.pyc` would have started has had time to run.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(base.layer.stats.fetched_bytes.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        top.layer.stats.python_import_files.load(Ordering::Relaxed),
+        0
+    );
+}
