@@ -122,9 +122,10 @@ pub struct LayerStats {
     /// Compressed bytes of the distinct chunks readers needed (the base of
     /// the prefetch hit share).
     pub demanded_bytes: AtomicU64,
-    /// Files fetched ahead because a Python module that was opened imports
-    /// them (see [`crate::python`]; their bytes count as fetched ahead).
-    pub python_import_files: AtomicU64,
+    /// Files fetched ahead because a Python module being loaded imports
+    /// them or an ELF object being loaded needs them (see `fs/imports.rs`;
+    /// their bytes count as fetched ahead).
+    pub followed_files: AtomicU64,
 }
 
 type Outcome = Option<Result<(), String>>;
@@ -972,12 +973,23 @@ impl RemoteLayer {
     /// A file's bytes, if all of them are cached (nothing is fetched, and
     /// this is not a read: not counted as demanded or served).
     pub fn cached_file(&self, node: usize) -> Option<Vec<u8>> {
-        let chunks = self.index.file_chunks_of(node);
-        let mut out = Vec::with_capacity(chunks.iter().map(|c| c.size as usize).sum());
+        self.cached_range(node, 0, u64::MAX)
+    }
+
+    /// Up to `len` bytes at `offset` of a file (fewer at its end), if they
+    /// are cached; as [`Self::cached_file`].
+    pub fn cached_range(&self, node: usize, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let chunks = self.index.chunks_for_range(node, offset, len);
+        let end = chunks.last().map_or(offset, |c| {
+            (c.file_offset + c.size).min(offset.saturating_add(len))
+        });
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
         for c in chunks {
+            let from = offset.max(c.file_offset) - c.file_offset;
+            let to = end.min(c.file_offset + c.size) - c.file_offset;
             if !self
                 .cache
-                .read_into(&c.digest, 0..c.size as usize, &mut out)
+                .read_into(&c.digest, from as usize..to as usize, &mut out)
             {
                 return None;
             }

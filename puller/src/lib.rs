@@ -10,10 +10,12 @@
 //! - [`native`]: once a layer is wholly cached, written as an EROFS image
 //!   that the kernel mounts itself.
 //!
-//! [`prefetch`] fetches ahead of readers by priority; [`metrics`] renders all
-//! of it for Prometheus.
+//! [`prefetch`] fetches ahead of readers by priority; [`python`] and [`elf`]
+//! say what a starting program will read next (see `fs`); [`metrics`]
+//! renders all of it for Prometheus.
 
 pub mod cache;
+pub mod elf;
 pub mod fs;
 pub mod image;
 pub mod layer;

@@ -134,9 +134,9 @@ impl Collector for LayerCollector {
         )?;
         counter(
             &mut encoder,
-            "layer_python_import_files",
-            "Files fetched ahead because an opened Python module imports them",
-            &rows(&|l| l.stats.python_import_files.load(Ordering::Relaxed)),
+            "layer_followed_files",
+            "Files fetched ahead because a Python module being loaded imports them or an ELF object needs them",
+            &rows(&|l| l.stats.followed_files.load(Ordering::Relaxed)),
         )?;
         counter(
             &mut encoder,

@@ -16,9 +16,10 @@
 //!                           # much compressed data, in a parallel request; 0 = off
 //! whole_at_open_mib = 64    # a cached file is copied into one piece for passthrough
 //!                           # at open up to this size; larger, in the background
-//! python_imports = true     # when a compiled Python module (.pyc) is opened, fetch
-//!                           # the modules its top level imports (and theirs as
-//!                           # they arrive) instead of one round trip per import
+//! follow_imports = true     # fetch what a program being loaded loads next: the
+//!                           # modules an opened Python module (.pyc) imports, the
+//!                           # libraries an ELF program or library needs (and
+//!                           # theirs as they arrive), instead of a round trip each
 //! native = true             # a layer whose every chunk is cached is written as an
 //!                           # EROFS image and mounted over its FUSE mount: containers
 //!                           # created from then on read it with no daemon round trip
@@ -119,7 +120,7 @@ pub struct LazyConfig {
     pub fuse_threads: usize,
     pub fetch_ahead_kib: u64,
     pub whole_at_open_mib: u64,
-    pub python_imports: bool,
+    pub follow_imports: bool,
     pub native: bool,
     pub fill: bool,
     pub fill_quiet_secs: u64,
@@ -162,7 +163,7 @@ impl Default for LazyConfig {
             fuse_threads: 4,
             fetch_ahead_kib: sluice_puller::layer::DEFAULT_FETCH_AHEAD >> 10,
             whole_at_open_mib: sluice_puller::fs::FsOptions::default().whole_at_open_max >> 20,
-            python_imports: sluice_puller::fs::FsOptions::default().python_imports,
+            follow_imports: sluice_puller::fs::FsOptions::default().follow_imports,
             native: true,
             fill: true,
             fill_quiet_secs: sluice_puller::prefetch::DEFAULT_FILL_QUIET.as_secs(),

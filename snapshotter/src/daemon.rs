@@ -129,7 +129,7 @@ impl Daemon {
                     passthrough: config.lazy.passthrough,
                     threads: config.lazy.fuse_threads.max(1),
                     whole_at_open_max: config.lazy.whole_at_open_mib << 20,
-                    python_imports: config.lazy.python_imports,
+                    follow_imports: config.lazy.follow_imports,
                     ..FsOptions::default()
                 },
                 read_deadline: Duration::from_secs(config.lazy.read_deadline_secs.max(1)),

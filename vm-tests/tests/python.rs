@@ -1,6 +1,7 @@
 //! A Python module opened through a lazy mount has the modules it imports
 //! fetched before anyone reads them: in its own layer and in the layer below
-//! it, and theirs in turn (see `sluice_puller::python`).
+//! it, and theirs in turn, and the libraries its extension modules need
+//! (see `sluice_puller::python`, `sluice_puller::elf`).
 
 mod common;
 
@@ -144,18 +145,42 @@ fn an_opened_module_has_its_imports_fetched_in_its_layer_and_below() {
         &format!("{STDLIB}/__pycache__/tarfile.cpython-311.pyc")
     ));
     for m in [&top, &base] {
-        assert!(m.layer.stats.python_import_files.load(Ordering::Relaxed) > 0);
+        assert!(m.layer.stats.followed_files.load(Ordering::Relaxed) > 0);
     }
     // Nothing was read from the base layer: all of it was fetched ahead.
     assert_eq!(base.layer.stats.served_bytes.load(Ordering::Relaxed), 0);
 }
 
+/// The libraries an ELF object needs, found as the loader finds them
+/// (`lib/x86_64-linux-gnu/libffi.so.8`: through Debian's `lib -> usr/lib`
+/// and the library's own version link), are fetched when its start is read.
 #[test]
-fn without_python_imports_nothing_below_is_fetched() {
+fn an_opened_library_has_the_libraries_it_needs_fetched() {
+    let f = two_layer_fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (base, _top) = mount_both(&f, &rt, &FsOptions::default());
+    let ctypes = format!("{STDLIB}/lib-dynload/_ctypes.cpython-311-x86_64-linux-gnu.so");
+    let libffi = "usr/lib/x86_64-linux-gnu/libffi.so.8.1.2";
+    assert!(!is_local(&base, libffi));
+    let mut head = [0u8; 64];
+    std::fs::File::open(base.path.join(&ctypes))
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0))
+        .unwrap();
+    assert_eq!(&head[..4], b"\x7fELF");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !is_local(&base, libffi) {
+        assert!(Instant::now() < deadline, "{libffi} never fetched");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(base.layer.stats.followed_files.load(Ordering::Relaxed) > 0);
+}
+
+#[test]
+fn without_follow_imports_nothing_below_is_fetched() {
     let f = two_layer_fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fs = FsOptions {
-        python_imports: false,
+        follow_imports: false,
         ..FsOptions::default()
     };
     let (base, top) = mount_both(&f, &rt, &fs);
@@ -163,8 +188,5 @@ fn without_python_imports_nothing_below_is_fetched() {
     // What the open of a `.pyc` would have started has had time to run.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(base.layer.stats.fetched_bytes.load(Ordering::Relaxed), 0);
-    assert_eq!(
-        top.layer.stats.python_import_files.load(Ordering::Relaxed),
-        0
-    );
+    assert_eq!(top.layer.stats.followed_files.load(Ordering::Relaxed), 0);
 }

@@ -1,16 +1,27 @@
-//! Fetching the modules a Python module imports as soon as its `.pyc` is
-//! opened, and theirs as they arrive (see [`crate::python`] for why).
+//! Fetching what a program being loaded will load next, before the loader
+//! or the interpreter asks: the modules a Python module imports as soon as
+//! its `.pyc` is opened (see [`crate::python`] for why), the libraries an
+//! ELF object needs as soon as it is opened (see [`crate::elf`]), and
+//! theirs in turn as they arrive.
 //!
-//! The first open (or, without opens, the first read) of a `.pyc` starts it.
-//! Imports are resolved in this layer and in the layers below it in the
-//! image (set by whoever stacks them: [`super::LayerSlot::set_lowers`]), the
-//! upper one first, as overlayfs shows them (whiteouts are not looked at: a
-//! module an upper layer deletes costs a useless fetch, not a wrong read).
-//! Every file is followed or fetched once. Compiled modules are fetched
-//! whole, extension modules whole when at most [`super::MAPPED_FETCH_MAX`]
-//! compressed bytes are missing (the loader maps them and faults their
-//! pages in one round trip at a time otherwise). Nothing starts while a
-//! layer's prefetch profile is pending: it knows better.
+//! The first open (or, without opens, the first read) of a `.pyc`, of a
+//! file named as a shared library, or of a file that starts as an ELF
+//! object starts it. Names are resolved in this layer and in the layers
+//! below it in the image (set by whoever stacks them:
+//! [`super::LayerSlot::set_lowers`]), the upper one first, as overlayfs
+//! shows them (whiteouts are not looked at: a module an upper layer deletes
+//! costs a useless fetch, not a wrong read). Every file is followed or
+//! fetched once per mount. Compiled modules are fetched whole. ELF objects
+//! (extension modules, the libraries they need, found as the dynamic loader
+//! finds them, symbolic links followed) get their head first, then their
+//! writable segments, which the loader's relocations touch first but which
+//! lie at their end, and the rest alongside, if at most
+//! [`super::MAPPED_FETCH_MAX`] compressed bytes are missing; their libraries
+//! are followed as soon as their dynamic section is local. Nothing starts
+//! while a layer's prefetch profile is pending: it knows better.
+//!
+//! numpy-pandas at 100 Mbit/s + 20 ms without a profile: 5.3 s before, 3.95 s
+//! with all of it (126 reads waited for the link, 72 after).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -20,13 +31,29 @@ use tokio::sync::Semaphore;
 
 use super::tree::Tree;
 use super::Ready;
+use crate::elf;
 use crate::layer::RemoteLayer;
 use crate::python::{self, ModuleFile};
 
-/// Files fetched for imports at once, per layer: enough to keep a slow
-/// link's round trips overlapped, few enough that the file a start needs
-/// next does not share the link with dozens of others.
-const IN_FLIGHT: usize = 8;
+/// A file fetched ahead, by what is followed once it is local.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// A compiled Python module: its imports.
+    Module,
+    /// An ELF object (extension module, library): its libraries.
+    Object,
+}
+
+/// Files fetched ahead at once, per layer: most are small, and on a slow
+/// link each is mostly a round trip. numpy-pandas at 100 Mbit/s + 20 ms
+/// (medians of 3): 4.25 s with 8, 3.96 s with 16, 3.95 s with 32.
+const IN_FLIGHT: usize = 16;
+
+/// The first bytes of an ELF object: its header and program headers.
+const ELF_HEAD: u64 = 4096;
+/// How far before a faulting page the kernel reads a mapped file (half of
+/// its read-around window, with room to spare).
+const READ_AROUND: u64 = 128 << 10;
 
 /// One layer as imports are resolved in it.
 pub(super) struct LayerView {
@@ -60,6 +87,45 @@ type StackNode = (usize, usize);
 
 /// Layers, the upper one first, as one tree.
 struct Stack(Vec<Arc<LayerView>>);
+
+impl Stack {
+    /// The file at `path` with symbolic links followed (in any component,
+    /// as the kernel would in the container: absolute ones from the image's
+    /// root), `..` included.
+    fn resolve(&self, path: &str) -> Option<StackNode> {
+        let mut todo: std::collections::VecDeque<String> =
+            path.split('/').map(str::to_string).collect();
+        let mut parts: Vec<String> = Vec::new();
+        let mut hops = 0;
+        while let Some(c) = todo.pop_front() {
+            match c.as_str() {
+                "" | "." => continue,
+                ".." => {
+                    parts.pop();
+                    continue;
+                }
+                _ => parts.push(c),
+            }
+            let (k, n) = python::Layout::find(self, &parts.join("/"))?;
+            if let NodeKind::Symlink(target) = &self.0[k].layer.index().node(n).kind {
+                hops += 1;
+                if hops > 16 {
+                    return None;
+                }
+                parts.pop();
+                if target.starts_with('/') {
+                    parts.clear();
+                }
+                for t in target.split('/').rev() {
+                    todo.push_front(t.to_string());
+                }
+            }
+        }
+        let (k, n) = python::Layout::find(self, &parts.join("/"))?;
+        let index = self.0[k].layer.index();
+        matches!(index.node(index.resolve(n)).kind, NodeKind::File { .. }).then_some((k, n))
+    }
+}
 
 impl python::Layout for Stack {
     type Node = StackNode;
@@ -149,10 +215,16 @@ impl ImportLookahead {
     }
 
     /// File `node` was opened (or read from its start): if it is a compiled
-    /// Python module, the modules it imports are fetched while it runs.
+    /// Python module, the modules it imports are fetched while it runs; if
+    /// it is named as a shared library, see [`Self::elf_opened`].
     pub(super) fn opened(self: &Arc<Self>, node: usize) {
         let layer = &self.own.layer;
-        if !layer.index().node(node).path.ends_with(".pyc") || layer.profile_pending() {
+        let path = &layer.index().node(node).path;
+        let name = path.rsplit('/').next().unwrap_or(path);
+        if name.ends_with(".so") || name.contains(".so.") {
+            return self.elf_opened(node);
+        }
+        if !name.ends_with(".pyc") || layer.profile_pending() {
             return;
         }
         if !self.seen.lock().expect("seen").insert(key(&self.own, node)) {
@@ -199,30 +271,132 @@ impl ImportLookahead {
         }
         roots.sort_by_key(|r| python::search_rank(r));
         let files = python::files_imported(&stack, &roots, path, &imports);
-        let mut seen = self.seen.lock().expect("seen");
-        let new: Vec<(Arc<LayerView>, ModuleFile<usize>)> = files
+        let files = files
             .into_iter()
-            .filter_map(|f| {
-                let (k, n) = f.node();
-                let v = &stack.0[k];
-                let f = match f {
-                    ModuleFile::Pyc(_) => ModuleFile::Pyc(n),
-                    ModuleFile::Extension(_) => ModuleFile::Extension(n),
-                };
-                seen.insert(key(v, n)).then(|| (v.clone(), f))
+            .map(|f| match f {
+                ModuleFile::Pyc(at) => (at, Kind::Module),
+                ModuleFile::Extension(at) => (at, Kind::Object),
             })
             .collect();
-        drop(seen);
-        tracing::debug!(file = %path, imports = imports.len(), fetching = new.len(), "following imports");
-        for (v, f) in new {
-            let this = self.clone();
-            self.runtime.spawn(async move { this.fetch(v, f).await });
+        self.fetch_all(&stack, files, path, "following imports");
+    }
+
+    /// ELF object `node` was read from its start (a program being started,
+    /// a library being loaded): its writable segments are fetched, and the
+    /// libraries it needs, while the loader is on its way to them.
+    pub(super) fn elf_opened(self: &Arc<Self>, node: usize) {
+        if self.own.layer.profile_pending()
+            || !self.seen.lock().expect("seen").insert(key(&self.own, node))
+        {
+            return;
+        }
+        let (this, own) = (self.clone(), self.own.clone());
+        self.runtime
+            .spawn(async move { this.load_object(&own, node, false).await });
+    }
+
+    /// Ahead of the loader, for ELF object `node` of `view`: its head, then
+    /// its writable segments (with the kernel's read-around before them)
+    /// and, if `whole`, the rest alongside; the libraries it needs are
+    /// followed as soon as its dynamic section and strings are local.
+    /// Returns once everything asked for is local (or failed).
+    async fn load_object(self: &Arc<Self>, view: &Arc<LayerView>, node: usize, whole: bool) {
+        let layer = &view.layer;
+        let index = layer.index();
+        let all = index.file_chunks_of(node);
+        let rest = async {
+            if whole {
+                let _ = layer.ensure(all).await;
+            }
+        };
+        let head = index.chunks_for_range(node, 0, ELF_HEAD);
+        let object = match layer.ensure(head).await {
+            Ok(()) => layer
+                .cached_range(node, 0, ELF_HEAD)
+                .and_then(|h| elf::Object::from_head(&h)),
+            Err(_) => None,
+        };
+        let Some(object) = object else {
+            return rest.await;
+        };
+        let writable: Vec<_> = object
+            .writable_ranges()
+            .into_iter()
+            .flat_map(|(o, l)| {
+                let from = o.saturating_sub(READ_AROUND);
+                index.chunks_for_range(node, from, l + (o - from))
+            })
+            .cloned()
+            .collect();
+        let libraries = async {
+            let part = |(o, l): (u64, u64)| async move {
+                layer
+                    .ensure(index.chunks_for_range(node, o, l))
+                    .await
+                    .ok()?;
+                layer.cached_range(node, o, l)
+            };
+            let dynamic = object.dynamic(&part(object.dynamic_range()?).await?)?;
+            let strings = part(dynamic.strings).await?;
+            Some(dynamic.needs(&strings))
+        };
+        // Claimed in this order: the writable segments' chunks are theirs,
+        // the rest's request does not take them again.
+        let (_, needs, _) = tokio::join!(layer.ensure(&writable), libraries, rest);
+        if let Some(needs) = needs {
+            self.follow_libraries(view, node, &needs);
         }
     }
 
-    /// Fetches one imported file (in the order imports were found, at most
-    /// [`IN_FLIGHT`] at once), then follows its own imports.
-    async fn fetch(self: Arc<Self>, view: Arc<LayerView>, f: ModuleFile<usize>) {
+    /// Starts fetching the libraries that ELF object `node` of `view` needs.
+    fn follow_libraries(self: &Arc<Self>, view: &Arc<LayerView>, node: usize, needs: &elf::Needs) {
+        let path = &view.layer.index().node(node).path;
+        let stack = self.stack();
+        let dirs = elf::search_dirs(needs, path);
+        let files = needs
+            .libraries
+            .iter()
+            .filter_map(|lib| {
+                if lib.contains('/') {
+                    return None;
+                }
+                dirs.iter()
+                    .find_map(|d| stack.resolve(&format!("{d}/{lib}")))
+                    .map(|at| (at, Kind::Object))
+            })
+            .collect();
+        self.fetch_all(&stack, files, path, "following libraries");
+    }
+
+    /// Fetches `files` of `stack` (found for `path`) that were not yet.
+    fn fetch_all(
+        self: &Arc<Self>,
+        stack: &Stack,
+        files: Vec<(StackNode, Kind)>,
+        path: &str,
+        what: &'static str,
+    ) {
+        let found = files.len();
+        let mut seen = self.seen.lock().expect("seen");
+        let new: Vec<(Arc<LayerView>, usize, Kind)> = files
+            .into_iter()
+            .filter_map(|((k, n), kind)| {
+                let v = &stack.0[k];
+                seen.insert(key(v, n)).then(|| (v.clone(), n, kind))
+            })
+            .collect();
+        drop(seen);
+        tracing::debug!(file = %path, found, fetching = new.len(), "{what}");
+        for (v, node, kind) in new {
+            let this = self.clone();
+            self.runtime
+                .spawn(async move { this.fetch(v, node, kind).await });
+        }
+    }
+
+    /// Fetches one file (in the order they were found, at most
+    /// [`IN_FLIGHT`] at once), then follows its imports or libraries.
+    async fn fetch(self: Arc<Self>, view: Arc<LayerView>, node: usize, kind: Kind) {
         let Ok(permit) = self.permits.clone().acquire_owned().await else {
             return;
         };
@@ -230,29 +404,37 @@ impl ImportLookahead {
         if layer.profile_pending() || self.own.layer.profile_pending() {
             return;
         }
-        let node = f.node();
         let chunks = layer.index().file_chunks_of(node);
         let missing = layer.not_yet_fetched(chunks);
-        if let ModuleFile::Extension(_) = f {
-            if missing.iter().map(|c| c.blob_len).sum::<u64>() > super::MAPPED_FETCH_MAX {
-                return;
+        // An object too big to fetch whole gets its head, writable
+        // segments and libraries only.
+        let whole = match kind {
+            Kind::Module => true,
+            Kind::Object => {
+                missing.iter().map(|c| c.blob_len).sum::<u64>() <= super::MAPPED_FETCH_MAX
             }
-        }
-        if !missing.is_empty() {
+        };
+        if whole && !missing.is_empty() {
             layer.count_fetched_ahead(&missing);
             layer
                 .stats
-                .python_import_files
+                .followed_files
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        // Waits for chunks others fetch too: a module is followed once local.
-        if let Err(e) = layer.ensure(chunks).await {
-            tracing::debug!(error = %e, "fetch for an import failed; reads fetch on demand");
-            return;
-        }
-        drop(permit);
-        if let ModuleFile::Pyc(_) = f {
-            self.follow(&view, node);
+        match kind {
+            Kind::Module => {
+                // Waits for chunks others fetch too: followed once local.
+                if let Err(e) = layer.ensure(chunks).await {
+                    tracing::debug!(error = %e, "fetch for an import failed; reads fetch on demand");
+                    return;
+                }
+                drop(permit);
+                self.follow(&view, node);
+            }
+            Kind::Object => {
+                self.load_object(&view, node, whole).await;
+                drop(permit);
+            }
         }
     }
 }

@@ -65,9 +65,10 @@ pub struct FsOptions {
     pub whole_at_open_max: u64,
     /// Threads serving requests.
     pub threads: usize,
-    /// Fetch the modules a Python module imports when its `.pyc` is opened
-    /// (see [`crate::python`]).
-    pub python_imports: bool,
+    /// Fetch what a program being loaded will load next: the modules an
+    /// opened Python module imports, the libraries an ELF object needs
+    /// (see `fs/imports.rs`).
+    pub follow_imports: bool,
     /// Told about reads and passthrough backing files (access recording).
     pub observer: Option<Arc<dyn crate::trace::AccessObserver>>,
 }
@@ -79,7 +80,7 @@ impl std::fmt::Debug for FsOptions {
             .field("open_fetch_max", &self.open_fetch_max)
             .field("whole_at_open_max", &self.whole_at_open_max)
             .field("threads", &self.threads)
-            .field("python_imports", &self.python_imports)
+            .field("follow_imports", &self.follow_imports)
             .field("observer", &self.observer.is_some())
             .finish()
     }
@@ -92,7 +93,7 @@ impl Default for FsOptions {
             open_fetch_max: 1 << 20,
             whole_at_open_max: 64 << 20,
             threads: 4,
-            python_imports: true,
+            follow_imports: true,
             observer: None,
         }
     }
@@ -227,7 +228,7 @@ impl LayerFs {
         lowers: imports::Lowers,
     ) -> Self {
         let tree = Arc::new(Tree::build(layer.index()));
-        let imports = options.python_imports.then(|| {
+        let imports = options.follow_imports.then(|| {
             imports::ImportLookahead::new(layer.clone(), tree.clone(), lowers, runtime.clone())
         });
         LayerFs {
@@ -355,6 +356,13 @@ impl LayerFs {
             // the order it reads: guesses from the layer's order would only
             // take the link from it (numpy-pandas with a profile: 9 MB of
             // 29 fetched that way, most of it never read).
+            return;
+        }
+        if self.imports.is_some() && self.layer.index().node(node).path.ends_with(".pyc") {
+            // What a module imports is fetched by `imports`, file by file;
+            // its neighbours in the layer and directory would mostly not be
+            // read (numpy-pandas at 100 Mbit/s: 40.2 MB and 4.06 s with
+            // them, 36.4 MB and 3.95 s without).
             return;
         }
         if offset == 0 {
@@ -854,6 +862,9 @@ impl Filesystem for LayerFs {
                             .entry(i)
                             .or_default()
                             .mapped = true;
+                        if let Some(imports) = &self.imports {
+                            imports.elf_opened(i);
+                        }
                     } else {
                         self.read_ahead(i, offset, size);
                     }

@@ -62,10 +62,10 @@ pub struct Options {
     /// without FUSE passthrough (Linux < 6.9) gets.
     #[arg(long)]
     no_passthrough: bool,
-    /// The daemon's `[lazy] python_imports = false`: no fetching of what an
-    /// opened Python module imports.
+    /// The daemon's `[lazy] follow_imports = false`: no fetching of what a
+    /// Python module imports or an ELF object needs ahead of the loader.
     #[arg(long)]
-    no_python_imports: bool,
+    no_follow_imports: bool,
     /// The prefetching daemons' `[profiles] prefetch_concurrency` (default:
     /// the daemon's default).
     #[arg(long)]
@@ -83,8 +83,8 @@ impl Options {
         if self.no_passthrough {
             lines += "passthrough = false\n";
         }
-        if self.no_python_imports {
-            lines += "python_imports = false\n";
+        if self.no_follow_imports {
+            lines += "follow_imports = false\n";
         }
         if lines.is_empty() {
             lines
