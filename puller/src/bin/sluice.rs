@@ -257,6 +257,8 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     let mut sessions = Vec::new();
     let mut layers = Vec::new();
     for copy in 0..copies.max(1) {
+        // This copy's mounts so far, the bottom layer first.
+        let mut below: Vec<sluice_puller::fs::LayerSlot> = Vec::new();
         for (i, l) in resolved.layers.iter().enumerate() {
             let Some(lazy) = &l.lazy else {
                 bail!("layer {} of {image} has no lazy (zstd:chunked) form; it can only be pulled in full", l.original.digest);
@@ -288,6 +290,10 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
                 fs_opts.clone(),
             )
             .with_context(|| format!("mounting {}", target.display()))?;
+            // What its programs load may lie in the layers below it.
+            fuse.slot()
+                .set_lowers(&below.iter().rev().cloned().collect::<Vec<_>>());
+            below.push(fuse.slot());
             let upgrade = images.as_ref().map(|images| {
                 NativeUpgrade::start(runtime.handle(), images.clone(), layer.clone(), target)
             });

@@ -188,7 +188,7 @@ pub struct LayerFs {
     directory_misses: Mutex<HashMap<usize, u32>>,
     /// Pushes data into the kernel's page cache (set once mounted).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
-    /// Fetches what opened Python modules import (if on).
+    /// Fetches what programs being loaded load next (if on).
     imports: Option<Arc<imports::ImportLookahead>>,
 }
 
@@ -1315,10 +1315,10 @@ impl LayerSlot {
     }
 
     /// The layers below this one in an image, the nearest first: a Python
-    /// module of this layer may import modules of theirs (see
-    /// `imports`). Replaces what an earlier call said (a layer's lowers are
-    /// the same in every image that has it: its snapshot is keyed by its
-    /// chain of parents).
+    /// module of this layer may import modules of theirs, an ELF object
+    /// need their libraries (see `imports`). Replaces what an earlier call
+    /// said (a layer's lowers are the same in every image that has it: its
+    /// snapshot is keyed by its chain of parents).
     pub fn set_lowers(&self, lowers: &[LayerSlot]) {
         *self.lowers.lock().expect("lowers") =
             lowers.iter().map(|l| Arc::downgrade(&l.ready)).collect();
