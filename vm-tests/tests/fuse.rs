@@ -845,9 +845,10 @@ fn a_library_that_faults_twice_is_fetched_whole() {
 }
 
 /// The second file of a directory that has to be fetched brings the rest of
-/// the directory (Python importing one module after another from one
-/// `__pycache__`); a directory too big for that (shared libraries) is left
-/// to its readers.
+/// the directory (a program reading its data files one after another); a
+/// directory too big for that (shared libraries) is left to its readers.
+/// (`.pyc` files are not fetched that way when imports are followed: what a
+/// module imports is fetched file by file, see `python.rs`.)
 #[test]
 fn a_directory_whose_second_file_is_fetched_comes_whole_unless_big() {
     const FILE_BYTES: usize = 64 << 10;
@@ -859,7 +860,7 @@ fn a_directory_whose_second_file_is_fetched_comes_whole_unless_big() {
     for (sub, n) in [("pkg", 40), ("big", 96)] {
         std::fs::create_dir_all(root.join(sub)).unwrap();
         for i in 0..n {
-            let path = format!("{sub}/m{i:03}.pyc");
+            let path = format!("{sub}/m{i:03}.dat");
             let data = sluice_testkit::images::pseudo_random(FILE_BYTES, 200 + files.len() as u64);
             std::fs::write(root.join(&path), &data).unwrap();
             files.push((path, data));
@@ -875,12 +876,12 @@ fn a_directory_whose_second_file_is_fetched_comes_whole_unless_big() {
     };
     let local = |sub: &str, range: std::ops::Range<usize>| {
         range
-            .filter(|i| all_local(&m, &format!("{sub}/m{i:03}.pyc")))
+            .filter(|i| all_local(&m, &format!("{sub}/m{i:03}.dat")))
             .count()
     };
 
     for sub in ["pkg", "big"] {
-        read(&format!("{sub}/m000.pyc"));
+        read(&format!("{sub}/m000.dat"));
         std::thread::sleep(Duration::from_secs(1));
         assert_eq!(
             local(sub, 20..30),
@@ -888,12 +889,12 @@ fn a_directory_whose_second_file_is_fetched_comes_whole_unless_big() {
             "{sub}: one file fetched its directory"
         );
     }
-    read("pkg/m039.pyc");
+    read("pkg/m039.dat");
     wait_for(
         "a small directory's second fetched file did not bring the rest",
         || local("pkg", 0..40) == 40,
     );
-    read("big/m095.pyc");
+    read("big/m095.dat");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         local("big", 30..60),
@@ -919,7 +920,7 @@ fn a_pending_profile_stops_fetches_ahead_of_waiting_readers() {
     std::fs::create_dir_all(root.join("pkg")).unwrap();
     let mut files = Vec::new();
     for i in 0..40 {
-        let path = format!("pkg/m{i:03}.pyc");
+        let path = format!("pkg/m{i:03}.dat");
         let data = sluice_testkit::images::pseudo_random(FILE_BYTES, 900 + i);
         std::fs::write(root.join(&path), &data).unwrap();
         files.push((path, data));
@@ -934,7 +935,7 @@ fn a_pending_profile_stops_fetches_ahead_of_waiting_readers() {
     };
     let local = |range: std::ops::Range<usize>| {
         range
-            .filter(|i| all_local(&m, &format!("pkg/m{i:03}.pyc")))
+            .filter(|i| all_local(&m, &format!("pkg/m{i:03}.dat")))
             .count()
     };
     // A profile naming the last file, fetched at a trickle: pending for
@@ -948,7 +949,7 @@ fn a_pending_profile_stops_fetches_ahead_of_waiting_readers() {
         },
     );
     let entry = PrefetchEntry {
-        path: "pkg/m039.pyc".into(),
+        path: "pkg/m039.dat".into(),
         offset: 0,
         len: FILE_BYTES as u64,
         order: 0,

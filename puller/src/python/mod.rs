@@ -115,8 +115,10 @@ fn join(dir: &str, rest: &str) -> String {
 /// import names (the packages on its way included, and the names after
 /// `from x import` that are submodules), its `.pyc` or extension module,
 /// found in the module's own package tree or in `roots` (see
-/// [`search_roots`]). Modules not in this layer (the standard library of a
-/// lower layer, say) are not found here, and are fetched when read.
+/// [`search_roots`]). Modules `layout` does not have are left out: they are
+/// fetched when read. Names come from a file anyone can push, but only ever
+/// become lookups in `layout` (dots are path separators, empty parts are
+/// dropped), never paths on the node.
 pub fn files_imported<L: Layout>(
     layout: &L,
     roots: &[String],
