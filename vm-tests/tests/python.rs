@@ -2,6 +2,10 @@
 //! fetched before anyone reads them: in its own layer and in the layer below
 //! it, and theirs in turn, and the libraries its extension modules need
 //! (see `sluice_puller::python`, `sluice_puller::elf`).
+//!
+//! Built on the Debian python3 rootfs fixture, which is not packed into
+//! `cargo xtask vm-test` guests: the tests' names end in `python3_rootfs`,
+//! which the guests skip; they run natively in `cargo test`.
 
 mod common;
 
@@ -104,7 +108,7 @@ fn read_app_init(top: &Mounted) -> PathBuf {
 }
 
 #[test]
-fn an_opened_module_has_its_imports_fetched_in_its_layer_and_below() {
+fn an_opened_module_has_its_imports_fetched_in_its_layer_and_below_python3_rootfs() {
     let f = two_layer_fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (base, top) = mount_both(&f, &rt, &FsOptions::default());
@@ -155,7 +159,7 @@ fn an_opened_module_has_its_imports_fetched_in_its_layer_and_below() {
 /// (`lib/x86_64-linux-gnu/libffi.so.8`: through Debian's `lib -> usr/lib`
 /// and the library's own version link), are fetched when its start is read.
 #[test]
-fn an_opened_library_has_the_libraries_it_needs_fetched() {
+fn an_opened_library_has_the_libraries_it_needs_fetched_python3_rootfs() {
     let f = two_layer_fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (base, _top) = mount_both(&f, &rt, &FsOptions::default());
@@ -176,7 +180,7 @@ fn an_opened_library_has_the_libraries_it_needs_fetched() {
 }
 
 #[test]
-fn without_follow_imports_nothing_below_is_fetched() {
+fn without_follow_imports_nothing_below_is_fetched_python3_rootfs() {
     let f = two_layer_fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fs = FsOptions {

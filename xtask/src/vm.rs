@@ -56,7 +56,8 @@ const MODULES: &[&str] = &[
 const SCRATCH_BYTES: u64 = 4 << 30;
 
 /// The Debian python3 rootfs fixture is not packed into guests (hundreds of
-/// MB under emulation); its test runs natively in `cargo test`.
+/// MB under emulation); the tests built on it have `python3_rootfs` in their
+/// names and run natively in `cargo test`.
 const GUEST_SKIP: &[&str] = &["--skip", "python3_rootfs"];
 
 const SELF_CHECK_TEST: &str = "deliberately_failing_for_the_harness_self_check";
