@@ -178,19 +178,6 @@ impl Dynamic {
     }
 }
 
-/// What a whole ELF object in memory needs (the steps of [`Object`] at
-/// once).
-pub fn needs(data: &[u8]) -> Option<Needs> {
-    let slice = |(off, len): (u64, u64)| {
-        let from = usize::try_from(off).ok()?;
-        let to = from.checked_add(usize::try_from(len).ok()?)?;
-        data.get(from..to.min(data.len()))
-    };
-    let object = Object::from_head(data)?;
-    let dynamic = object.dynamic(slice(object.dynamic_range()?)?)?;
-    Some(dynamic.needs(slice(dynamic.strings)?))
-}
-
 fn multiarch(machine: u16) -> Option<&'static str> {
     Some(match machine {
         elf::EM_X86_64 => "x86_64-linux-gnu",
@@ -241,6 +228,19 @@ pub fn search_dirs(needs: &Needs, object_path: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a whole ELF object in memory needs: the steps of [`Object`]
+    /// at once, as the daemon takes them one part of a file at a time.
+    fn needs(data: &[u8]) -> Option<Needs> {
+        let slice = |(off, len): (u64, u64)| {
+            let from = usize::try_from(off).ok()?;
+            let to = from.checked_add(usize::try_from(len).ok()?)?;
+            data.get(from..to.min(data.len()))
+        };
+        let object = Object::from_head(data)?;
+        let dynamic = object.dynamic(slice(object.dynamic_range()?)?)?;
+        Some(dynamic.needs(slice(dynamic.strings)?))
+    }
 
     /// The test binary itself, a dynamic ELF program.
     #[test]
