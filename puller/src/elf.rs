@@ -38,6 +38,8 @@ pub struct Object {
     loads: Vec<(u64, u64, u64, bool)>,
     /// File range of `PT_DYNAMIC`.
     dynamic: Option<(u64, u64)>,
+    /// File range of `PT_INTERP` (a program's dynamic loader).
+    interpreter: Option<(u64, u64)>,
 }
 
 /// A dynamic section is a few hundred bytes; a hostile one is not read
@@ -58,6 +60,7 @@ impl Object {
             machine: header.e_machine(endian),
             loads: Vec::new(),
             dynamic: None,
+            interpreter: None,
         };
         for p in header.program_headers(endian, head).ok()? {
             let range = (p.p_offset(endian), p.p_filesz(endian));
@@ -69,6 +72,7 @@ impl Object {
                     p.p_flags(endian) & elf::PF_W != 0,
                 )),
                 elf::PT_DYNAMIC => out.dynamic = Some((range.0, range.1.min(DYNAMIC_MAX))),
+                elf::PT_INTERP => out.interpreter = Some(range),
                 _ => {}
             }
         }
@@ -90,6 +94,19 @@ impl Object {
     /// File range of the dynamic section (`None`: a static object).
     pub fn dynamic_range(&self) -> Option<(u64, u64)> {
         self.dynamic
+    }
+
+    /// The dynamic loader a program names (`PT_INTERP`:
+    /// `/lib64/ld-linux-x86-64.so.2`), if it lies within `head` (the
+    /// bytes [`Self::from_head`] read; linkers put it right after the
+    /// program headers). `None` for a library or a static program.
+    pub fn interpreter(&self, head: &[u8]) -> Option<String> {
+        let (offset, len) = self.interpreter?;
+        let end = offset.checked_add(len)?;
+        let bytes = head.get(usize::try_from(offset).ok()?..usize::try_from(end).ok()?)?;
+        let path = bytes.split(|&b| b == 0).next()?;
+        let path = std::str::from_utf8(path).ok()?;
+        (!path.is_empty()).then(|| path.to_string())
     }
 
     /// The file offset of virtual address `addr`.
@@ -261,6 +278,13 @@ mod tests {
             .dynamic(part(object.dynamic_range().unwrap()))
             .unwrap();
         assert_eq!(dynamic.needs(part(dynamic.strings)), n);
+        // A program names its loader; a head cut before it does not.
+        let loader = object.interpreter(&me[..4096]).expect("PT_INTERP");
+        assert!(
+            loader.starts_with('/') && loader.contains("ld-linux"),
+            "{loader}"
+        );
+        assert_eq!(object.interpreter(&me[..64]), None);
         assert!(Object::from_head(&me[..32]).is_none());
         assert!(needs(b"not an ELF object").is_none());
         // Every prefix of an object is an answer or None, never a panic.

@@ -182,6 +182,97 @@ pub async fn resolve(
     })
 }
 
+/// What a container of an image runs unless told otherwise: its
+/// configuration's `Entrypoint` and `Cmd`, with the `PATH` and working
+/// directory they are run with. Known before any container exists, so the
+/// files it starts with can be fetched while the pull finishes (see
+/// `fs`'s `LayerSlot::start_command`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartCommand {
+    /// `Entrypoint` then `Cmd`; never empty.
+    pub argv: Vec<String>,
+    /// The directories of `PATH` in `Env` (runc's default when unset).
+    pub path: Vec<String>,
+    /// `WorkingDir`, absolute (`/` when unset).
+    pub working_dir: String,
+}
+
+/// The `PATH` of a container whose image sets none (runc, containerd).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// An image configuration larger than this is not read for its command
+/// (they are a few KiB; history entries make some a few hundred).
+const CONFIG_MAX: u64 = 4 << 20;
+
+impl StartCommand {
+    /// From an image configuration's `config` object; `None` if it runs
+    /// nothing (no `Entrypoint` and no `Cmd`) or is not shaped as the
+    /// image spec says.
+    pub fn from_config(config: &serde_json::Value) -> Option<StartCommand> {
+        let strings = |key: &str| -> Option<Vec<String>> {
+            match config.get(key) {
+                None | Some(serde_json::Value::Null) => Some(Vec::new()),
+                Some(serde_json::Value::Array(a)) => {
+                    a.iter().map(|v| v.as_str().map(str::to_string)).collect()
+                }
+                Some(_) => None,
+            }
+        };
+        let mut argv = strings("Entrypoint")?;
+        argv.extend(strings("Cmd")?);
+        if argv.first().is_none_or(|p| p.is_empty()) {
+            return None;
+        }
+        let path = strings("Env")?
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH=").map(str::to_string))
+            .unwrap_or_else(|| DEFAULT_PATH.to_string());
+        let working_dir = match config.get("WorkingDir").and_then(|w| w.as_str()) {
+            Some(w) if w.starts_with('/') => w.to_string(),
+            Some(w) if !w.is_empty() => format!("/{w}"),
+            _ => "/".to_string(),
+        };
+        Some(StartCommand {
+            argv,
+            path: path
+                .split(':')
+                .filter(|d| !d.is_empty())
+                .map(str::to_string)
+                .collect(),
+            working_dir,
+        })
+    }
+}
+
+/// The command of the image whose configuration is `config` (fetched,
+/// verified against its digest); `Ok(None)` if it has none.
+pub async fn start_command(
+    client: &RegistryClient,
+    image: &ImageRef,
+    config: &Descriptor,
+) -> Result<Option<StartCommand>, ImageError> {
+    let invalid = |reason: String| ImageError::Invalid {
+        image: image.to_string(),
+        reason,
+    };
+    if config.size > CONFIG_MAX {
+        return Err(invalid(format!(
+            "image configuration of {} bytes, more than the {CONFIG_MAX} read for its command",
+            config.size
+        )));
+    }
+    let bytes = client
+        .blob(image, &config.digest)
+        .await
+        .map_err(|e| ImageError::Fetch {
+            image: image.to_string(),
+            source: Box::new(e),
+        })?;
+    let parsed: oci::ImageConfig =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("image configuration: {e}")))?;
+    Ok(StartCommand::from_config(&parsed.config))
+}
+
 /// The lazy-twin manifests that the registry lists as referrers of
 /// `manifest`, in its order. Failures only mean "none".
 async fn twin_manifests(
@@ -465,6 +556,39 @@ mod tests {
         let image = ImageRef::parse(&format!("{}/test/img@{digest}", registry.host)).unwrap();
         let resolved = resolve(&client, &image).await.unwrap();
         (registry, resolved)
+    }
+
+    #[test]
+    fn the_start_command_of_a_configuration() {
+        let c = |v: serde_json::Value| StartCommand::from_config(&v);
+        assert_eq!(
+            c(serde_json::json!({
+                "Entrypoint": ["python3"],
+                "Cmd": ["-c", "import numpy"],
+                "Env": ["LANG=C.UTF-8", "PATH=/opt/venv/bin:/usr/bin"],
+                "WorkingDir": "/app"
+            })),
+            Some(StartCommand {
+                argv: vec!["python3".into(), "-c".into(), "import numpy".into()],
+                path: vec!["/opt/venv/bin".into(), "/usr/bin".into()],
+                working_dir: "/app".into(),
+            })
+        );
+        let defaults = c(serde_json::json!({"Cmd": ["/bin/sh"], "Entrypoint": null})).unwrap();
+        assert_eq!(defaults.working_dir, "/");
+        assert_eq!(defaults.path.len(), 6);
+        // Nothing to run, or not shaped as the spec says.
+        for v in [
+            serde_json::json!({}),
+            serde_json::json!({"Cmd": []}),
+            serde_json::json!({"Cmd": [""]}),
+            serde_json::json!({"Cmd": "python3"}),
+            serde_json::json!({"Cmd": ["python3", 1]}),
+            serde_json::json!({"Cmd": ["sh"], "Env": "PATH=/bin"}),
+            serde_json::json!(null),
+        ] {
+            assert_eq!(c(v.clone()), None, "{v}");
+        }
     }
 
     #[tokio::test]

@@ -20,6 +20,11 @@
 //!                           # modules an opened Python module (.pyc) imports, the
 //!                           # libraries an ELF program or library needs (and
 //!                           # theirs as they arrive), instead of a round trip each
+//! follow_command = true     # when an image without a prefetch profile is pulled,
+//!                           # fetch what its command (Entrypoint + Cmd) loads first
+//!                           # while the container is created: the program, its
+//!                           # loader and libraries, a Python main module's imports
+//!                           # (needs follow_imports)
 //! native = true             # a layer whose every chunk is cached is written as an
 //!                           # EROFS image and mounted over its FUSE mount: containers
 //!                           # created from then on read it with no daemon round trip
@@ -121,6 +126,7 @@ pub struct LazyConfig {
     pub fetch_ahead_kib: u64,
     pub whole_at_open_mib: u64,
     pub follow_imports: bool,
+    pub follow_command: bool,
     pub native: bool,
     pub fill: bool,
     pub fill_quiet_secs: u64,
@@ -164,6 +170,7 @@ impl Default for LazyConfig {
             fetch_ahead_kib: sluice_puller::layer::DEFAULT_FETCH_AHEAD >> 10,
             whole_at_open_mib: sluice_puller::fs::FsOptions::default().whole_at_open_max >> 20,
             follow_imports: sluice_puller::fs::FsOptions::default().follow_imports,
+            follow_command: true,
             native: true,
             fill: true,
             fill_quiet_secs: sluice_puller::prefetch::DEFAULT_FILL_QUIET.as_secs(),

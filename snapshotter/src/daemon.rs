@@ -135,6 +135,7 @@ impl Daemon {
                 read_deadline: Duration::from_secs(config.lazy.read_deadline_secs.max(1)),
                 fetch_ahead: config.lazy.fetch_ahead_kib << 10,
                 fill: config.lazy.fill,
+                follow_command: config.lazy.follow_command,
             };
             let native = if config.lazy.native {
                 let at = cache.dir().join("erofs");

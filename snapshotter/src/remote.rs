@@ -17,6 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sluice_format::oci::Descriptor;
 use sluice_format::Digest;
 use sluice_puller::fs::{FsOptions, LayerSlot, LazyMount};
 use sluice_puller::image::{self, ResolvedImage};
@@ -93,7 +94,12 @@ impl LayerRequest {
 /// Whether a layer can be mounted lazily, and from what.
 #[derive(Debug)]
 pub enum Lookup {
-    Lazy(Box<RemoteSource>),
+    Lazy {
+        source: Box<RemoteSource>,
+        /// For the image's top layer: its configuration, which names the
+        /// command its containers run (see [`RemoteLayers::mount_early`]).
+        top_of: Option<Descriptor>,
+    },
     /// Needs a full pull; the reason is logged and counted.
     Full(String),
 }
@@ -124,6 +130,22 @@ pub struct RemoteOptions {
     pub fetch_ahead: u64,
     /// Fetch the rest of each layer in the background (lowest priority).
     pub fill: bool,
+    /// When an image without a profile is pulled, fetch what its command
+    /// loads first (needs `fs.follow_imports`; see `LayerSlot::start_command`).
+    pub follow_command: bool,
+}
+
+/// What a layer's mount starts once the layer is served (see
+/// [`RemoteLayers::mount_early`]).
+#[derive(Debug, Clone, Default)]
+pub struct MountStart {
+    /// Look up the image's profile and queue this layer's part of it (for
+    /// a pull; not when mounting again after a restart).
+    pub prefetch: bool,
+    /// For an image's top layer: the image's configuration and the lazy
+    /// layers below (their snapshot ids, the nearest first). Without a
+    /// profile, what the image's command loads first is fetched.
+    pub command: Option<(Descriptor, Vec<u64>)>,
 }
 
 /// What the daemon does with prefetch profiles.
@@ -386,11 +408,14 @@ impl RemoteLayers {
         self.open_ahead(&pinned, &resolved.layers[at + 1..]);
         let layer = &resolved.layers[at];
         Ok(match &layer.lazy {
-            Some(lazy) => Lookup::Lazy(Box::new(RemoteSource {
-                image: pinned.to_string(),
-                layer: layer.original.clone(),
-                lazy: lazy.clone(),
-            })),
+            Some(lazy) => Lookup::Lazy {
+                source: Box::new(RemoteSource {
+                    image: pinned.to_string(),
+                    layer: layer.original.clone(),
+                    lazy: lazy.clone(),
+                }),
+                top_of: (at + 1 == resolved.layers.len()).then(|| resolved.config.clone()),
+            },
             None => Lookup::Full(format!(
                 "layer {} ({}) is not zstd:chunked and the registry has no lazy twin of it",
                 layer.original.digest, layer.original.media_type
@@ -410,7 +435,11 @@ impl RemoteLayers {
         source: &RemoteSource,
         prefetch: bool,
     ) -> Result<(i64, i64), RemoteError> {
-        let usage = self.mount_early(id, mountpoint, source, prefetch).await?;
+        let start = MountStart {
+            prefetch,
+            command: None,
+        };
+        let usage = self.mount_early(id, mountpoint, source, start).await?;
         let reason = match usage.await {
             Ok(Ok(usage)) => return Ok(usage),
             Ok(Err(reason)) => reason,
@@ -436,13 +465,15 @@ impl RemoteLayers {
     /// [`Self::is_mounted`] says no (so that a container is not stacked on
     /// it: see `ensure_lower_mounted`). A TOC that verified but does not
     /// decode is that case: the pull has taken the layer as lazy by then.
+    /// Once served, the layer starts what `start` asks for.
     pub async fn mount_early(
         self: &Arc<Self>,
         id: u64,
         mountpoint: &Path,
         source: &RemoteSource,
-        prefetch: bool,
+        start: MountStart,
     ) -> Result<PendingUsage, RemoteError> {
+        let prefetch = start.prefetch;
         let err = |reason: String| RemoteError::Layer {
             image: source.image.clone(),
             layer: source.layer.digest.to_string(),
@@ -544,9 +575,16 @@ impl RemoteLayers {
                 Some(p) => p.await.ok().flatten(),
                 None => None,
             };
+            let has_profile = profile.is_some();
             // (A profile is only looked up where there is a prefetcher.)
             if let (Some(p), Some(_)) = (profile, &this.profiles.prefetcher) {
                 this.queue_profile_after_tocs(p, &layer, &image, (id, seq))
+                    .await;
+            }
+            if let (false, true, Some((config, lowers))) =
+                (has_profile, this.options.follow_command, start.command)
+            {
+                this.start_command((id, seq), &slot, &image, &config, &lowers)
                     .await;
             }
             // Below the profile's work in the prefetcher's queue.
@@ -592,6 +630,35 @@ impl RemoteLayers {
         if self.is_current(id, seq) {
             queue_profile(prefetcher, &p, layer);
         }
+    }
+
+    /// Fetches what the command of `image` (configuration `config`) loads
+    /// first, in its top layer `slot` (snapshot `id`, mount `seq`) and the
+    /// lazy layers `lowers` below: the pull is done, the container not
+    /// created yet (see `LayerSlot::start_command`).
+    async fn start_command(
+        &self,
+        (id, seq): (u64, u64),
+        slot: &LayerSlot,
+        image: &ImageRef,
+        config: &Descriptor,
+        lowers: &[u64],
+    ) {
+        let cmd = match image::start_command(&self.client, image, config).await {
+            Ok(Some(cmd)) => cmd,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(%image, "image command not fetched ahead: {e}");
+                return;
+            }
+        };
+        if !self.is_current(id, seq) {
+            return;
+        }
+        let ids: Vec<u64> = std::iter::once(id).chain(lowers.iter().copied()).collect();
+        self.stack(&ids);
+        tracing::info!(%image, command = ?cmd.argv, "no profile: fetching what the image's command loads first");
+        slot.start_command(cmd);
     }
 
     /// Tells the mounted lazy layers `ids` (an image's, the top one first)

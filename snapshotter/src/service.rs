@@ -16,7 +16,7 @@ use crate::error::SnapshotError;
 use crate::filters::Filter;
 use crate::metadata::Kind;
 use crate::metrics::SnapshotterMetrics;
-use crate::remote::{LayerRequest, Lookup, RemoteLayers, LABEL_REMOTE, LABEL_TARGET};
+use crate::remote::{LayerRequest, Lookup, MountStart, RemoteLayers, LABEL_REMOTE, LABEL_TARGET};
 use crate::snapshots::{Info as SnapInfo, Snapshotter};
 
 /// The service: shared by every connection.
@@ -108,9 +108,27 @@ impl SnapshotService {
                 existing.record.parent
             ));
         }
-        let source = match remote.lookup(&req).await.map_err(|e| e.to_string())? {
-            Lookup::Lazy(s) => *s,
+        let (source, top_of) = match remote.lookup(&req).await.map_err(|e| e.to_string())? {
+            Lookup::Lazy { source, top_of } => (*source, top_of),
             Lookup::Full(reason) => return Err(reason),
+        };
+        // The top layer of an image starts its command's files (without a
+        // profile): they are found in the lazy layers below it too.
+        let command = match top_of {
+            Some(config) if !parent.is_empty() => {
+                let (core, p) = (self.core.clone(), parent.to_owned());
+                let chain = blocking(move || core.ancestors(Some(&p)))
+                    .await
+                    .unwrap_or_default();
+                let lowers = chain
+                    .iter()
+                    .filter(|(_, r)| r.remote.is_some())
+                    .map(|(_, r)| r.id)
+                    .collect();
+                Some((config, lowers))
+            }
+            Some(config) => Some((config, Vec::new())),
+            None => None,
         };
 
         let core = self.core.clone();
@@ -130,7 +148,15 @@ impl SnapshotService {
         // while containerd goes on (see `RemoteLayers::mount_early`), and
         // its usage recorded when known.
         let usage = match remote
-            .mount_early(record.id, &self.core.fs_dir(record.id), &source, true)
+            .mount_early(
+                record.id,
+                &self.core.fs_dir(record.id),
+                &source,
+                MountStart {
+                    prefetch: true,
+                    command,
+                },
+            )
             .await
         {
             Ok(u) => u,

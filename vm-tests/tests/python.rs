@@ -18,6 +18,7 @@ use common::{mount_layer, Fixture, Mounted};
 use sluice_format::chunked::ChunkingOptions;
 use sluice_format::layout::{Compression, ImageSpec};
 use sluice_puller::fs::FsOptions;
+use sluice_puller::image::StartCommand;
 use sluice_puller::registry::RetryPolicy;
 use sluice_puller::{ChunkCache, LayerOptions, RegistryClient};
 
@@ -28,7 +29,8 @@ const STDLIB: &str = "usr/lib/python3.11";
 /// `app` that is the standard library's `json` under another name (its
 /// `.pyc` files copied): `app/__init__` imports `.decoder`, `.encoder` (this
 /// layer) and `codecs` (the base); `decoder` imports `re`, `json` and the
-/// extension module `_json` (the base).
+/// extension module `_json` (the base). The top layer also has a script
+/// `usr/local/bin/start` (`#!/usr/bin/env python3`, `import app`).
 fn two_layer_fixture() -> Fixture {
     let rootfs = sluice_testkit::fixture("python3").join("rootfs");
     let dir = tempfile::tempdir().unwrap();
@@ -41,6 +43,13 @@ fn two_layer_fixture() -> Fixture {
         let pyc = format!("__pycache__/{m}.cpython-311.pyc");
         std::fs::copy(json.join(&pyc), app.join(&pyc)).unwrap();
     }
+    let bin = top.join("usr/local/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        bin.join("start"),
+        "#!/usr/bin/env python3\nimport app\nprint('ready')\n",
+    )
+    .unwrap();
     let layout = dir.path().join("layout");
     sluice_format::layout::build_image(
         &layout,
@@ -193,4 +202,83 @@ fn without_follow_imports_nothing_below_is_fetched_python3_rootfs() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(base.layer.stats.fetched_bytes.load(Ordering::Relaxed), 0);
     assert_eq!(top.layer.stats.followed_files.load(Ordering::Relaxed), 0);
+}
+
+/// Before any container exists, the image's command (a script in the top
+/// layer, `#!/usr/bin/env python3`) has its interpreter found through
+/// `PATH` and symbolic links in the base layer and fetched with its loader
+/// (`PT_INTERP`, through `lib64 -> usr/lib64` and an absolute link) and
+/// libraries, the modules Python reads at start, and the modules the script
+/// imports (and theirs): without one read of either layer.
+#[test]
+fn the_image_command_is_fetched_before_its_container_starts_python3_rootfs() {
+    let f = two_layer_fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (base, top) = mount_both(&f, &rt, &FsOptions::default());
+    top._session.slot().start_command(StartCommand {
+        argv: vec!["start".into(), "--verbose".into()],
+        path: vec!["/usr/local/bin".into(), "/usr/bin".into(), "/bin".into()],
+        working_dir: "/".into(),
+    });
+    let in_top = [
+        "usr/local/bin/start".to_string(),
+        format!("{SITE}/app/__pycache__/__init__.cpython-311.pyc"),
+        // Imported by app/__init__: followed.
+        format!("{SITE}/app/__pycache__/decoder.cpython-311.pyc"),
+    ];
+    let in_base = [
+        "usr/bin/python3.11".to_string(),
+        "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2".to_string(),
+        "usr/lib/x86_64-linux-gnu/libc.so.6".to_string(),
+        "usr/lib/x86_64-linux-gnu/libexpat.so.1.8.10".to_string(),
+        format!("{STDLIB}/encodings/__pycache__/__init__.cpython-311.pyc"),
+        format!("{STDLIB}/encodings/__pycache__/utf_8.cpython-311.pyc"),
+        // Imported by encodings: followed.
+        format!("{STDLIB}/encodings/__pycache__/aliases.cpython-311.pyc"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing: Vec<&String> = in_top
+            .iter()
+            .filter(|p| !is_local(&top, p))
+            .chain(in_base.iter().filter(|p| !is_local(&base, p)))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the command's files never fetched: {missing:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!is_local(
+        &base,
+        &format!("{STDLIB}/__pycache__/tarfile.cpython-311.pyc")
+    ));
+    for m in [&top, &base] {
+        assert_eq!(m.layer.stats.served_bytes.load(Ordering::Relaxed), 0);
+    }
+}
+
+/// A command that is not in the image, or not a program, fetches nothing
+/// and fails nothing.
+#[test]
+fn a_command_not_in_the_image_fetches_nothing_python3_rootfs() {
+    let f = two_layer_fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (base, top) = mount_both(&f, &rt, &FsOptions::default());
+    for argv in [
+        vec!["no-such-program".to_string()],
+        vec!["/usr/lib/python3.11/../../../../../etc/no-such-file".to_string()],
+    ] {
+        top._session.slot().start_command(StartCommand {
+            argv,
+            path: vec!["/usr/bin".into()],
+            working_dir: "/".into(),
+        });
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(base.layer.stats.fetched_bytes.load(Ordering::Relaxed), 0);
+    assert_eq!(top.layer.stats.fetched_bytes.load(Ordering::Relaxed), 0);
 }

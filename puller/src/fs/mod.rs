@@ -1324,6 +1324,29 @@ impl LayerSlot {
             lowers.iter().map(|l| Arc::downgrade(&l.ready)).collect();
     }
 
+    /// Fetches what the image's command `cmd` loads first, found in this
+    /// layer and its lowers (set them first: [`Self::set_lowers`]), once
+    /// they are served: the program, its loader and libraries, and the
+    /// modules a Python main module imports (see `imports/command.rs`). For
+    /// an image's top layer, while the container is still being created.
+    /// Nothing if the mount does not follow imports.
+    pub fn start_command(&self, cmd: crate::image::StartCommand) {
+        let (ready, lowers) = (self.ready.clone(), self.lowers.clone());
+        self.runtime.spawn_blocking(move || {
+            // Lowers mounted before this layer are usually served by now;
+            // a failed one is skipped, as it is when imports are followed.
+            let lowers: Vec<Weak<Ready>> = lowers.lock().expect("lowers").clone();
+            for lower in lowers.iter().filter_map(Weak::upgrade) {
+                let _ = lower.wait();
+            }
+            if let Ok(fs) = ready.wait() {
+                if let Some(imports) = &fs.imports {
+                    imports.start_command(cmd);
+                }
+            }
+        });
+    }
+
     /// Why the layer is not served, once that is known (requests get EIO).
     pub fn failed(&self) -> Option<&str> {
         match self.ready.fs.get() {

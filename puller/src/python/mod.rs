@@ -12,11 +12,18 @@
 //! - [`pyc`]: the top-level imports of a `.pyc`;
 //! - this module: where those modules' files are in a layer
 //!   ([`files_imported`]), the way Python's path-based import finds them;
-//! - `fs` decides when to fetch them (on the open of a `.pyc`).
+//! - [`source`] and [`command`]: the imports of the main module a command
+//!   line runs (`python3 -c CODE`, `-m MODULE`, a script), which has no
+//!   `.pyc`;
+//! - `fs` decides when to fetch them (on the open of a `.pyc`, or when an
+//!   image's command is known).
 
+pub mod command;
 pub mod pyc;
+pub mod source;
 
 pub use pyc::{module_imports, Import, PycError};
+pub use source::source_imports;
 
 /// Files as the resolver needs them: one layer's, or a stack of layers'.
 pub trait Layout {
@@ -100,6 +107,13 @@ impl<'a> CachedModule<'a> {
     fn abi(&self) -> &'a str {
         self.tag.split('.').next().unwrap_or(self.tag)
     }
+}
+
+/// The path [`files_imported`] takes for a main module run from directory
+/// `dir` (its `sys.path[0]`) by an interpreter of cache tag `tag`: where
+/// its `.pyc` would be if Python cached one.
+pub fn main_module_path(dir: &str, tag: &str) -> String {
+    join(dir, &format!("__pycache__/__main__.{tag}.pyc"))
 }
 
 fn join(dir: &str, rest: &str) -> String {
@@ -320,6 +334,45 @@ mod tests {
             name: name.into(),
             fromlist: fromlist.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn a_main_module_finds_its_own_directory_first_then_the_roots() {
+        let mut files: Vec<String> = layer().0.into_keys().collect();
+        files.push("app/helpers.py".into());
+        files.push("app/__pycache__/helpers.cpython-311.pyc".into());
+        let l = Paths::new(&files.iter().map(String::as_str).collect::<Vec<_>>());
+        let roots = vec![STDLIB.to_string(), SITE.to_string()];
+        let main = main_module_path("app", "cpython-311");
+        assert_eq!(main, "app/__pycache__/__main__.cpython-311.pyc");
+        let got = files_imported(
+            &l,
+            &roots,
+            &main,
+            &source_imports("import helpers, pkg.util\nfrom re import x"),
+        );
+        let n = |p: &str| l.node(p);
+        assert_eq!(
+            got,
+            vec![
+                ModuleFile::Pyc(n("app/__pycache__/helpers.cpython-311.pyc")),
+                ModuleFile::Pyc(n(&format!(
+                    "{SITE}/pkg/__pycache__/__init__.cpython-311.pyc"
+                ))),
+                ModuleFile::Pyc(n(&format!("{SITE}/pkg/__pycache__/util.cpython-311.pyc"))),
+                ModuleFile::Pyc(n(&format!(
+                    "{STDLIB}/re/__pycache__/__init__.cpython-311.pyc"
+                ))),
+            ]
+        );
+        // Run from the root (`python3 -c` with no working directory).
+        let got = files_imported(
+            &l,
+            &roots,
+            &main_module_path("", "cpython-311"),
+            &source_imports("import re"),
+        );
+        assert_eq!(got.len(), 1);
     }
 
     #[test]

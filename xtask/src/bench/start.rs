@@ -66,6 +66,10 @@ pub struct Options {
     /// Python module imports or an ELF object needs ahead of the loader.
     #[arg(long)]
     no_follow_imports: bool,
+    /// The daemon's `[lazy] follow_command = false`: nothing of the image's
+    /// command fetched at pull (without a profile).
+    #[arg(long)]
+    no_follow_command: bool,
     /// The prefetching daemons' `[profiles] prefetch_concurrency` (default:
     /// the daemon's default).
     #[arg(long)]
@@ -85,6 +89,9 @@ impl Options {
         }
         if self.no_follow_imports {
             lines += "follow_imports = false\n";
+        }
+        if self.no_follow_command {
+            lines += "follow_command = false\n";
         }
         if lines.is_empty() {
             lines
