@@ -109,6 +109,11 @@ impl Object {
         (!path.is_empty()).then(|| path.to_string())
     }
 
+    /// The multiarch tuple of the object's machine (`x86_64-linux-gnu`).
+    pub fn multiarch(&self) -> Option<&'static str> {
+        multiarch(self.machine)
+    }
+
     /// The file offset of virtual address `addr`.
     fn file_offset(&self, addr: u64) -> Option<u64> {
         self.loads
@@ -285,6 +290,7 @@ mod tests {
             "{loader}"
         );
         assert_eq!(object.interpreter(&me[..64]), None);
+        assert_eq!(object.multiarch(), Some("x86_64-linux-gnu"));
         assert!(Object::from_head(&me[..32]).is_none());
         assert!(needs(b"not an ELF object").is_none());
         // Every prefix of an object is an answer or None, never a panic.

@@ -195,6 +195,9 @@ pub struct StartCommand {
     pub path: Vec<String>,
     /// `WorkingDir`, absolute (`/` when unset).
     pub working_dir: String,
+    /// The locale of character types in `Env`: `LC_ALL`, else `LC_CTYPE`,
+    /// else `LANG` (`None`: none set, the C locale).
+    pub locale: Option<String>,
 }
 
 /// The `PATH` of a container whose image sets none (runc, containerd).
@@ -223,10 +226,16 @@ impl StartCommand {
         if argv.first().is_none_or(|p| p.is_empty()) {
             return None;
         }
-        let path = strings("Env")?
-            .iter()
-            .find_map(|e| e.strip_prefix("PATH=").map(str::to_string))
-            .unwrap_or_else(|| DEFAULT_PATH.to_string());
+        let env = strings("Env")?;
+        let var = |name: &str| {
+            env.iter()
+                .rev()
+                .find_map(|e| e.strip_prefix(name)?.strip_prefix('=').map(str::to_string))
+        };
+        let path = var("PATH").unwrap_or_else(|| DEFAULT_PATH.to_string());
+        let locale = ["LC_ALL", "LC_CTYPE", "LANG"]
+            .into_iter()
+            .find_map(|v| var(v).filter(|l| !l.is_empty()));
         let working_dir = match config.get("WorkingDir").and_then(|w| w.as_str()) {
             Some(w) if w.starts_with('/') => w.to_string(),
             Some(w) if !w.is_empty() => format!("/{w}"),
@@ -240,6 +249,7 @@ impl StartCommand {
                 .map(str::to_string)
                 .collect(),
             working_dir,
+            locale,
         })
     }
 }
@@ -565,17 +575,19 @@ mod tests {
             c(serde_json::json!({
                 "Entrypoint": ["python3"],
                 "Cmd": ["-c", "import numpy"],
-                "Env": ["LANG=C.UTF-8", "PATH=/opt/venv/bin:/usr/bin"],
+                "Env": ["LANG=C.UTF-8", "PATH=/opt/venv/bin:/usr/bin", "LC_CTYPE="],
                 "WorkingDir": "/app"
             })),
             Some(StartCommand {
                 argv: vec!["python3".into(), "-c".into(), "import numpy".into()],
                 path: vec!["/opt/venv/bin".into(), "/usr/bin".into()],
                 working_dir: "/app".into(),
+                locale: Some("C.UTF-8".into()),
             })
         );
         let defaults = c(serde_json::json!({"Cmd": ["/bin/sh"], "Entrypoint": null})).unwrap();
         assert_eq!(defaults.working_dir, "/");
+        assert_eq!(defaults.locale, None);
         assert_eq!(defaults.path.len(), 6);
         // Nothing to run, or not shaped as the spec says.
         for v in [

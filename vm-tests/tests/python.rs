@@ -219,6 +219,7 @@ fn the_image_command_is_fetched_before_its_container_starts_python3_rootfs() {
         argv: vec!["start".into(), "--verbose".into()],
         path: vec!["/usr/local/bin".into(), "/usr/bin".into(), "/bin".into()],
         working_dir: "/".into(),
+        locale: None,
     });
     let in_top = [
         "usr/local/bin/start".to_string(),
@@ -231,6 +232,11 @@ fn the_image_command_is_fetched_before_its_container_starts_python3_rootfs() {
         "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2".to_string(),
         "usr/lib/x86_64-linux-gnu/libc.so.6".to_string(),
         "usr/lib/x86_64-linux-gnu/libexpat.so.1.8.10".to_string(),
+        // Read by every start of a dynamic program, and of python3 in the
+        // C locale.
+        "etc/ld.so.cache".to_string(),
+        "usr/lib/locale/C.utf8/LC_CTYPE".to_string(),
+        format!("{STDLIB}/__pycache__/sitecustomize.cpython-311.pyc"),
         format!("{STDLIB}/encodings/__pycache__/__init__.cpython-311.pyc"),
         format!("{STDLIB}/encodings/__pycache__/utf_8.cpython-311.pyc"),
         // Imported by encodings: followed.
@@ -276,6 +282,7 @@ fn a_command_not_in_the_image_fetches_nothing_python3_rootfs() {
             argv,
             path: vec!["/usr/bin".into()],
             working_dir: "/".into(),
+            locale: None,
         });
     }
     std::thread::sleep(Duration::from_secs(2));

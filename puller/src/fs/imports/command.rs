@@ -14,7 +14,8 @@
 //! libraries) together with its loader (`PT_INTERP`). When the program is
 //! a Python interpreter, its main module's imports (`-c CODE`, `-m MODULE`
 //! or a script, see [`crate::python::command`]) and the `encodings`
-//! package it reads at start are followed as a `.pyc`'s are.
+//! package it reads at start are followed as a `.pyc`'s are. Files every
+//! such start reads first are fetched with them (see [`start_data`]).
 
 use std::sync::Arc;
 
@@ -36,7 +37,13 @@ fn startup_modules(tag: &str) -> Vec<Import> {
         .strip_prefix("cpython-3")
         .and_then(|m| m.parse().ok())
         .unwrap_or(0);
-    let mut names = vec!["encodings", "encodings.utf_8"];
+    // `site` imports `sitecustomize` (Debian has one) and `usercustomize`.
+    let mut names = vec![
+        "encodings",
+        "encodings.utf_8",
+        "sitecustomize",
+        "usercustomize",
+    ];
     if minor < 11 {
         names.push("site");
     }
@@ -48,6 +55,37 @@ fn startup_modules(tag: &str) -> Vec<Import> {
             fromlist: Vec::new(),
         })
         .collect()
+}
+
+/// Files (paths in the image) that the start of a program reads before
+/// its own code does: the dynamic loader's cache (glibc's `ld.so` reads it
+/// before any library, for a `dynamic` program), and for a `python`
+/// interpreter in the C locale (`locale`: none set, `C` or `POSIX`, which
+/// CPython coerces to C.UTF-8, PEP 538) or in C.UTF-8 itself what glibc
+/// loads for it. Each was a round trip of its own in a numpy-pandas start,
+/// one after the other.
+fn start_data(
+    dynamic: bool,
+    python: bool,
+    multiarch: Option<&str>,
+    locale: Option<&str>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if dynamic {
+        out.push("etc/ld.so.cache".to_string());
+    }
+    let c_utf8 = match locale {
+        None | Some("C" | "POSIX") => true,
+        Some(l) => l.eq_ignore_ascii_case("C.UTF-8") || l.eq_ignore_ascii_case("C.utf8"),
+    };
+    if python && c_utf8 {
+        out.push("usr/lib/locale/C.utf8/LC_CTYPE".to_string());
+        out.push("usr/lib/locale/C.UTF-8/LC_CTYPE".to_string());
+        if let Some(m) = multiarch {
+            out.push(format!("usr/lib/{m}/gconv/gconv-modules.cache"));
+        }
+    }
+    out
 }
 
 /// `dir/name` as the kernel would look it up from the image's root, as a
@@ -154,15 +192,28 @@ impl ImportLookahead {
                 return;
             };
             let mut files = vec![((k, node), Kind::Object)];
-            if let Some(loader) = object
-                .interpreter(&head)
-                .and_then(|l| stack.resolve(&join_path("/", &l)))
+            let loader = object.interpreter(&head);
+            if let Some(at) = loader
+                .as_ref()
+                .and_then(|l| stack.resolve(&join_path("/", l)))
             {
-                files.push((loader, Kind::Object));
+                files.push((at, Kind::Object));
             }
-            self.fetch_all(&stack, files, &path, "starting the image's command");
             let name = path.rsplit('/').next().unwrap_or(&path);
-            if let Some(tag) = python::command::cache_tag(name) {
+            let tag = python::command::cache_tag(name);
+            let data = start_data(
+                loader.is_some(),
+                tag.is_some(),
+                object.multiarch(),
+                cmd.locale.as_deref(),
+            );
+            files.extend(
+                data.iter()
+                    .filter_map(|p| stack.resolve(p))
+                    .map(|at| (at, Kind::Data)),
+            );
+            self.fetch_all(&stack, files, &path, "starting the image's command");
+            if let Some(tag) = tag {
                 self.start_python(&stack, &tag, &argv[1..], &cmd).await;
             }
             return;
@@ -273,10 +324,29 @@ mod tests {
                 .map(|i| i.name)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(names("cpython-311"), ["encodings", "encodings.utf_8"]);
+        let always = [
+            "encodings",
+            "encodings.utf_8",
+            "sitecustomize",
+            "usercustomize",
+        ];
+        assert_eq!(names("cpython-311"), always);
+        assert_eq!(names("cpython-39")[..4], always);
+        assert_eq!(names("cpython-39")[4], "site");
+    }
+
+    #[test]
+    fn what_a_start_reads_before_the_program_runs() {
+        assert_eq!(start_data(false, false, None, None), Vec::<String>::new());
+        assert_eq!(start_data(true, false, None, None), ["etc/ld.so.cache"]);
+        let python = start_data(true, true, Some("x86_64-linux-gnu"), Some("POSIX"));
+        assert!(python.contains(&"usr/lib/locale/C.utf8/LC_CTYPE".to_string()));
+        assert!(python.contains(&"usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache".to_string()));
         assert_eq!(
-            names("cpython-39"),
-            ["encodings", "encodings.utf_8", "site"]
+            python,
+            start_data(true, true, Some("x86_64-linux-gnu"), Some("C.UTF-8"))
         );
+        // A locale of its own: not known here.
+        assert_eq!(start_data(true, true, None, Some("en_US.UTF-8")).len(), 1);
     }
 }
