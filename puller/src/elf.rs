@@ -34,8 +34,8 @@ pub struct Needs {
 pub struct Object {
     little_endian: bool,
     machine: u16,
-    /// `PT_LOAD` segments: (virtual address, file offset, file size, writable).
-    loads: Vec<(u64, u64, u64, bool)>,
+    /// `PT_LOAD` segments: (virtual address, file offset, file size, flags).
+    loads: Vec<(u64, u64, u64, u32)>,
     /// File range of `PT_DYNAMIC`.
     dynamic: Option<(u64, u64)>,
     /// File range of `PT_INTERP` (a program's dynamic loader).
@@ -65,12 +65,10 @@ impl Object {
         for p in header.program_headers(endian, head).ok()? {
             let range = (p.p_offset(endian), p.p_filesz(endian));
             match p.p_type(endian) {
-                elf::PT_LOAD => out.loads.push((
-                    p.p_vaddr(endian),
-                    range.0,
-                    range.1,
-                    p.p_flags(endian) & elf::PF_W != 0,
-                )),
+                elf::PT_LOAD => {
+                    out.loads
+                        .push((p.p_vaddr(endian), range.0, range.1, p.p_flags(endian)))
+                }
                 elf::PT_DYNAMIC => out.dynamic = Some((range.0, range.1.min(DYNAMIC_MAX))),
                 elf::PT_INTERP => out.interpreter = Some(range),
                 _ => {}
@@ -86,7 +84,20 @@ impl Object {
     pub fn writable_ranges(&self) -> Vec<(u64, u64)> {
         self.loads
             .iter()
-            .filter(|l| l.3)
+            .filter(|l| l.3 & elf::PF_W != 0)
+            .map(|&(_, off, size, _)| (off, size))
+            .collect()
+    }
+
+    /// File ranges of the read-only segments before the first executable
+    /// one: where linkers put what the loader reads to link the object
+    /// (symbol tables, their hashes and strings, relocations), all of which
+    /// it reads before any of the object's code runs.
+    pub fn link_ranges(&self) -> Vec<(u64, u64)> {
+        self.loads
+            .iter()
+            .take_while(|l| l.3 & elf::PF_X == 0)
+            .filter(|l| l.3 & elf::PF_W == 0)
             .map(|&(_, off, size, _)| (off, size))
             .collect()
     }
@@ -283,6 +294,18 @@ mod tests {
             .dynamic(part(object.dynamic_range().unwrap()))
             .unwrap();
         assert_eq!(dynamic.needs(part(dynamic.strings)), n);
+        // What the loader reads to link it lies in the read-only segments
+        // before its code: the dynamic strings among them.
+        let link = object.link_ranges();
+        let (so, sl) = dynamic.strings;
+        assert!(
+            link.iter().any(|&(o, l)| o <= so && so + sl <= o + l),
+            "{link:?} {:?}",
+            dynamic.strings
+        );
+        assert!(link
+            .iter()
+            .all(|&(o, l)| rw.iter().all(|&(w, _)| o + l <= w)));
         // A program names its loader; a head cut before it does not.
         let loader = object.interpreter(&me[..4096]).expect("PT_INTERP");
         assert!(

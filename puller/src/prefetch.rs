@@ -312,8 +312,8 @@ const PIECE: u64 = 256 * 1024;
 
 /// Consecutive runs of `items` of at least `bytes` compressed bytes each
 /// (the last one less), `len` giving an item's bytes: fill pieces and
-/// profile batches.
-fn pieces<T>(
+/// profile batches, and objects fetched whole ahead of the loader.
+pub(crate) fn pieces<T>(
     items: impl IntoIterator<Item = T>,
     bytes: u64,
     len: impl Fn(&T) -> u64,

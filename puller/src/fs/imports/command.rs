@@ -191,7 +191,7 @@ impl ImportLookahead {
                 tracing::debug!(program = %path, "the image's command is neither ELF nor #!");
                 return;
             };
-            let mut files = vec![((k, node), Kind::Object)];
+            let mut files = vec![((k, node), Kind::Program)];
             let loader = object.interpreter(&head);
             if let Some(at) = loader
                 .as_ref()
