@@ -251,6 +251,32 @@ fn conversion_is_exact_deterministic_and_indexable() {
 }
 
 #[test]
+fn the_toc_level_changes_only_the_toc_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    tree(dir.path());
+    let tar = tar_of(dir.path());
+    let toc_of = |toc_level| {
+        let mut blob = Vec::new();
+        let opts = ChunkingOptions {
+            toc_level,
+            ..opts()
+        };
+        let c = convert_tar(&tar[..], &mut blob, &opts).unwrap();
+        let loc = c.footer.toc;
+        let compressed = blob[loc.offset as usize..loc.end() as usize].to_vec();
+        let json = Toc::inflate(&compressed, c.footer.toc_digest.as_ref(), MAX_TOC_BYTES).unwrap();
+        // The files' frames lie before the TOC, the same at any level.
+        // (and the 8-byte header of the TOC's skippable frame, its length).
+        (blob[..loc.offset as usize - 8].to_vec(), compressed, json)
+    };
+    let (files_1, toc_1, json_1) = toc_of(1);
+    let (files_19, toc_19, json_19) = toc_of(19);
+    assert_eq!(files_1, files_19);
+    assert_eq!(json_1, json_19);
+    assert_ne!(toc_1, toc_19);
+}
+
+#[test]
 fn reference_reader_rebuilds_the_exact_tar() {
     let dir = tempfile::tempdir().unwrap();
     tree(dir.path());

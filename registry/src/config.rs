@@ -54,6 +54,7 @@ pub struct ConvertConfig {
     pub on_push: bool,
     pub chunk_kib: u32,
     pub level: i32,
+    pub toc_level: i32,
     pub workers: usize,
     pub work_dir: Option<PathBuf>,
 }
@@ -64,6 +65,7 @@ impl Default for ConvertConfig {
             on_push: true,
             chunk_kib: 32,
             level: 3,
+            toc_level: sluice_format::chunked::DEFAULT_TOC_LEVEL,
             workers: 1,
             work_dir: None,
         }

@@ -214,10 +214,13 @@ async fn convert_one<S: Storage>(
             path: work_dir.clone(),
             source,
         })?;
-    let opts = ChunkingOptions::with_average(
-        registry.config.convert.chunk_kib * 1024,
-        registry.config.convert.level,
-    );
+    let opts = ChunkingOptions {
+        toc_level: registry.config.convert.toc_level,
+        ..ChunkingOptions::with_average(
+            registry.config.convert.chunk_kib * 1024,
+            registry.config.convert.level,
+        )
+    };
     let original = layer.clone();
     let (scratch, (desc, facts)) = tokio::task::spawn_blocking(move || {
         let sink = std::io::BufWriter::with_capacity(1 << 20, scratch.as_file());

@@ -59,6 +59,9 @@ enum Command {
         /// zstd level.
         #[arg(long, default_value_t = 3)]
         level: i32,
+        /// zstd level of the TOC (fetched by every node at every pull).
+        #[arg(long, default_value_t = sluice_format::chunked::DEFAULT_TOC_LEVEL)]
+        toc_level: i32,
     },
     /// Remove blobs that no manifest references.
     Gc {
@@ -117,6 +120,7 @@ fn main() -> anyhow::Result<()> {
             to,
             chunk_kib,
             level,
+            toc_level,
         } => {
             let split = |s: &str| -> anyhow::Result<(PathBuf, String)> {
                 let (dir, tag) = s
@@ -126,8 +130,10 @@ fn main() -> anyhow::Result<()> {
             };
             let (from_dir, from_tag) = split(&from)?;
             let (to_dir, to_tag) = split(&to)?;
-            let opts =
-                sluice_format::chunked::ChunkingOptions::with_average(chunk_kib * 1024, level);
+            let opts = sluice_format::chunked::ChunkingOptions {
+                toc_level,
+                ..sluice_format::chunked::ChunkingOptions::with_average(chunk_kib * 1024, level)
+            };
             let started = std::time::Instant::now();
             let image = sluice_format::convert::convert_layout(
                 &from_dir, &from_tag, &to_dir, &to_tag, &opts,

@@ -29,7 +29,7 @@ pub mod writer;
 pub use footer::{Footer, MetadataLocation};
 pub use index::{ChunkRef, IndexError, LayerIndex, Node, NodeKind};
 pub use toc::{Toc, TocEntry, TocError};
-pub use writer::{convert_tar, ChunkingOptions, ConvertedLayer, WriteError};
+pub use writer::{convert_tar, ChunkingOptions, ConvertedLayer, WriteError, DEFAULT_TOC_LEVEL};
 
 /// Annotation with the TOC's compressed location: `offset:length:uncompressed:1`.
 pub const MANIFEST_POSITION: &str = "io.github.containers.zstd-chunked.manifest-position";

@@ -32,9 +32,18 @@ pub struct ChunkingOptions {
     pub min_chunk: u32,
     pub avg_chunk: u32,
     pub max_chunk: u32,
-    /// zstd level of every frame.
+    /// zstd level of every frame but the TOC's.
     pub level: i32,
+    /// zstd level of the TOC: every node fetches it whole before a layer
+    /// opens, so bytes saved there are saved on every pull's path.
+    pub toc_level: i32,
 }
+
+/// The TOC's zstd level unless set otherwise. Its digests and names
+/// compress better at high levels: python3-large's upper layer (39,000
+/// files, 14.9 MB of TOC JSON) is 3.49 MB at level 3, 2.99 MB at 16 (1.8 s
+/// to compress on this machine), 2.85 MB at 19 (5.4 s).
+pub const DEFAULT_TOC_LEVEL: i32 = 16;
 
 impl Default for ChunkingOptions {
     /// 32 KiB average and zstd 3 (fast enough to convert on push): chosen by
@@ -54,6 +63,7 @@ impl ChunkingOptions {
             avg_chunk: avg,
             max_chunk: avg * 4,
             level,
+            toc_level: DEFAULT_TOC_LEVEL,
         }
     }
 }
@@ -349,7 +359,7 @@ pub fn convert_tar<R: Read, W: Write>(
         entries: std::mem::take(&mut c.entries),
         tar_split_digest: Some(split.digest.to_string()),
     };
-    let (toc_bytes, toc_len) = toc.encode(opts.level)?;
+    let (toc_bytes, toc_len) = toc.encode(opts.toc_level)?;
     let toc_digest = Digest::sha256(&toc_bytes);
     let toc_offset = c.skippable(&toc_bytes)?;
     let split_offset = c.skippable(&split.compressed)?;
