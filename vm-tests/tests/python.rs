@@ -109,6 +109,34 @@ fn is_local(m: &Mounted, path: &str) -> bool {
     m.layer.is_local(node)
 }
 
+/// Waits until every file of `in_top` is local in `top`, and every one of
+/// `in_base` in `base`; fails naming the missing ones after a minute
+/// (generous: the guest kernels of `cargo xtask vm-test` run emulated).
+fn wait_until_local(
+    top: &Mounted,
+    in_top: &[String],
+    base: &Mounted,
+    in_base: &[String],
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing: Vec<&String> = in_top
+            .iter()
+            .filter(|p| !is_local(top, p))
+            .chain(in_base.iter().filter(|p| !is_local(base, p)))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} never fetched: {missing:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn read_app_init(top: &Mounted) -> PathBuf {
     let init = Path::new(SITE).join("app/__pycache__/__init__.cpython-311.pyc");
     let bytes = std::fs::read(top.path.join(&init)).unwrap();
@@ -135,23 +163,7 @@ fn an_opened_module_has_its_imports_fetched_in_its_layer_and_below_python3_rootf
         // Imported by re: followed in the base layer as well.
         format!("{STDLIB}/re/__pycache__/_compiler.cpython-311.pyc"),
     ];
-    // Generous: the guest kernels of `cargo xtask vm-test` run emulated.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let missing: Vec<&String> = in_top
-            .iter()
-            .filter(|p| !is_local(&top, p))
-            .chain(in_base.iter().filter(|p| !is_local(&base, p)))
-            .collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "imported modules never fetched: {missing:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_local(&top, &in_top, &base, &in_base, "imported modules");
     // Only what is imported: a module nothing here imports stays remote.
     assert!(!is_local(
         &base,
@@ -242,22 +254,7 @@ fn the_image_command_is_fetched_before_its_container_starts_python3_rootfs() {
         // Imported by encodings: followed.
         format!("{STDLIB}/encodings/__pycache__/aliases.cpython-311.pyc"),
     ];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let missing: Vec<&String> = in_top
-            .iter()
-            .filter(|p| !is_local(&top, p))
-            .chain(in_base.iter().filter(|p| !is_local(&base, p)))
-            .collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the command's files never fetched: {missing:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_local(&top, &in_top, &base, &in_base, "the command's files");
     assert!(!is_local(
         &base,
         &format!("{STDLIB}/__pycache__/tarfile.cpython-311.pyc")
