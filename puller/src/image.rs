@@ -656,6 +656,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_command_is_read_from_the_verified_configuration() {
+        let config = |c: serde_json::Value| {
+            Bytes::from(
+                serde_json::to_vec(&serde_json::json!({
+                    "architecture": "amd64", "os": "linux", "config": c,
+                    "rootfs": {"type": "layers", "diff_ids": []},
+                }))
+                .unwrap(),
+            )
+        };
+        // A registry that answers `served` for the blob `digest`.
+        let command_of = |served: Bytes, digest: Digest, size: u64| async move {
+            let mut img = image_with(false);
+            (img.config, img.config_digest) = (served, digest.clone());
+            let registry = gated_registry(img, "/nothing".into(), "/nothing".into()).await;
+            let client = RegistryClient::new(RetryPolicy::default());
+            let image = ImageRef::parse(&format!("{}/test/img:v1", registry.host)).unwrap();
+            let desc = Descriptor::new("application/vnd.oci.image.config.v1+json", digest, size);
+            let got = start_command(&client, &image, &desc).await;
+            let requests = registry.requests.lock().unwrap().clone();
+            (got, requests)
+        };
+        let good = config(serde_json::json!({"Cmd": ["python3", "-c", "import json"]}));
+        let digest = Digest::sha256(&good);
+        let (got, _) = command_of(good.clone(), digest.clone(), good.len() as u64).await;
+        let cmd = got.unwrap().expect("a command");
+        assert_eq!(cmd.argv, ["python3", "-c", "import json"]);
+        // No command in it: none, and no error.
+        let none = config(serde_json::json!({"Env": ["PATH=/bin"]}));
+        let (got, _) = command_of(none.clone(), Digest::sha256(&none), none.len() as u64).await;
+        assert!(matches!(got, Ok(None)), "{got:?}");
+        // Bytes that are not the digest's: a fetch error, not a command.
+        let (got, _) = command_of(none.clone(), digest.clone(), none.len() as u64).await;
+        assert!(matches!(got, Err(ImageError::Fetch { .. })), "{got:?}");
+        // Not an image configuration.
+        let junk = Bytes::from_static(b"{\"config\": 1");
+        let (got, _) = command_of(junk.clone(), Digest::sha256(&junk), junk.len() as u64).await;
+        assert!(
+            matches!(&got, Err(ImageError::Invalid { reason, .. }) if reason.contains("image configuration")),
+            "{got:?}"
+        );
+        // Declared too big: refused before any request for it.
+        let (got, requests) = command_of(good, digest.clone(), CONFIG_MAX + 1).await;
+        assert!(matches!(got, Err(ImageError::Invalid { .. })), "{got:?}");
+        assert!(
+            !requests.iter().any(|p| p.contains("/blobs/")),
+            "{requests:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_pull_fetches_the_manifest_alone() {
         let img = image_with(false);
         let (manifest_digest, config_digest, plain) = (
