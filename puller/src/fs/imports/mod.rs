@@ -455,9 +455,9 @@ impl ImportLookahead {
         }
         let chunks = layer.index().file_chunks_of(node);
         let missing = layer.not_yet_fetched(chunks);
-        // An object too big to fetch whole gets its head, writable
-        // segments and libraries only; a module that big (generated code)
-        // nothing.
+        // An object too big to fetch whole gets its head, link tables,
+        // writable segments and libraries only; a module that big
+        // (generated code) nothing.
         let limit = match kind {
             Kind::Object => OBJECT_WHOLE_MAX,
             Kind::Program | Kind::Module | Kind::Data => super::MAPPED_FETCH_MAX,
