@@ -7,7 +7,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::{
-    lazy_mounts_under, needs_root, node, node_with, private_busybox, sha256_file, walk_files, Node,
+    lazy_mounts_under, needs_root, node, node_with, private_busybox, sha256_file, wait_for,
+    walk_files, Node,
 };
 
 use sluice_format::layout::Compression;
@@ -377,6 +378,22 @@ async fn python3_starts_lazily(passthrough: bool) {
     let served_before = reg.metric("sluice_registry_blob_bytes_served_total").await;
     let out = node.pull(&reference);
     assert!(out.contains("1 layer (1 lazy, 0 full"), "{out}");
+
+    // No profile, so mounting the layer at the pull started fetching what the
+    // image's command (`python3`) loads first, before any container exists:
+    // the program, its loader and libraries, ld.so.cache, python's startup
+    // modules (`[lazy] follow_command`, on by default).
+    wait_for(
+        "the image's command followed at the pull",
+        std::time::Duration::from_secs(30),
+        async || {
+            node.snapshotter
+                .metric("sluice_puller_layer_followed_files_total")
+                .await
+                >= 5.0
+        },
+    )
+    .await;
 
     // A script reading a known list of files; each checksum must match.
     let files = [

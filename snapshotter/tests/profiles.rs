@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{needs_root, node_with, Node};
+use common::{needs_root, node_with, wait_for, Node};
 use sluice_puller::registry::RetryPolicy;
 use sluice_puller::{ImageRef, RegistryClient};
 
@@ -33,14 +33,6 @@ fn daemon_config(dir: &std::path::Path) -> std::path::PathBuf {
 
 async fn metric(node: &Node, name: &str) -> f64 {
     node.snapshotter.metric(name).await
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut ok: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok().await {
-        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -136,6 +136,18 @@ pub fn needs_root() -> bool {
     true
 }
 
+/// Polls `ok` every 200 ms until it holds; fails the test after `timeout`.
+pub async fn wait_for(what: &str, timeout: std::time::Duration, mut ok: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !ok().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {timeout:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 pub fn sha256_file(p: &Path) -> String {
     Digest::sha256(&std::fs::read(p).unwrap()).hex().to_owned()
 }
