@@ -395,6 +395,115 @@ fn a_fault_is_recorded_with_the_pages_the_kernel_reads_around_it() {
     assert_eq!(rec.profile.entries.len(), chunks, "{:?}", rec.profile);
 }
 
+/// A process that reads the mount before it executes anything (runc's init
+/// reads the image's /etc/passwd, the kernel reads the program inside
+/// `execve`) has those reads recorded once it executes a program in a
+/// container, as that start's first: here a subshell forked by the
+/// container's shell (no exec of its own yet) reads start.sh with a builtin,
+/// then executes a shell that reads blob.bin, also with a builtin (a program
+/// of its own could be gone before the recorder looks at its namespace).
+#[test]
+fn reads_before_a_containers_exec_are_recorded_first() {
+    if !sluice_testkit::is_root() {
+        eprintln!("SKIP: loading eBPF programs and FUSE mounts need root");
+        return;
+    }
+    if !sluice_testkit::kernel::has_filemap_tracepoints() {
+        eprintln!(
+            "SKIP: no filemap tracepoints: the FUSE-side fallback records by cgroup, not by exec"
+        );
+        return;
+    }
+    let (source, rec, _, _) = record(
+        Some(Hooks::Auto),
+        APP_LAYER,
+        &["app/data/blob.bin"],
+        |mnt| {
+            format!(
+                "/bin/busybox sh -c \"(read l < {m}/app/start.sh; exec /bin/busybox sh -c \\\"read l < {m}/app/data/blob.bin; sleep 1\\\"); true\"",
+                m = mnt.display()
+            )
+        },
+    );
+    assert_eq!(source, Source::Ebpf);
+    assert_eq!(
+        paths(&rec),
+        ["app/start.sh", "app/data/blob.bin"],
+        "{:?}",
+        rec.profile
+    );
+}
+
+/// What a process read before its exec is kept only for a process that then
+/// executes in a container, and only for a while before that exec. (Events
+/// fed to the recorder directly, as a kernel would report them.)
+#[test]
+fn reads_before_an_exec_count_only_for_a_container_and_shortly_before() {
+    use sluice_puller::trace::Recorder;
+    use sluice_puller_ebpf::{flags, kind, AccessEvent};
+
+    let f = common::fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (layer, pinned) = open_layer(&f, &rt, &f.dir.path().join("cache-before"), APP_LAYER);
+    let (done, mut recordings) = tokio::sync::mpsc::unbounded_channel();
+    let window = Duration::from_secs(1);
+    let recorder = Recorder::new(Source::Ebpf, window, 0, done);
+    const DEV: u32 = (1 << 20) | 78;
+    recorder.add_layer(DEV, layer.clone(), pinned);
+    let node = |path| layer.index().lookup(path).unwrap() as u64;
+    let (script, blob) = (node("app/start.sh"), node("app/data/blob.bin"));
+    // Processes that are not the test's (the recorder ignores its own),
+    // each in a cgroup of its own; none exists (pid_max is at most 2^22).
+    let event = |tgid: u32, kind, ino, page, time_ns| AccessEvent {
+        ino: ino + 2,
+        first_page: page,
+        last_page: page,
+        cgroup: u64::from(tgid),
+        time_ns,
+        dev: DEV,
+        tgid,
+        kind,
+        flags: 0,
+    };
+    let exec = |tgid, contained: bool, time_ns| AccessEvent {
+        flags: if contained { flags::OTHER_PID_NS } else { 0 },
+        ..event(tgid, kind::EXEC, 0, 0, time_ns)
+    };
+    const S: u64 = 1_000_000_000;
+    let (container, host, late) = (u32::MAX - 10, u32::MAX - 11, u32::MAX - 12);
+    // A container's first process: reads, then executes its entrypoint,
+    // which reads on.
+    recorder.on_event(&event(container, kind::READ, script, 0, 10 * S));
+    recorder.on_event(&exec(container, true, 11 * S));
+    recorder.on_event(&event(container, kind::READ, blob, 5, 11 * S + 1));
+    // A host process that reads and then executes on the host.
+    recorder.on_event(&event(host, kind::READ, script, 0, 10 * S));
+    recorder.on_event(&exec(host, false, 11 * S));
+    recorder.on_event(&event(host, kind::READ, blob, 5, 11 * S + 1));
+    // Read longer before its exec than a start takes.
+    recorder.on_event(&event(late, kind::READ, script, 0, 5 * S));
+    recorder.on_event(&exec(late, true, 11 * S));
+    recorder.on_event(&event(late, kind::READ, blob, 5, 11 * S + 1));
+
+    recorder.finish_due(20 * S);
+    let mut got = std::collections::HashMap::new();
+    while let Ok(r) = recordings.try_recv() {
+        got.insert(r.cgroup, paths(&r));
+    }
+    assert_eq!(
+        got.remove(&u64::from(container)),
+        Some(vec![
+            "app/start.sh".to_owned(),
+            "app/data/blob.bin".to_owned()
+        ])
+    );
+    assert_eq!(
+        got.remove(&u64::from(late)),
+        Some(vec!["app/data/blob.bin".to_owned()])
+    );
+    assert!(got.is_empty(), "the host process was recorded: {got:?}");
+}
+
 /// The file offset of an ELF executable's entry point: the page a program
 /// started from this file faults on first.
 fn entry_offset(elf: &[u8]) -> u64 {

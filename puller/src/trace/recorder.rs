@@ -20,6 +20,14 @@ const PAGE: u64 = 4096;
 /// 128 KiB, the default window and FUSE's cap).
 const FAULT_AROUND_PAGES: u64 = 32;
 
+/// How long before its exec an access of a process with no exec seen yet
+/// still belongs to what that exec starts (see [`State::before_exec`]).
+const BEFORE_EXEC_NS: u64 = 2_000_000_000;
+/// Accesses kept per such process, and processes kept: a host process that
+/// reads a lazy mount and never executes anything costs this much at most.
+const BEFORE_EXEC_EVENTS: usize = 256;
+const BEFORE_EXEC_PROCESSES: usize = 256;
+
 /// A finished recording: one container's accesses to one image's layers.
 #[derive(Debug, Clone)]
 pub struct Recording {
@@ -65,6 +73,15 @@ struct State {
     /// mounts (containerd resolving users, the daemon itself), which matters
     /// on cgroup v1 hosts where every task shares the root v2 cgroup.
     execs: HashMap<u32, (u64, bool)>,
+    /// Accesses to traced layers by processes with no exec seen, kept until
+    /// the process executes a program: if it does so in a container, they
+    /// are that start's first reads. A container's first process is forked
+    /// by runc from its init, which reads the image's `/etc/passwd` and
+    /// `/etc/group` before it executes the entrypoint, and the kernel reads
+    /// the program (its `#!` script, its ELF header, the loader's) inside
+    /// `execve`, before the exec is reported. Left out, each was a read the
+    /// next node waited for with a profile (busybox: four round trips).
+    before_exec: HashMap<u32, Vec<AccessEvent>>,
 }
 
 pub struct Recorder {
@@ -213,22 +230,51 @@ impl Recorder {
                     None => st.execs.get(&ev.tgid).is_some_and(|&(_, c)| c),
                 };
             st.execs.insert(ev.tgid, (ev.time_ns, contained));
+            let before = st.before_exec.remove(&ev.tgid).unwrap_or_default();
+            if contained {
+                for access in before {
+                    if ev.time_ns.saturating_sub(access.time_ns) <= BEFORE_EXEC_NS {
+                        self.access(&mut st, &access);
+                    }
+                }
+            }
             return;
         }
+        let Some(&(t, contained)) = st.execs.get(&ev.tgid) else {
+            if Self::target(&st, ev).is_some() {
+                let room = st.before_exec.len() < BEFORE_EXEC_PROCESSES;
+                match st.before_exec.get_mut(&ev.tgid) {
+                    Some(kept) if kept.len() < BEFORE_EXEC_EVENTS => kept.push(*ev),
+                    Some(_) => {}
+                    None if room => {
+                        st.before_exec.insert(ev.tgid, vec![*ev]);
+                    }
+                    None => {}
+                }
+            }
+            return;
+        };
         let window_ns = self.window.as_nanos() as u64;
-        let started = st.execs.get(&ev.tgid).is_some_and(|&(t, contained)| {
-            contained && ev.time_ns >= t && ev.time_ns - t <= window_ns
-        });
-        if !started {
-            return;
+        if contained && ev.time_ns >= t && ev.time_ns - t <= window_ns {
+            self.access(&mut st, ev);
         }
-        let target = if let Some(t) = st.by_dev.get(&ev.dev) {
+    }
+
+    /// The traced layer and node an access is to, if any.
+    fn target(st: &State, ev: &AccessEvent) -> Option<(Arc<Traced>, usize)> {
+        if let Some(t) = st.by_dev.get(&ev.dev) {
             // FUSE inode numbers are node + 2; 1 is the root.
             (ev.ino >= 2).then(|| (t.clone(), (ev.ino - 2) as usize))
         } else {
             st.backing.get(&(ev.dev, ev.ino)).cloned()
+        }
+    }
+
+    /// Records an access of a starting container's process.
+    fn access(&self, st: &mut State, ev: &AccessEvent) {
+        let Some((traced, node)) = Self::target(st, ev) else {
+            return;
         };
-        let Some((traced, node)) = target else { return };
         self.count(ev.kind);
         let (first, last) = if ev.kind == kind::FAULT {
             // A fault on a page that is not cached has the kernel read the
@@ -242,7 +288,7 @@ impl Recorder {
         };
         let offset = first * PAGE;
         let len = (last.saturating_sub(first) + 1) * PAGE;
-        self.record(&mut st, ev.cgroup, ev.time_ns, &traced, node, offset, len);
+        self.record(st, ev.cgroup, ev.time_ns, &traced, node, offset, len);
     }
 
     /// A read the FUSE daemon served (when eBPF is not available).
@@ -332,6 +378,10 @@ impl Recorder {
             .collect();
         st.execs
             .retain(|_, (t, _)| now_ns.saturating_sub(*t) <= window_ns);
+        st.before_exec.retain(|_, kept| {
+            kept.last()
+                .is_some_and(|a| now_ns.saturating_sub(a.time_ns) <= BEFORE_EXEC_NS)
+        });
         let mut produced = 0;
         for key in due {
             let mut s = st.sessions.remove(&key).expect("due session");
