@@ -23,7 +23,9 @@
 //! follow_command = true     # when an image without a prefetch profile is pulled,
 //!                           # fetch what its command (Entrypoint + Cmd) loads first
 //!                           # while the container is created: the program, its
-//!                           # loader and libraries, a Python main module's imports
+//!                           # loader and libraries, a Python main module's imports;
+//!                           # with or without a profile, the image's /etc/passwd
+//!                           # and /etc/group, which containerd and runc read first
 //!                           # (needs follow_imports)
 //! native = true             # a layer whose every chunk is cached is written as an
 //!                           # EROFS image and mounted over its FUSE mount: containers

@@ -131,7 +131,9 @@ pub struct RemoteOptions {
     /// Fetch the rest of each layer in the background (lowest priority).
     pub fill: bool,
     /// When an image without a profile is pulled, fetch what its command
-    /// loads first (needs `fs.follow_imports`; see `LayerSlot::start_command`).
+    /// loads first (needs `fs.follow_imports`; see `LayerSlot::start_command`);
+    /// with or without one, the files the container runtime reads first
+    /// (`LayerSlot::start_runtime_files`).
     pub follow_command: bool,
 }
 
@@ -143,8 +145,9 @@ pub struct MountStart {
     /// a pull; not when mounting again after a restart).
     pub prefetch: bool,
     /// For an image's top layer: the image's configuration and the lazy
-    /// layers below (their snapshot ids, the nearest first). Without a
-    /// profile, what the image's command loads first is fetched.
+    /// layers below (their snapshot ids, the nearest first). The files the
+    /// container runtime reads first are fetched, and without a profile,
+    /// what the image's command loads first.
     pub command: Option<(Descriptor, Vec<u64>)>,
 }
 
@@ -571,6 +574,16 @@ impl RemoteLayers {
                 }
             }
             let _ = tx.send(Ok(layer_usage(&layer)));
+            // An image's top layer, at a pull: containerd reads the image's
+            // /etc/group as it creates the container, before any profile's
+            // prefetch has begun (see `LayerSlot::start_runtime_files`).
+            if let (true, Some((_, lowers))) = (this.options.follow_command, &start.command) {
+                if this.is_current(id, seq) {
+                    let ids: Vec<u64> = std::iter::once(id).chain(lowers.iter().copied()).collect();
+                    this.stack(&ids);
+                    slot.start_runtime_files();
+                }
+            }
             let profile = match profile {
                 Some(p) => p.await.ok().flatten(),
                 None => None,

@@ -264,6 +264,48 @@ fn the_image_command_is_fetched_before_its_container_starts_python3_rootfs() {
     }
 }
 
+/// The files the container runtime reads before the program runs
+/// (`etc/passwd`, `etc/group`) are fetched at the pull even while a profile
+/// is being fetched; what the command loads is then left to the profile.
+#[test]
+fn the_runtime_files_are_fetched_even_beside_a_profile_python3_rootfs() {
+    use sluice_puller::prefetch::{PrefetchEntry, PrefetchOptions, Prefetcher};
+
+    let f = two_layer_fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (base, top) = mount_both(&f, &rt, &FsOptions::default());
+    // A profile whose prefetch stays pending for the whole test: capped at
+    // a byte a second.
+    let prefetcher = Prefetcher::start(
+        rt.handle(),
+        PrefetchOptions {
+            bytes_per_second: 1,
+            ..PrefetchOptions::default()
+        },
+    );
+    let entry = PrefetchEntry {
+        path: "usr/bin/python3.11".into(),
+        offset: 0,
+        len: 1 << 20,
+        order: 0,
+    };
+    assert_eq!(prefetcher.prefetch_profile(&base.layer, &[entry]), 1);
+    assert!(base.layer.profile_pending());
+    top._session.slot().start_command(StartCommand {
+        argv: vec!["python3".into()],
+        path: vec!["/usr/bin".into()],
+        working_dir: "/".into(),
+        locale: None,
+    });
+    top._session.slot().start_runtime_files();
+    let runtime = ["etc/passwd".to_string(), "etc/group".to_string()];
+    wait_until_local(&top, &[], &base, &runtime, "the runtime's files");
+    std::thread::sleep(Duration::from_secs(1));
+    for path in ["etc/ld.so.cache", "usr/lib/x86_64-linux-gnu/libc.so.6"] {
+        assert!(!is_local(&base, path), "{path} fetched beside the profile");
+    }
+}
+
 /// A command that is not in the image, or not a program, fetches nothing
 /// and fails nothing.
 #[test]

@@ -1341,6 +1341,21 @@ impl LayerSlot {
     /// an image's top layer, while the container is still being created.
     /// Nothing if the mount does not follow imports.
     pub fn start_command(&self, cmd: crate::image::StartCommand) {
+        self.once_stack_served(move |imports| imports.start_command(cmd));
+    }
+
+    /// Fetches the files of the image that the container runtime reads
+    /// before the program runs (`/etc/passwd`, `/etc/group`), found in this
+    /// layer and its lowers (set them first): for an image's top layer,
+    /// with or without a profile. Nothing if the mount does not follow
+    /// imports.
+    pub fn start_runtime_files(&self) {
+        self.once_stack_served(|imports| imports.start_runtime_files());
+    }
+
+    /// Runs `f` with this layer's import lookahead (if it has one) once the
+    /// layer and its lowers are served.
+    fn once_stack_served(&self, f: impl FnOnce(&Arc<imports::ImportLookahead>) + Send + 'static) {
         let (ready, lowers) = (self.ready.clone(), self.lowers.clone());
         self.runtime.spawn_blocking(move || {
             // Lowers mounted before this layer are usually served by now;
@@ -1351,7 +1366,7 @@ impl LayerSlot {
             }
             if let Ok(fs) = ready.wait() {
                 if let Some(imports) = &fs.imports {
-                    imports.start_command(cmd);
+                    f(imports);
                 }
             }
         });

@@ -51,6 +51,10 @@ enum Kind {
     Program,
     /// Any other file read whole (a script): nothing.
     Data,
+    /// A file the container runtime reads before the program runs (see
+    /// `command::RUNTIME_FILES`): fetched even while a profile is, which
+    /// has not begun by the time it is read.
+    Runtime,
 }
 
 /// Files fetched ahead at once, per layer: most are small, and on a slow
@@ -450,7 +454,8 @@ impl ImportLookahead {
             return;
         };
         let layer = &view.layer;
-        if layer.profile_pending() || self.own.layer.profile_pending() {
+        let profile = layer.profile_pending() || self.own.layer.profile_pending();
+        if profile && !matches!(kind, Kind::Runtime) {
             return;
         }
         let chunks = layer.index().file_chunks_of(node);
@@ -460,7 +465,7 @@ impl ImportLookahead {
         // (generated code) nothing.
         let limit = match kind {
             Kind::Object => OBJECT_WHOLE_MAX,
-            Kind::Program | Kind::Module | Kind::Data => super::MAPPED_FETCH_MAX,
+            Kind::Program | Kind::Module | Kind::Data | Kind::Runtime => super::MAPPED_FETCH_MAX,
         };
         let whole = missing.iter().map(|c| c.blob_len).sum::<u64>() <= limit;
         if !whole && !matches!(kind, Kind::Object | Kind::Program) {
@@ -487,7 +492,7 @@ impl ImportLookahead {
                 self.load_object(&view, node, whole).await;
                 drop(permit);
             }
-            Kind::Data => {
+            Kind::Data | Kind::Runtime => {
                 let _ = layer.ensure(chunks).await;
             }
         }
