@@ -266,6 +266,7 @@ impl FetchedToc {
             prefetched: Mutex::new(HashMap::new()),
             demanded: Mutex::new(Default::default()),
             profile_batches: AtomicUsize::new(0),
+            profiled: std::sync::atomic::AtomicBool::new(false),
             stats: LayerStats::default(),
         })
     }
@@ -286,6 +287,8 @@ pub struct RemoteLayer {
     demanded: Mutex<std::collections::HashSet<Digest>>,
     /// Batches of a prefetch profile queued or being fetched for this layer.
     profile_batches: AtomicUsize,
+    /// See [`RemoteLayer::profiled`].
+    profiled: std::sync::atomic::AtomicBool,
     pub stats: LayerStats,
 }
 
@@ -517,10 +520,18 @@ impl RemoteLayer {
         self.profile_batches.load(Ordering::Relaxed) > 0
     }
 
+    /// Whether a prefetch profile's work was ever queued for this layer:
+    /// the start was recorded, so what it reads was fetched in order, and
+    /// what is not in the profile was not read by that start.
+    pub fn profiled(&self) -> bool {
+        self.profiled.load(Ordering::Relaxed)
+    }
+
     /// A batch of profile work for this layer was queued (`true`) or is
     /// done or dropped (`false`).
     pub(crate) fn count_profile_batch(&self, queued: bool) {
         if queued {
+            self.profiled.store(true, Ordering::Relaxed);
             self.profile_batches.fetch_add(1, Ordering::Relaxed);
         } else {
             self.profile_batches.fetch_sub(1, Ordering::Relaxed);

@@ -176,6 +176,41 @@ fn an_opened_module_has_its_imports_fetched_in_its_layer_and_below_python3_rootf
     assert_eq!(base.layer.stats.served_bytes.load(Ordering::Relaxed), 0);
 }
 
+/// On layers that got a prefetch profile, nothing is followed, even once the
+/// profile's work is done: the recorded start read what the profile holds.
+#[test]
+fn after_a_profile_an_opened_module_has_nothing_followed_python3_rootfs() {
+    use sluice_puller::prefetch::{PrefetchEntry, PrefetchOptions, Prefetcher};
+
+    let f = two_layer_fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (base, top) = mount_both(&f, &rt, &FsOptions::default());
+    let prefetcher = Prefetcher::start(rt.handle(), PrefetchOptions::default());
+    let entry = |path: &str| PrefetchEntry {
+        path: path.into(),
+        offset: 0,
+        len: 1,
+        order: 0,
+    };
+    prefetcher.prefetch_profile(&base.layer, &[entry("etc/os-release")]);
+    prefetcher.prefetch_profile(&top.layer, &[entry("usr/local/bin/start")]);
+    rt.block_on(prefetcher.wait_idle());
+    assert!(!base.layer.profile_pending() && !top.layer.profile_pending());
+    read_app_init(&top);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!is_local(
+        &top,
+        &format!("{SITE}/app/__pycache__/decoder.cpython-311.pyc")
+    ));
+    assert!(!is_local(
+        &base,
+        &format!("{STDLIB}/__pycache__/codecs.cpython-311.pyc")
+    ));
+    for m in [&top, &base] {
+        assert_eq!(m.layer.stats.followed_files.load(Ordering::Relaxed), 0);
+    }
+}
+
 /// The libraries an ELF object needs, found as the loader finds them
 /// (`lib/x86_64-linux-gnu/libffi.so.8`: through Debian's `lib -> usr/lib`
 /// and the library's own version link), are fetched when its start is read.

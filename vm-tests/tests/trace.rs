@@ -339,6 +339,29 @@ fn fuse_side_recording_without_ebpf() {
     );
 }
 
+/// The recording window of [`direct_recorder`].
+const DIRECT_WINDOW: Duration = Duration::from_secs(1);
+
+/// A recorder to feed events to directly, as a kernel would report them,
+/// with the busybox fixture's app layer (its chunk cache under `cache`)
+/// traced on device `dev`; and where its recordings go.
+fn direct_recorder(
+    f: &common::Fixture,
+    rt: &tokio::runtime::Runtime,
+    cache: &str,
+    dev: u32,
+) -> (
+    Arc<RemoteLayer>,
+    sluice_puller::trace::Recorder,
+    tokio::sync::mpsc::UnboundedReceiver<Recording>,
+) {
+    let (layer, pinned) = open_layer(f, rt, &f.dir.path().join(cache), APP_LAYER);
+    let (done, recordings) = tokio::sync::mpsc::unbounded_channel();
+    let recorder = sluice_puller::trace::Recorder::new(Source::Ebpf, DIRECT_WINDOW, 0, done);
+    recorder.add_layer(dev, layer.clone(), pinned);
+    (layer, recorder, recordings)
+}
+
 /// A page fault on a file the kernel has not cached makes it read the pages
 /// around the fault, and that window is what the next node's FUSE mount is
 /// asked for: the recording holds the window, not the page. (Events fed to
@@ -346,17 +369,12 @@ fn fuse_side_recording_without_ebpf() {
 /// kernel and the loader.)
 #[test]
 fn a_fault_is_recorded_with_the_pages_the_kernel_reads_around_it() {
-    use sluice_puller::trace::Recorder;
     use sluice_puller_ebpf::{flags, kind, AccessEvent};
 
     let f = common::fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (layer, pinned) = open_layer(&f, &rt, &f.dir.path().join("cache-fault"), APP_LAYER);
-    let (done, mut recordings) = tokio::sync::mpsc::unbounded_channel();
-    let window = Duration::from_secs(1);
-    let recorder = Recorder::new(Source::Ebpf, window, 0, done);
     const DEV: u32 = (1 << 20) | 77;
-    recorder.add_layer(DEV, layer.clone(), pinned);
+    let (layer, recorder, mut recordings) = direct_recorder(&f, &rt, "cache-fault", DEV);
     let node = layer.index().lookup("app/data/blob.bin").unwrap();
     // A process that is not the test's: the recorder ignores its own.
     let tgid = std::process::id() + 1;
@@ -378,7 +396,10 @@ fn a_fault_is_recorded_with_the_pages_the_kernel_reads_around_it() {
     recorder.on_event(&event(kind::FAULT, 100, 2_000));
     // A read is recorded as read: the kernel's window for it is its own.
     recorder.on_event(&event(kind::READ, 400, 3_000));
-    assert_eq!(recorder.finish_due(2_000 + window.as_nanos() as u64), 1);
+    assert_eq!(
+        recorder.finish_due(2_000 + DIRECT_WINDOW.as_nanos() as u64),
+        1
+    );
     let rec = recordings.try_recv().unwrap();
     let covers = |offset| covers(&rec, "app/data/blob.bin", offset);
     let page = 4096;
@@ -439,17 +460,12 @@ fn reads_before_a_containers_exec_are_recorded_first() {
 /// fed to the recorder directly, as a kernel would report them.)
 #[test]
 fn reads_before_an_exec_count_only_for_a_container_and_shortly_before() {
-    use sluice_puller::trace::Recorder;
     use sluice_puller_ebpf::{flags, kind, AccessEvent};
 
     let f = common::fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (layer, pinned) = open_layer(&f, &rt, &f.dir.path().join("cache-before"), APP_LAYER);
-    let (done, mut recordings) = tokio::sync::mpsc::unbounded_channel();
-    let window = Duration::from_secs(1);
-    let recorder = Recorder::new(Source::Ebpf, window, 0, done);
     const DEV: u32 = (1 << 20) | 78;
-    recorder.add_layer(DEV, layer.clone(), pinned);
+    let (layer, recorder, mut recordings) = direct_recorder(&f, &rt, "cache-before", DEV);
     let node = |path| layer.index().lookup(path).unwrap() as u64;
     let (script, blob) = (node("app/start.sh"), node("app/data/blob.bin"));
     // Processes that are not the test's (the recorder ignores its own),

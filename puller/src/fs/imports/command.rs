@@ -154,7 +154,7 @@ impl ImportLookahead {
 
     /// Starts fetching what `cmd` loads first (see the module's comment).
     pub(in crate::fs) fn start_command(self: &Arc<Self>, cmd: StartCommand) {
-        if self.own.layer.profile_pending() {
+        if self.own.layer.profiled() {
             return;
         }
         let this = self.clone();
