@@ -266,7 +266,7 @@ impl FetchedToc {
             prefetched: Mutex::new(HashMap::new()),
             demanded: Mutex::new(Default::default()),
             profile_batches: AtomicUsize::new(0),
-            profiled: std::sync::atomic::AtomicBool::new(false),
+            profile_chunks: Mutex::new(Default::default()),
             stats: LayerStats::default(),
         })
     }
@@ -287,8 +287,9 @@ pub struct RemoteLayer {
     demanded: Mutex<std::collections::HashSet<Digest>>,
     /// Batches of a prefetch profile queued or being fetched for this layer.
     profile_batches: AtomicUsize,
-    /// See [`RemoteLayer::profiled`].
-    profiled: std::sync::atomic::AtomicBool,
+    /// Chunks a prefetch profile queued for this layer (see
+    /// [`RemoteLayer::in_profile`]).
+    profile_chunks: Mutex<std::collections::HashSet<Digest>>,
     pub stats: LayerStats,
 }
 
@@ -520,18 +521,36 @@ impl RemoteLayer {
         self.profile_batches.load(Ordering::Relaxed) > 0
     }
 
-    /// Whether a prefetch profile's work was ever queued for this layer:
-    /// the start was recorded, so what it reads was fetched in order, and
-    /// what is not in the profile was not read by that start.
+    /// Whether a prefetch profile's work was ever queued for this layer.
     pub fn profiled(&self) -> bool {
-        self.profiled.load(Ordering::Relaxed)
+        !self
+            .profile_chunks
+            .lock()
+            .expect("profile chunks")
+            .is_empty()
+    }
+
+    /// Whether a prefetch profile queued chunks of file `node`: the start it
+    /// was recorded from read that file, and what that start read next is
+    /// in the profile too.
+    pub fn in_profile(&self, node: usize) -> bool {
+        let chunks = self.index.file_chunks_of(node);
+        let queued = self.profile_chunks.lock().expect("profile chunks");
+        !queued.is_empty() && chunks.iter().any(|c| queued.contains(&c.digest))
+    }
+
+    /// A prefetch profile queued `chunks` of this layer.
+    pub(crate) fn note_profile<'a>(&self, chunks: impl IntoIterator<Item = &'a ChunkRef>) {
+        self.profile_chunks
+            .lock()
+            .expect("profile chunks")
+            .extend(chunks.into_iter().map(|c| c.digest.clone()));
     }
 
     /// A batch of profile work for this layer was queued (`true`) or is
     /// done or dropped (`false`).
     pub(crate) fn count_profile_batch(&self, queued: bool) {
         if queued {
-            self.profiled.store(true, Ordering::Relaxed);
             self.profile_batches.fetch_add(1, Ordering::Relaxed);
         } else {
             self.profile_batches.fetch_sub(1, Ordering::Relaxed);

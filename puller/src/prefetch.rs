@@ -224,6 +224,7 @@ impl Prefetcher {
                 }
             }
         }
+        layer.note_profile(wanted.iter().map(|(_, c)| c));
         // A batch ranks by its first entry.
         for batch in pieces(wanted, PROFILE_BATCH, |(_, c)| c.blob_len) {
             let rank = batch[0].0;

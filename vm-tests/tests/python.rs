@@ -176,10 +176,12 @@ fn an_opened_module_has_its_imports_fetched_in_its_layer_and_below_python3_rootf
     assert_eq!(base.layer.stats.served_bytes.load(Ordering::Relaxed), 0);
 }
 
-/// On layers that got a prefetch profile, nothing is followed, even once the
-/// profile's work is done: the recorded start read what the profile holds.
+/// A module a prefetch profile holds has nothing followed, even once the
+/// profile's work is done: the start it was recorded from read what it
+/// needed next, which the profile holds too. A module the profile does not
+/// hold (a start that is not the recorded one) has its imports followed.
 #[test]
-fn after_a_profile_an_opened_module_has_nothing_followed_python3_rootfs() {
+fn a_module_a_profile_holds_has_nothing_followed_python3_rootfs() {
     use sluice_puller::prefetch::{PrefetchEntry, PrefetchOptions, Prefetcher};
 
     let f = two_layer_fixture();
@@ -189,19 +191,18 @@ fn after_a_profile_an_opened_module_has_nothing_followed_python3_rootfs() {
     let entry = |path: &str| PrefetchEntry {
         path: path.into(),
         offset: 0,
-        len: 1,
+        len: 1 << 20,
         order: 0,
     };
+    let init = format!("{SITE}/app/__pycache__/__init__.cpython-311.pyc");
     prefetcher.prefetch_profile(&base.layer, &[entry("etc/os-release")]);
-    prefetcher.prefetch_profile(&top.layer, &[entry("usr/local/bin/start")]);
+    prefetcher.prefetch_profile(&top.layer, &[entry(&init)]);
     rt.block_on(prefetcher.wait_idle());
     assert!(!base.layer.profile_pending() && !top.layer.profile_pending());
     read_app_init(&top);
     std::thread::sleep(Duration::from_secs(2));
-    assert!(!is_local(
-        &top,
-        &format!("{SITE}/app/__pycache__/decoder.cpython-311.pyc")
-    ));
+    let decoder = format!("{SITE}/app/__pycache__/decoder.cpython-311.pyc");
+    assert!(!is_local(&top, &decoder));
     assert!(!is_local(
         &base,
         &format!("{STDLIB}/__pycache__/codecs.cpython-311.pyc")
@@ -209,6 +210,20 @@ fn after_a_profile_an_opened_module_has_nothing_followed_python3_rootfs() {
     for m in [&top, &base] {
         assert_eq!(m.layer.stats.followed_files.load(Ordering::Relaxed), 0);
     }
+
+    // Not in the profile: followed as without one.
+    std::fs::read(top.path.join(&decoder)).unwrap();
+    let in_base = [
+        format!("{STDLIB}/re/__pycache__/__init__.cpython-311.pyc"),
+        format!("{STDLIB}/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so"),
+    ];
+    wait_until_local(
+        &top,
+        &[],
+        &base,
+        &in_base,
+        "a module's imports beyond the profile",
+    );
 }
 
 /// The libraries an ELF object needs, found as the loader finds them
@@ -301,7 +316,8 @@ fn the_image_command_is_fetched_before_its_container_starts_python3_rootfs() {
 
 /// The files the container runtime reads before the program runs
 /// (`etc/passwd`, `etc/group`) are fetched at the pull even while a profile
-/// is being fetched; what the command loads is then left to the profile.
+/// is being fetched; what the command loads is then left to the profile (the
+/// snapshotter follows an image's command only without one).
 #[test]
 fn the_runtime_files_are_fetched_even_beside_a_profile_python3_rootfs() {
     use sluice_puller::prefetch::{PrefetchEntry, PrefetchOptions, Prefetcher};
@@ -324,7 +340,12 @@ fn the_runtime_files_are_fetched_even_beside_a_profile_python3_rootfs() {
         len: 1 << 20,
         order: 0,
     };
+    let start = PrefetchEntry {
+        path: "usr/local/bin/start".into(),
+        ..entry.clone()
+    };
     assert_eq!(prefetcher.prefetch_profile(&base.layer, &[entry]), 1);
+    assert_eq!(prefetcher.prefetch_profile(&top.layer, &[start]), 1);
     assert!(base.layer.profile_pending());
     top._session.slot().start_command(StartCommand {
         argv: vec!["python3".into()],

@@ -19,10 +19,13 @@
 //! their end, and the rest alongside, in pieces, if at most
 //! [`OBJECT_WHOLE_MAX`] compressed bytes are missing (a command's program:
 //! [`super::MAPPED_FETCH_MAX`]); their libraries are followed as soon as
-//! their dynamic section is local. Nothing starts on a layer that got a
-//! prefetch profile, even once its work is done: the recorded start read
-//! what the profile holds, and the rest are guesses (numpy-pandas with a
-//! profile: 3.8 MB of them beside the start's last reads, 27.4 -> 23.6 MB).
+//! their dynamic section is local. Nothing is followed from a file that a
+//! prefetch profile holds, nor fetched if the profile holds it, even once
+//! the profile's work is done: the recorded start read it, and read what it
+//! needed next, which the profile holds too; what its imports name beyond
+//! that are guesses (numpy-pandas with a profile: 3.8 MB of them beside the
+//! start's last reads, 27.4 -> 23.6 MB). A start that reads what its
+//! profile does not hold (another command of the image) has that followed.
 //!
 //! numpy-pandas at 100 Mbit/s + 20 ms without a profile: 5.3 s before, 3.96 s
 //! with all of it (see docs/puller.md, "Following imports").
@@ -268,7 +271,7 @@ impl ImportLookahead {
         if name.ends_with(".so") || name.contains(".so.") {
             return self.elf_opened(node);
         }
-        if !name.ends_with(".pyc") || layer.profiled() {
+        if !name.ends_with(".pyc") || layer.in_profile(node) {
             return;
         }
         if !self.seen.lock().expect("seen").insert(key(&self.own, node)) {
@@ -329,7 +332,7 @@ impl ImportLookahead {
     /// a library being loaded): its writable segments are fetched, and the
     /// libraries it needs, while the loader is on its way to them.
     pub(super) fn elf_opened(self: &Arc<Self>, node: usize) {
-        if self.own.layer.profiled()
+        if self.own.layer.in_profile(node)
             || !self.seen.lock().expect("seen").insert(key(&self.own, node))
         {
             return;
@@ -456,8 +459,7 @@ impl ImportLookahead {
             return;
         };
         let layer = &view.layer;
-        let profile = layer.profiled() || self.own.layer.profiled();
-        if profile && !matches!(kind, Kind::Runtime) {
+        if layer.in_profile(node) && !matches!(kind, Kind::Runtime) {
             return;
         }
         let chunks = layer.index().file_chunks_of(node);
