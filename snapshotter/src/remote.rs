@@ -574,9 +574,11 @@ impl RemoteLayers {
                 }
             }
             let _ = tx.send(Ok(layer_usage(&layer)));
-            // An image's top layer, at a pull: containerd reads the image's
-            // /etc/group as it creates the container, before any profile's
-            // prefetch has begun (see `LayerSlot::start_runtime_files`).
+            // An image's top layer, at a pull: it is told its lowers here,
+            // for what follows too (the image's command); containerd reads
+            // the image's /etc/group as it creates the container, before any
+            // profile's prefetch has begun (see
+            // `LayerSlot::start_runtime_files`).
             if let (true, Some((_, lowers))) = (this.options.follow_command, &start.command) {
                 if this.is_current(id, seq) {
                     let ids: Vec<u64> = std::iter::once(id).chain(lowers.iter().copied()).collect();
@@ -594,11 +596,10 @@ impl RemoteLayers {
                 this.queue_profile_after_tocs(p, &layer, &image, (id, seq))
                     .await;
             }
-            if let (false, true, Some((config, lowers))) =
+            if let (false, true, Some((config, _))) =
                 (has_profile, this.options.follow_command, start.command)
             {
-                this.start_command((id, seq), &slot, &image, &config, &lowers)
-                    .await;
+                this.start_command((id, seq), &slot, &image, &config).await;
             }
             // Below the profile's work in the prefetcher's queue.
             if let (true, Some(prefetcher)) = (this.options.fill, &this.profiles.prefetcher) {
@@ -646,16 +647,15 @@ impl RemoteLayers {
     }
 
     /// Fetches what the command of `image` (configuration `config`) loads
-    /// first, in its top layer `slot` (snapshot `id`, mount `seq`) and the
-    /// lazy layers `lowers` below: the pull is done, the container not
-    /// created yet (see `LayerSlot::start_command`).
+    /// first, in its top layer `slot` (snapshot `id`, mount `seq`, told its
+    /// lowers already) and the lazy layers below: the pull is done, the
+    /// container not created yet (see `LayerSlot::start_command`).
     async fn start_command(
         &self,
         (id, seq): (u64, u64),
         slot: &LayerSlot,
         image: &ImageRef,
         config: &Descriptor,
-        lowers: &[u64],
     ) {
         let cmd = match image::start_command(&self.client, image, config).await {
             Ok(Some(cmd)) => cmd,
@@ -668,8 +668,6 @@ impl RemoteLayers {
         if !self.is_current(id, seq) {
             return;
         }
-        let ids: Vec<u64> = std::iter::once(id).chain(lowers.iter().copied()).collect();
-        self.stack(&ids);
         tracing::info!(%image, command = ?cmd.argv, "no profile: fetching what the image's command loads first");
         slot.start_command(cmd);
     }

@@ -362,6 +362,31 @@ fn direct_recorder(
     (layer, recorder, recordings)
 }
 
+/// An event on page `page` of layer node `node` (whose FUSE inode number is
+/// the node's plus 2), as the eBPF programs would report it; for an exec,
+/// node and page are unused.
+fn page_event(
+    dev: u32,
+    tgid: u32,
+    cgroup: u64,
+    kind: u32,
+    node: u64,
+    page: u64,
+    time_ns: u64,
+) -> sluice_puller_ebpf::AccessEvent {
+    sluice_puller_ebpf::AccessEvent {
+        ino: node + 2,
+        first_page: page,
+        last_page: page,
+        cgroup,
+        time_ns,
+        dev,
+        tgid,
+        kind,
+        flags: 0,
+    }
+}
+
 /// A page fault on a file the kernel has not cached makes it read the pages
 /// around the fault, and that window is what the next node's FUSE mount is
 /// asked for: the recording holds the window, not the page. (Events fed to
@@ -378,17 +403,7 @@ fn a_fault_is_recorded_with_the_pages_the_kernel_reads_around_it() {
     let node = layer.index().lookup("app/data/blob.bin").unwrap();
     // A process that is not the test's: the recorder ignores its own.
     let tgid = std::process::id() + 1;
-    let event = |kind, page, time_ns| AccessEvent {
-        ino: node as u64 + 2,
-        first_page: page,
-        last_page: page,
-        cgroup: 7,
-        time_ns,
-        dev: DEV,
-        tgid,
-        kind,
-        flags: 0,
-    };
+    let event = |kind, page, time_ns| page_event(DEV, tgid, 7, kind, node as u64, page, time_ns);
     recorder.on_event(&AccessEvent {
         flags: flags::OTHER_PID_NS,
         ..event(kind::EXEC, 0, 1_000)
@@ -470,16 +485,8 @@ fn reads_before_an_exec_count_only_for_a_container_and_shortly_before() {
     let (script, blob) = (node("app/start.sh"), node("app/data/blob.bin"));
     // Processes that are not the test's (the recorder ignores its own),
     // each in a cgroup of its own; none exists (pid_max is at most 2^22).
-    let event = |tgid: u32, kind, ino, page, time_ns| AccessEvent {
-        ino: ino + 2,
-        first_page: page,
-        last_page: page,
-        cgroup: u64::from(tgid),
-        time_ns,
-        dev: DEV,
-        tgid,
-        kind,
-        flags: 0,
+    let event = |tgid: u32, kind, node, page, time_ns| {
+        page_event(DEV, tgid, u64::from(tgid), kind, node, page, time_ns)
     };
     let exec = |tgid, contained: bool, time_ns| AccessEvent {
         flags: if contained { flags::OTHER_PID_NS } else { 0 },
