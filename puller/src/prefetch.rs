@@ -143,6 +143,23 @@ struct Shared {
     pub done_bytes: AtomicU64,
 }
 
+impl Shared {
+    fn new(opts: PrefetchOptions) -> Self {
+        Shared {
+            queue: Mutex::new(BinaryHeap::new()),
+            cancelled: Mutex::new(HashSet::new()),
+            notify: Notify::new(),
+            idle: Notify::new(),
+            seq: AtomicU64::new(0),
+            running: AtomicU64::new(0),
+            background_running: AtomicU64::new(0),
+            next_send: Mutex::new(Instant::now()),
+            opts,
+            done_bytes: AtomicU64::new(0),
+        }
+    }
+}
+
 /// The node's prefetch scheduler.
 #[derive(Clone)]
 pub struct Prefetcher {
@@ -152,18 +169,7 @@ pub struct Prefetcher {
 impl Prefetcher {
     /// Starts the workers on the current Tokio runtime.
     pub fn start(runtime: &tokio::runtime::Handle, opts: PrefetchOptions) -> Self {
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(BinaryHeap::new()),
-            cancelled: Mutex::new(HashSet::new()),
-            notify: Notify::new(),
-            idle: Notify::new(),
-            seq: AtomicU64::new(0),
-            running: AtomicU64::new(0),
-            background_running: AtomicU64::new(0),
-            next_send: Mutex::new(Instant::now()),
-            opts: opts.clone(),
-            done_bytes: AtomicU64::new(0),
-        });
+        let shared = Arc::new(Shared::new(opts.clone()));
         for _ in 0..opts.concurrency.max(1) {
             let shared = shared.clone();
             runtime.spawn(async move { worker(shared).await });
@@ -394,49 +400,65 @@ async fn fetch_piece(
     }
 }
 
+/// What a worker does next.
+enum Next {
+    Run(Job),
+    /// Background work waits (for quiet or a free slot), or for new work.
+    Wait(Duration),
+    Idle,
+}
+
+/// Takes the queue's first job if it may run now. Background work that
+/// must wait stays in the queue, so that [`Prefetcher::cancel`] always
+/// finds it (taken out and put back, it could miss a cancel).
+fn next_job(shared: &Shared) -> Next {
+    let mut q = shared.queue.lock().expect("queue");
+    let Some(first) = q.peek() else {
+        return Next::Idle;
+    };
+    let background = first.priority == Priority::Background;
+    if background {
+        let quiet_for = first
+            .layer
+            .upgrade()
+            .map(|l| l.cache().stats.foreground.quiet_for())
+            .unwrap_or(Duration::MAX);
+        // Taken before the check, so that two workers never both see the
+        // last free slot.
+        let running = shared.background_running.fetch_add(1, Ordering::SeqCst);
+        if let Some(wait) = background_wait(quiet_for, shared.opts.fill_quiet, running) {
+            shared.background_running.fetch_sub(1, Ordering::SeqCst);
+            return Next::Wait(wait);
+        }
+    }
+    shared.running.fetch_add(1, Ordering::SeqCst);
+    Next::Run(q.pop().expect("peeked"))
+}
+
 async fn worker(shared: Arc<Shared>) {
     loop {
-        let job = {
-            let mut q = shared.queue.lock().expect("queue");
-            let job = q.pop();
-            if job.is_some() {
-                shared.running.fetch_add(1, Ordering::SeqCst);
-            }
-            job
-        };
-        let Some(job) = job else {
-            shared.idle.notify_waiters();
-            shared.notify.notified().await;
-            continue;
-        };
-        if job.priority == Priority::Background {
-            let quiet_for = job
-                .layer
-                .upgrade()
-                .map(|l| l.cache().stats.foreground.quiet_for())
-                .unwrap_or(Duration::MAX);
-            // Taken before the check, so that two workers never both see
-            // the last free slot.
-            let running = shared.background_running.fetch_add(1, Ordering::SeqCst);
-            if let Some(wait) = background_wait(quiet_for, shared.opts.fill_quiet, running) {
-                shared.background_running.fetch_sub(1, Ordering::SeqCst);
-                // Back in the queue (work of a higher priority still goes
-                // first), and this worker waits for the foreground to be
-                // quiet, or for new work.
-                shared.queue.lock().expect("queue").push(job);
-                shared.running.fetch_sub(1, Ordering::SeqCst);
+        let job = match next_job(&shared) {
+            Next::Run(job) => job,
+            Next::Wait(wait) => {
+                // Work of a higher priority, queued meanwhile, wakes it.
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shared.notify.notified() => {}
                 }
                 continue;
             }
-            run(&shared, job).await;
+            Next::Idle => {
+                shared.idle.notify_waiters();
+                shared.notify.notified().await;
+                continue;
+            }
+        };
+        let background = job.priority == Priority::Background;
+        run(&shared, job).await;
+        if background {
             shared.background_running.fetch_sub(1, Ordering::SeqCst);
             // A worker may be waiting for a background slot.
             shared.notify.notify_one();
-        } else {
-            run(&shared, job).await;
         }
         shared.running.fetch_sub(1, Ordering::SeqCst);
     }
@@ -507,6 +529,39 @@ mod tests {
         }
         let order: Vec<u64> = std::iter::from_fn(|| q.pop()).map(|j| j.seq).collect();
         assert_eq!(order, [0, 1, 2, 3, 4]);
+    }
+
+    /// The fill of a big layer was cancelled while a worker held its job to
+    /// wait for a free slot; put back, the job outlived the cancel.
+    #[test]
+    fn background_work_that_must_wait_stays_where_cancel_finds_it() {
+        let p = Prefetcher {
+            shared: Arc::new(Shared::new(PrefetchOptions::default())),
+        };
+        let shared = &p.shared;
+        shared
+            .background_running
+            .store(FILL_IN_FLIGHT, Ordering::SeqCst);
+        let fill = job(Priority::Background, 0, 0, "layer");
+        let digest = fill.layer_digest.clone();
+        shared.queue.lock().unwrap().push(fill);
+        assert!(matches!(next_job(shared), Next::Wait(_)));
+        assert_eq!(p.pending(), 1);
+        assert_eq!(shared.running.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            shared.background_running.load(Ordering::SeqCst),
+            FILL_IN_FLIGHT
+        );
+        // Profile work goes meanwhile.
+        shared
+            .queue
+            .lock()
+            .unwrap()
+            .push(job(Priority::Profile, 0, 1, "other"));
+        assert!(matches!(next_job(shared), Next::Run(j) if j.seq == 1));
+        p.cancel(&digest);
+        assert_eq!(p.pending(), 0);
+        assert!(matches!(next_job(shared), Next::Idle));
     }
 
     #[test]
